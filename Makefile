@@ -1,0 +1,34 @@
+# layercard — two commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: venv dev demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first (the CPU wheel on the machine), then everything else constrained to it.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/layercard profile --config configs/tiny.yaml --out $(OUT)/card
+	$(BIN)/layercard show $(OUT)/card
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

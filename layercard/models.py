@@ -1,0 +1,175 @@
+"""Model access: a local Hugging Face directory, a GGUF file, or a transformers config.
+
+Nothing here downloads: a path that is not on disk is an error. GGUF files are dequantised once
+and cached as a safetensors directory (``cache_dir``), so later loads take a fraction of a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from layercard.errors import LayercardError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Where the frozen base model comes from (exactly one of ``path``, ``gguf_file``, ``config``)."""
+
+    path: str | None = None
+    """Local Hugging Face model directory (safetensors weights only)."""
+    gguf_file: str | None = None
+    """A GGUF file; dequantised to ``dtype`` and cached as safetensors under ``cache_dir``."""
+    config: dict | None = None
+    """transformers config kwargs incl. ``model_type``: a randomly initialised model (tests, planning)."""
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``meta`` (shapes only: planning big models without memory)."""
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    """Seed of the random initialisation when building from ``config``."""
+    trust_remote_code: bool = False
+    attn_implementation: str = "eager"
+    """``eager`` is required for the forward-mode AD of the coupling pass on CPU."""
+    block_path: str | None = None
+    """Override the discovered ModuleList of blocks, e.g. ``model.layers``."""
+    cache_dir: str = "~/.cache/layercard/models"
+
+    def __post_init__(self):
+        given = [k for k in ("path", "gguf_file", "config") if getattr(self, k)]
+        if len(given) != 1:
+            raise LayercardError(f"model: give exactly one of path, gguf_file, config (got {given or 'none'})")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    weights_hash: str
+    meta: dict = field(default_factory=dict)
+
+
+def _hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """Fingerprint of weight files: name, size, and the first and last MiB of each (fast on 16 GB)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(chunk))
+            if size > chunk:
+                f.seek(max(size - chunk, chunk))
+                h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """sha256 over parameter names and bytes (meta tensors hash their shapes only)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.device.type != "meta":
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _from_config(cfg: ModelConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(cfg.config)
+    model_type = kwargs.pop("model_type", None)
+    if not model_type:
+        raise LayercardError("model.config needs a 'model_type' (e.g. llama, qwen3, gpt2)")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError) as err:
+        raise LayercardError(f"model.config: {str(err).splitlines()[0]}") from None
+    hf_config._attn_implementation = cfg.attn_implementation
+    dtype = DTYPES[cfg.dtype]
+    if cfg.device == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(cfg.device)
+    return model
+
+
+def _from_dir(path: Path, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    if not path.is_dir():
+        raise LayercardError(f"model path '{path}' does not exist or is not a directory")
+    if not list(path.glob("*.safetensors")):
+        raise LayercardError(f"model path '{path}' has no *.safetensors weights (pickle checkpoints are refused)")
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=DTYPES[cfg.dtype],
+        use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        local_files_only=True,
+    ).to(cfg.device)
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF causal LM to an fp32 safetensors directory (with its tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_file.is_file():
+        raise LayercardError(f"GGUF file '{gguf_file}' does not exist")
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    src = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(**src)
+    loaded = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
+    # transformers flags GGUF-loaded models as quantised and refuses to save them: rebuild plainly.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _gguf_dir(cfg: ModelConfig) -> Path:
+    gguf = Path(cfg.gguf_file).expanduser()
+    if not gguf.is_file():
+        raise LayercardError(f"model.gguf_file '{gguf}' does not exist")
+    out = Path(cfg.cache_dir).expanduser() / f"{gguf.stem}-{_hash_files([gguf])}"
+    if not out.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, out)
+    return out
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load the frozen base model (eval mode, no parameter requires grad) and its tokenizer."""
+    from layercard.tokenizer import ByteTokenizer, HFTokenizer
+
+    if cfg.config:
+        model = _from_config(cfg)
+        digest = hashlib.sha256(json.dumps(cfg.config, sort_keys=True).encode()).hexdigest()[:8]
+        model_id = f"config:{cfg.config.get('model_type')}-{digest}-seed{cfg.seed}"
+        whash = state_dict_hash(model)
+        tokenizer = ByteTokenizer(model.config.vocab_size)
+    else:
+        path = Path(cfg.path).expanduser() if cfg.path else _gguf_dir(cfg)
+        model = _from_dir(path, cfg)
+        model_id = str(cfg.path or cfg.gguf_file)
+        whash = _hash_files(list(path.glob("*.safetensors")))
+        tokenizer = HFTokenizer.from_dir(path)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, model_id, whash)

@@ -1,0 +1,123 @@
+"""Profile a frozen model into a Layer Card: hooks → sufficient statistics → per-module and
+per-layer metrics. ``profile_model`` is the single-process path; the Ray pipeline computes the
+same :class:`SufficientStats` on shards and calls :func:`card_from_stats` on their sum.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from layercard.card import LAYER_COLUMNS, MODULE_COLUMNS, LayerCard, library_versions
+from layercard.discovery import ModelLayout, discover
+from layercard.errors import LayercardError
+from layercard.hooks import StatsCollector
+from layercard.losses import lm_loss_sum, supervised_count
+from layercard.metrics import module_metrics
+from layercard.stats import SufficientStats
+
+
+def _progress(iterable, desc: str, enabled: bool, total=None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="batch")
+
+
+def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict], *,
+                  progress: bool = False, stats: SufficientStats | None = None) -> SufficientStats:
+    """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens."""
+    device = next(model.parameters()).device
+    stats = stats if stats is not None else SufficientStats()
+    seen = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with StatsCollector(model, layout, stats) as collector:
+        for batch in _progress(batches, "profile: pass 1", progress, total):
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)
+            if supervised_count(labels) == 0:
+                continue
+            collector.mask = mask.bool()
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            loss = lm_loss_sum(out.logits, labels)
+            if not torch.isfinite(loss):
+                raise LayercardError("non-finite loss on a calibration batch (check the model dtype and data)")
+            loss.backward()
+            collector.end_batch()
+            seen += 1
+    if seen == 0:
+        raise LayercardError("calibration data is empty: no batch had a supervised token")
+    return stats
+
+
+def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: float) -> pd.DataFrame:
+    rows = []
+    for m in layout.modules:
+        if m.key not in stats.C:
+            raise LayercardError(f"no statistics for module '{m.full_name}' (was it reached by the backward pass?)")
+        group = stats.group_of[m.key]
+        A = stats.A[group]
+        vals = module_metrics(A, stats.C[m.key], stats.gg[m.key], stats.n[group], ridge, rank, m.d_out)
+        rows.append({"layer": m.layer, "module": m.name, "target": m.target, "d_in": m.d_in, "d_out": m.d_out,
+                     "n_tokens": stats.n[group], "group": group, "gg": stats.gg[m.key], **vals})
+    return pd.DataFrame(rows)
+
+
+def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer view. Additive quantities (res2, res2_rank_r, gain_adj, energy, gg) are summed over the
+    layer's modules / input groups; grad_norm = sqrt(Σ‖C‖²); res_frac = Σres2 / Σgg; kappa is the worst
+    (largest) of the layer's input groups; erank and d_eff are averaged over its input groups."""
+    out = []
+    for layer, g in modules.groupby("layer", sort=True):
+        groups = g.drop_duplicates("group")
+        gg = g["gg"].sum()
+        res2 = g["res2"].sum()
+        out.append({
+            "layer": int(layer), "n_tokens": int(g["n_tokens"].max()),
+            "res2": res2, "res2_rank_r": g["res2_rank_r"].sum(),
+            "res_frac": res2 / gg if gg > 0 else 0.0,
+            "grad_norm": float(np.sqrt((g["grad_norm"] ** 2).sum())),
+            "energy": groups["energy"].sum(), "kappa": groups["kappa"].max(),
+            "erank": groups["erank"].mean(), "d_eff": groups["d_eff"].mean(),
+            "gain_adj": g["gain_adj"].sum(),
+        })
+    return pd.DataFrame(out)[LAYER_COLUMNS]
+
+
+def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
+                    meta: dict | None = None) -> LayerCard:
+    """Solve every card quantity from summed statistics (float64)."""
+    if rank < 1:
+        raise LayercardError(f"rank must be >= 1, got {rank}")
+    if not ridge > 0:
+        raise LayercardError(f"ridge must be > 0 (relative ridge λ = ridge·tr(A)/d_in), got {ridge}")
+    if stats.n_tokens == 0:
+        raise LayercardError("statistics are empty: no calibration token was seen")
+    modules = _module_rows(layout, stats, rank, ridge)
+    layers = aggregate_layers(modules)
+    bi = [stats.bi_sum.get(l, np.nan) / stats.bi_n[l] if stats.bi_n.get(l) else np.nan for l in layers["layer"]]
+    layers["block_influence"] = bi
+    L = len(layers)
+    card_meta = {
+        "block_path": layout.block_path, "layers_pattern": layout.layers_pattern, "num_layers": layout.num_layers,
+        "layers": list(layout.layers), "target_modules": layout.targets, "modules": sorted({m.name for m in layout.modules}),
+        "rank": rank, "ridge": ridge, "n_tokens": stats.n_tokens, "library_versions": library_versions(),
+    }
+    card_meta.update(meta or {})
+    return LayerCard(layers, modules[MODULE_COLUMNS + ["group", "gg"]], np.eye(L) * 0.0, None, card_meta, stats)
+
+
+def profile_model(model: nn.Module, batches: Iterable[dict], *, target_modules=None, layers=None,
+                  rank: int = 8, ridge: float = 1e-3, block_path: str | None = None,
+                  progress: bool = False, meta: dict | None = None) -> LayerCard:
+    """Profile ``model`` (frozen) on ``batches`` of input_ids / attention_mask / labels into a card."""
+    if not ridge > 0:
+        raise LayercardError(f"ridge must be > 0 (relative ridge λ = ridge·tr(A)/d_in), got {ridge}")
+    layout = discover(model, target_modules, layers, block_path)
+    stats = collect_stats(model, layout, batches, progress=progress)
+    return card_from_stats(layout, stats, rank=rank, ridge=ridge, meta=meta)

@@ -1,0 +1,112 @@
+"""Streaming sufficient statistics (DESIGN §1): plain float64 sums that add across batches,
+data shards and machines.
+
+Per *input group* g (modules that read the same tensor: q/k/v, gate/up) ``A_g = XᵀX`` and the
+token count; per module m ``C_m = XᵀG`` (d_in × d_out, the transposed weight gradient) and
+``gg_m = ‖G‖²_F``; per layer the block-influence sums (1 − cos(block input, output)).
+Serialised as a flat name → tensor dict (safetensors), never pickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from layercard.errors import LayercardError
+
+
+@dataclass
+class SufficientStats:
+    A: dict[str, torch.Tensor] = field(default_factory=dict)    # group key → XᵀX (float64)
+    n: dict[str, int] = field(default_factory=dict)             # group key → tokens seen
+    C: dict[str, torch.Tensor] = field(default_factory=dict)    # module key → XᵀG (float64)
+    gg: dict[str, float] = field(default_factory=dict)          # module key → ‖G‖²_F
+    group_of: dict[str, str] = field(default_factory=dict)      # module key → group key
+    bi_sum: dict[int, float] = field(default_factory=dict)      # layer → Σ_tokens (1 − cos(in, out))
+    bi_n: dict[int, int] = field(default_factory=dict)          # layer → tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return max(self.n.values(), default=0)
+
+    def add_group(self, key: str, x: torch.Tensor) -> None:
+        """Accumulate XᵀX of x (tokens × d_in); the product in x's precision, the sum in float64."""
+        a = (x.T @ x).to(torch.float64)
+        if key in self.A:
+            self.A[key] += a
+            self.n[key] += x.shape[0]
+        else:
+            self.A[key] = a
+            self.n[key] = x.shape[0]
+
+    def add_module(self, key: str, group: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        c = (x.T @ g).to(torch.float64)
+        gg = float(g.to(torch.float64).pow(2).sum())
+        if key in self.C:
+            self.C[key] += c
+            self.gg[key] += gg
+        else:
+            self.C[key], self.gg[key] = c, gg
+        self.group_of[key] = group
+
+    def add_block_influence(self, layer: int, total: float, count: int) -> None:
+        self.bi_sum[layer] = self.bi_sum.get(layer, 0.0) + total
+        self.bi_n[layer] = self.bi_n.get(layer, 0) + count
+
+    def __add__(self, other: "SufficientStats") -> "SufficientStats":
+        out = self.copy()
+        out += other
+        return out
+
+    def __iadd__(self, other: "SufficientStats") -> "SufficientStats":
+        for k, a in other.A.items():
+            if k in self.A:
+                if self.A[k].shape != a.shape:
+                    raise LayercardError(f"statistics for group '{k}' have shapes {tuple(self.A[k].shape)} and {tuple(a.shape)}")
+                self.A[k] = self.A[k] + a
+                self.n[k] += other.n[k]
+            else:
+                self.A[k], self.n[k] = a.clone(), other.n[k]
+        for k, c in other.C.items():
+            if k in self.C:
+                self.C[k] = self.C[k] + c
+                self.gg[k] += other.gg[k]
+            else:
+                self.C[k], self.gg[k] = c.clone(), other.gg[k]
+            self.group_of[k] = other.group_of[k]
+        for layer, v in other.bi_sum.items():
+            self.add_block_influence(layer, v, other.bi_n[layer])
+        return self
+
+    def copy(self) -> "SufficientStats":
+        return SufficientStats(
+            {k: v.clone() for k, v in self.A.items()}, dict(self.n),
+            {k: v.clone() for k, v in self.C.items()}, dict(self.gg), dict(self.group_of),
+            dict(self.bi_sum), dict(self.bi_n),
+        )
+
+    # --- serialisation: tensors + a JSON header (no pickle); files are written by layercard.card ---
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"A/{k}": v.contiguous() for k, v in self.A.items()}
+        tensors.update({f"C/{k}": v.contiguous() for k, v in self.C.items()})
+        header = {"n": self.n, "gg": self.gg, "group_of": self.group_of,
+                  "bi_sum": {str(k): v for k, v in self.bi_sum.items()},
+                  "bi_n": {str(k): v for k, v in self.bi_n.items()}}
+        return tensors, {"layercard_stats": json.dumps(header)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> "SufficientStats":
+        try:
+            header = json.loads((metadata or {})["layercard_stats"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise LayercardError("statistics have no valid 'layercard_stats' header") from None
+        return cls(
+            {k[2:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("A/")},
+            {k: int(v) for k, v in header["n"].items()},
+            {k[2:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("C/")},
+            {k: float(v) for k, v in header["gg"].items()},
+            dict(header["group_of"]),
+            {int(k): float(v) for k, v in header["bi_sum"].items()},
+            {int(k): int(v) for k, v in header["bi_n"].items()},
+        )
