@@ -43,12 +43,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in allowed:
             raise LayercardError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
         return value
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise LayercardError(f"config key '{key}' must be a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise LayercardError(f"config key '{key}' must be a mapping, got {value!r}")
         return dict(value)

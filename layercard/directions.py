@@ -230,10 +230,19 @@ def output_directions(
     select = _select_logits(mask)
     with eager_attention(model):
         logits, u = module_jvp(model, deltas, (), kwargs, select)
+        _check_finite(logits)
         if eps_check is not None:
             u_fd = module_finite_difference(model, deltas, eps_check, (), kwargs, select)
             _compare(u, u_fd, check_rtol, eps_check)
     return logits, u
+
+
+def _check_finite(logits: Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise LayercardError(
+            "model produced non-finite logits at supervised positions (float64 eager attention turns "
+            "fully padded query rows into NaN: pad on the right or use float32)"
+        )
 
 
 def _compare(u: Tensor, u_fd: Tensor, rtol: float, step: float) -> None:
@@ -266,6 +275,7 @@ def layer_directions(
         if logits is None:
             with torch.no_grad():
                 logits = select(model(**kwargs))
+    _check_finite(logits)
     return logits, us
 
 

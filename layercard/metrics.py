@@ -189,12 +189,12 @@ def gain_adj(res2: float, gg: float, n: int, d_out: int, d_eff: float) -> float:
 
 
 def module_metrics(A: Tensor, C: Tensor, gg: float, n: int, ridge: float, rank: int,
-                   d_out: int) -> dict:
+                   d_out: int, eig=None) -> dict:
     """All per-module card numbers with ONE eigh of A: the union of :func:`resnorm`,
     :func:`spectrum` and ``gain_adj`` (keys res2, res2_rank_r, res_frac, grad_norm, energy,
     mu_max, mu_min, kappa, erank, d_eff, gain_adj). Shapes: A d_in×d_in, C d_in×d_out.
     """
-    eig = eig_psd(A)
+    eig = eig if eig is not None else eig_psd(A)
     out = resnorm(A, C, gg, ridge, rank, eig)
     out.update(spectrum(A, n, ridge, eig))
     out["gain_adj"] = gain_adj(out["res2"], gg, n, d_out, out["d_eff"])

@@ -16,7 +16,7 @@ from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
 from layercard.hooks import StatsCollector
 from layercard.losses import lm_loss_sum, supervised_count
-from layercard.metrics import module_metrics
+from layercard.metrics import eig_psd, module_metrics
 from layercard.stats import SufficientStats
 
 
@@ -56,13 +56,16 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
 
 
 def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: float) -> pd.DataFrame:
-    rows = []
+    rows, eigs = [], {}
     for m in layout.modules:
         if m.key not in stats.C:
             raise LayercardError(f"no statistics for module '{m.full_name}' (was it reached by the backward pass?)")
         group = stats.group_of[m.key]
         A = stats.A[group]
-        vals = module_metrics(A, stats.C[m.key], stats.gg[m.key], stats.n[group], ridge, rank, m.d_out)
+        if group not in eigs:  # one eigh per shared input (q/k/v, gate/up)
+            eigs[group] = eig_psd(A)
+        vals = module_metrics(A, stats.C[m.key], stats.gg[m.key], stats.n[group], ridge, rank, m.d_out,
+                              eig=eigs[group])
         rows.append({"layer": m.layer, "module": m.name, "target": m.target, "d_in": m.d_in, "d_out": m.d_out,
                      "n_tokens": stats.n[group], "group": group, "gg": stats.gg[m.key], **vals})
     return pd.DataFrame(rows)

@@ -1,0 +1,98 @@
+"""Pass 2: from the card's statistics to the coupling matrix.
+
+For each layer ℓ the best rank-r update Δ*_ℓ of every target module (ridge solution truncated to
+rank r in the whitened space, :func:`layercard.metrics.best_rank_r_update`), its output direction
+u_ℓ = J_ℓ Δ*_ℓ by forward-mode AD on probe batches, then K, b (additive over batches) and ρ.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from layercard.coupling import (Sketch, ce_logit_grad, centered_softmax_weights, correlation,
+                                coupling_from_embeddings, linear_term, metric_embed)
+from layercard.directions import layer_directions, supervised_targets
+from layercard.discovery import ModelLayout
+from layercard.errors import LayercardError
+from layercard.metrics import best_rank_r_update, eig_psd
+from layercard.stats import SufficientStats
+
+
+def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
+                 layers: Iterable[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Δ*_ℓ per layer as tangents in each weight's own shape/dtype/device (Conv1D: transposed)."""
+    params = dict(model.named_parameters())
+    wanted = set(layout.layers if layers is None else layers)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    eigs = {}
+    for m in layout.modules:
+        if m.layer not in wanted:
+            continue
+        group = stats.group_of[m.key]
+        if group not in eigs:
+            eigs[group] = eig_psd(stats.A[group])
+        delta = best_rank_r_update(stats.A[group], stats.C[m.key], ridge, rank, eig=eigs[group])  # (d_out, d_in)
+        w = params[m.weight_name]
+        tangent = delta.T if m.transposed else delta
+        out.setdefault(m.layer, {})[m.weight_name] = tangent.to(device=w.device, dtype=w.dtype)
+    return out
+
+
+def make_sketch(vocab: int, dim: int, above_vocab: int, seed: int) -> Sketch | None:
+    """A JL sketch when the vocabulary is larger than ``above_vocab`` (None: exact embeddings)."""
+    return Sketch(vocab, dim, seed) if vocab > above_vocab else None
+
+
+def probe_terms(model: nn.Module, deltas_by_layer: dict[int, dict[str, torch.Tensor]], batch: dict,
+                sketch: Sketch | None) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per layer: the metric-embedded (and sketched) directions W_ℓ (T × D) and b_ℓ on one batch."""
+    logits, us = layer_directions(model, deltas_by_layer, batch)
+    p, _ = centered_softmax_weights(logits)
+    grad = ce_logit_grad(p, supervised_targets(batch).to(p.device))
+    W, b = {}, {}
+    for layer, u in us.items():
+        w = metric_embed(u, p)
+        W[layer] = (sketch(w) if sketch is not None else w).to(torch.float64).cpu()
+        b[layer] = linear_term(grad, u)
+    return W, b
+
+
+def coupling_terms(model: nn.Module, deltas_by_layer: dict, batches: Iterable[dict], layers: list[int],
+                   sketch: Sketch | None) -> tuple[np.ndarray, np.ndarray]:
+    """K (L × L) and b (L,) summed over probe batches, layers in the given order."""
+    K = np.zeros((len(layers), len(layers)))
+    b = np.zeros(len(layers))
+    seen = 0
+    for batch in batches:
+        if not bool((batch["labels"][:, 1:] != -100).any()):
+            continue
+        W, bb = probe_terms(model, deltas_by_layer, batch, sketch)
+        K += coupling_from_embeddings([W[l] for l in layers]).numpy()
+        b += np.array([bb[l] for l in layers])
+        seen += 1
+    if seen == 0:
+        raise LayercardError("coupling probe set is empty: no batch had a supervised token")
+    return K, b
+
+
+def attach_coupling(card, K: np.ndarray, b: np.ndarray, meta: dict | None = None) -> None:
+    """Store K, ρ and the layer columns ``b``, ``k_diag`` on the card."""
+    card.coupling_k = np.asarray(K, dtype=np.float64)
+    card.coupling = correlation(card.coupling_k)
+    card.layers["b"] = np.asarray(b, dtype=np.float64)
+    card.layers["k_diag"] = np.diag(card.coupling_k).copy()
+    card.meta.update(meta or {})
+
+
+def coupling_pass(model: nn.Module, layout: ModelLayout, card, batches: list[dict], *, sketch: Sketch | None) -> None:
+    """Single-process pass 2 on ``card`` (which must carry its statistics)."""
+    if card.stats is None:
+        raise LayercardError("the card carries no statistics (stats.safetensors); re-profile to compute coupling")
+    rank, ridge = card.meta["rank"], card.meta["ridge"]
+    deltas = layer_deltas(model, layout, card.stats, rank=rank, ridge=ridge)
+    K, b = coupling_terms(model, deltas, batches, list(layout.layers), sketch)
+    attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
+                                 "coupling_tokens": int(sum(int((x["labels"][:, 1:] != -100).sum()) for x in batches))})

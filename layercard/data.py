@@ -1,0 +1,152 @@
+"""Calibration / training text → token batches.
+
+Records are dicts with either a ``text`` column (every token supervised) or a ``prompt`` and an
+``answer`` column (only answer tokens supervised, e.g. "Review: …\\nSentiment:" → " positive").
+The same :func:`tokenize_record` serves the single-process path and the Ray Data pipelines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from layercard.errors import LayercardError
+
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token batches."""
+
+    path: str | None = None
+    """A .parquet, .jsonl, .csv or .txt file (one document per line), or a `datasets` directory saved to disk."""
+    format: Literal["auto", "parquet", "jsonl", "csv", "text", "hf"] = "auto"
+    text_column: str = "text"
+    prompt_column: str | None = None
+    """With ``answer_column``: the loss is on answer tokens only."""
+    answer_column: str | None = None
+    max_seq_len: int = 128
+    num_samples: int | None = None
+    """Use the first N records (after a seeded shuffle when ``shuffle``)."""
+    shuffle: bool = False
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.prompt_column is None) != (self.answer_column is None):
+            raise LayercardError("data: give both prompt_column and answer_column, or neither")
+        if self.max_seq_len < 2:
+            raise LayercardError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.batch_size < 1:
+            raise LayercardError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.prompt_column, self.answer_column] if self.prompt_column else [self.text_column]
+
+
+def resolve_format(cfg: DataConfig) -> tuple[Path, str]:
+    if not cfg.path:
+        raise LayercardError("data.path is not set")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise LayercardError(f"data path '{path}' does not exist")
+    if cfg.format != "auto":
+        return path, cfg.format
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return path, "hf"
+        raise LayercardError(f"data path '{path}' is a directory but not a saved `datasets` dataset")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LayercardError(f"data path '{path}': unknown extension '{path.suffix}' (set data.format)")
+    return path, fmt
+
+
+def read_records(cfg: DataConfig) -> list[dict]:
+    """Read the whole file locally (the Ray pipeline uses Ray Data readers instead)."""
+    path, fmt = resolve_format(cfg)
+    try:
+        if fmt == "text":
+            records = [{cfg.text_column: line.rstrip("\n")} for line in path.read_text().splitlines() if line.strip()]
+        elif fmt == "jsonl":
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            records = pacsv.read_csv(path).to_pylist()
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(path).to_pylist()
+        else:
+            from datasets import load_from_disk
+
+            records = list(load_from_disk(str(path)))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise LayercardError(f"cannot read data '{path}' as {fmt}: {str(err).splitlines()[0]}") from None
+    check_columns(records[0].keys() if records else [], cfg, path)
+    if cfg.shuffle:
+        g = torch.Generator().manual_seed(cfg.seed)
+        records = [records[i] for i in torch.randperm(len(records), generator=g).tolist()]
+    if cfg.num_samples is not None:
+        records = records[: cfg.num_samples]
+    if not records:
+        raise LayercardError(f"data '{path}' is empty")
+    return records
+
+
+def check_columns(available, cfg: DataConfig, where) -> None:
+    available = list(available)
+    missing = [c for c in cfg.columns if c not in available]
+    if missing and available:
+        raise LayercardError(f"data '{where}' has no column {missing[0]!r} (columns: {', '.join(map(str, available))})")
+
+
+def tokenize_record(record: dict, tokenizer, cfg: DataConfig) -> dict:
+    """→ {"input_ids": list[int], "labels": list[int]} (labels -100 where not supervised)."""
+    if cfg.prompt_column:
+        prompt = tokenizer.encode(str(record[cfg.prompt_column]))
+        answer = tokenizer.encode(str(record[cfg.answer_column]))[: cfg.max_seq_len - 1]
+        prompt = prompt[-(cfg.max_seq_len - len(answer)):]  # keep the answer, cut the prompt's start
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+    ids = tokenizer.encode(str(record[cfg.text_column]))[: cfg.max_seq_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding has attention_mask 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches_of(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i: i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
+def examples_hash(examples: list[dict]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def load_examples(cfg: DataConfig, tokenizer) -> list[dict]:
+    examples = [tokenize_record(r, tokenizer, cfg) for r in read_records(cfg)]
+    examples = [e for e in examples if len(e["input_ids"]) >= 2]
+    if not examples:
+        raise LayercardError(f"data '{cfg.path}' has no record with at least 2 tokens")
+    return examples

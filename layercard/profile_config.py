@@ -1,0 +1,89 @@
+"""The typed config of ``layercard profile`` (configs/*.yaml); every key documented once here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layercard.data import DataConfig
+from layercard.errors import LayercardError
+from layercard.models import ModelConfig
+
+
+@dataclass
+class ProbeSettings:
+    """What to profile."""
+
+    target_modules: list[str] | None = None
+    """PEFT-style module names (``q_proj``, ``mlp.c_proj``); null = every linear module of a block."""
+    layers: list[int] | None = None
+    """Layer indices to profile; null = all."""
+    rank: int = 8
+    """The LoRA rank the card is made for (``res2_rank_r``, the rank-r update Δ*)."""
+    ridge: float = 1e-3
+    """Relative ridge: λ = ridge · tr(A) / d_in. Must be > 0."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise LayercardError(f"config key 'profile.rank' must be >= 1, got {self.rank}")
+        if not self.ridge > 0:
+            raise LayercardError(f"config key 'profile.ridge' must be > 0, got {self.ridge}")
+
+
+@dataclass
+class CouplingSettings:
+    """Second pass: output directions u_ℓ = J_ℓ Δ*_ℓ on a probe subset → K, b, ρ."""
+
+    enabled: bool = True
+    probe_samples: int = 32
+    """Records of the calibration data used as the probe set (the first N)."""
+    sketch_dim: int = 512
+    """JL sketch width for vocabularies above ``sketch_above_vocab``."""
+    sketch_above_vocab: int = 32768
+    seed: int = 0
+
+
+@dataclass
+class CostSettings:
+    """Measured step time / peak memory with the lowest adapted layer at a few depths."""
+
+    measure: bool = True
+    points: int = 3
+    """How many lowest-layer depths to time (at least first, middle, last)."""
+    steps: int = 3
+    """Timed optimizer steps per point (after one warm-up step)."""
+
+
+@dataclass
+class RaySettings:
+    """Where pass 1 and pass 2 run. ``num_actors: 0`` profiles in this process without Ray."""
+
+    address: str | None = None
+    """Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."""
+    num_actors: int = 0
+    """Total probe actors = layer_slices × data replicas (must be a multiple of layer_slices)."""
+    layer_slices: int = 1
+    """Layers are split into this many contiguous slices; each actor holds statistics for one slice."""
+    num_shards: int | None = None
+    """Data shards (default: number of data replicas × 2); results are keyed by (slice, shard)."""
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    fail_once_at_shard: int | None = None
+    """Test-only fault injection: the actor processing this shard dies once (retried by Ray)."""
+
+    def __post_init__(self):
+        if self.num_actors < 0:
+            raise LayercardError(f"config key 'ray.num_actors' must be >= 0, got {self.num_actors}")
+        if self.layer_slices < 1:
+            raise LayercardError(f"config key 'ray.layer_slices' must be >= 1, got {self.layer_slices}")
+        if self.num_actors and self.num_actors % self.layer_slices:
+            raise LayercardError(
+                f"config key 'ray.num_actors' ({self.num_actors}) must be a multiple of ray.layer_slices ({self.layer_slices})")
+
+
+@dataclass
+class ProfileConfig:
+    model: ModelConfig
+    data: DataConfig
+    profile: ProbeSettings = field(default_factory=ProbeSettings)
+    coupling: CouplingSettings = field(default_factory=CouplingSettings)
+    cost: CostSettings = field(default_factory=CostSettings)
+    ray: RaySettings = field(default_factory=RaySettings)

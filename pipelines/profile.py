@@ -1,0 +1,89 @@
+"""``layercard profile --config configs/<x>.yaml --out DIR [key=value …]``
+
+Pass 1 (statistics) and pass 2 (coupling directions) either in this process (``ray.num_actors: 0``)
+or on Ray actors (see :mod:`pipelines.ray_profile`); then the cost measurement; then the card is
+written atomically.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from layercard.config import to_dict
+from layercard.coupling_pass import coupling_pass, make_sketch
+from layercard.discovery import discover
+from layercard.data import batches_of, examples_hash, load_examples
+from layercard.errors import LayercardError
+from layercard.models import load_model
+from layercard.profile_config import ProfileConfig
+from layercard.profiler import profile_model
+from pipelines.common import parse_config, run_main
+
+
+def card_meta(cfg: ProfileConfig, lm, examples) -> dict:
+    return {
+        "model_id": lm.model_id, "weights_hash": lm.weights_hash, "model_type": lm.model.config.model_type,
+        "data_id": str(cfg.data.path), "data_hash": examples_hash(examples), "n_records": len(examples),
+        "tokenizer": lm.tokenizer.name, "seq_len": cfg.data.max_seq_len, "dtype": cfg.model.dtype,
+        "config": to_dict(cfg),
+    }
+
+
+def profile_local(cfg: ProfileConfig, progress: bool = True):
+    """Single-process profile: the reference every distributed layout must reproduce."""
+    lm = load_model(cfg.model)
+    examples = load_examples(cfg.data, lm.tokenizer)
+    batches = batches_of(examples, cfg.data.batch_size, lm.tokenizer.pad_id)
+    t0 = time.perf_counter()
+    card = profile_model(lm.model, batches, target_modules=cfg.profile.target_modules, layers=cfg.profile.layers,
+                         rank=cfg.profile.rank, ridge=cfg.profile.ridge, block_path=cfg.model.block_path,
+                         progress=progress, meta=card_meta(cfg, lm, examples))
+    if progress:
+        dt = time.perf_counter() - t0
+        print(f"pass 1: {card.meta['n_tokens']} tokens in {dt:.1f}s ({card.meta['n_tokens'] / dt:.0f} tokens/s)")
+    return card, lm, examples
+
+
+def probe_batches(cfg: ProfileConfig, examples: list[dict], pad_id: int) -> list[dict]:
+    """The coupling probe set: the first ``coupling.probe_samples`` calibration records."""
+    return batches_of(examples[: cfg.coupling.probe_samples], cfg.data.batch_size, pad_id)
+
+
+def sketch_for(cfg: ProfileConfig, vocab: int):
+    c = cfg.coupling
+    return make_sketch(vocab, c.sketch_dim, c.sketch_above_vocab, c.seed)
+
+
+def add_coupling_local(card, cfg: ProfileConfig, lm, examples, progress: bool = True) -> None:
+    layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
+    t0 = time.perf_counter()
+    probe = probe_batches(cfg, examples, lm.tokenizer.pad_id)
+    coupling_pass(lm.model, layout, card, probe, sketch=sketch_for(cfg, lm.model.config.vocab_size))
+    if progress:
+        dt = time.perf_counter() - t0
+        print(f"pass 2: {card.meta['coupling_tokens']} probe tokens × {len(layout.layers)} layers in {dt:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_config(ProfileConfig, argv, "layercard profile", __doc__.splitlines()[0],
+                             extra=lambda p: p.add_argument("--overwrite", action="store_true",
+                                                            help="replace an existing card directory"))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LayercardError(f"output '{out}' already exists (pass --overwrite to replace it)")
+    if cfg.ray.num_actors == 0:
+        card, lm, examples = profile_local(cfg)
+        if cfg.coupling.enabled:
+            add_coupling_local(card, cfg, lm, examples)
+    else:
+        from pipelines.ray_profile import profile_on_ray
+
+        card, lm, examples = profile_on_ray(cfg)
+    card.save(out, overwrite=args.overwrite)
+    print(f"card {card.card_id} written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
