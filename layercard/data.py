@@ -137,11 +137,11 @@ def batches_of(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[
     return [collate(examples[i: i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
-def examples_hash(examples: list[dict]) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
-    return h.hexdigest()[:16]
+def examples_hash(examples) -> str:
+    """Order-independent digest of tokenised records (so sharded and single-process runs agree)."""
+    digests = sorted(hashlib.sha256(json.dumps([list(e["input_ids"]), list(e["labels"])]).encode()).hexdigest()
+                     for e in examples)
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
 def load_examples(cfg: DataConfig, tokenizer) -> list[dict]:

@@ -101,8 +101,9 @@ class StatsCollector:
     def _block_hook(self, layer: int):
         def hook(module, args, kwargs, output):
             with torch.no_grad():
-                h_in = self._rows(_hidden_from(args, kwargs)).to(torch.float32)
-                h_out = self._rows(_first_tensor(output)).to(torch.float32)
+                h_in = _hidden_from(args, kwargs)
+                h_out = _first_tensor(output)
+                h_in, h_out = self._rows(h_in).to(_stat_dtype(h_in)), self._rows(h_out).to(_stat_dtype(h_out))
                 cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1, eps=1e-12)
                 self.stats.add_block_influence(layer, float((1.0 - cos).sum()), int(cos.numel()))
         return hook

@@ -41,6 +41,9 @@ class ModelConfig:
     block_path: str | None = None
     """Override the discovered ModuleList of blocks, e.g. ``model.layers``."""
     cache_dir: str = "~/.cache/layercard/models"
+    architecture: dict | None = None
+    """transformers config kwargs (incl. ``model_type``) describing ``path``'s model, so
+    ``layercard plan`` can size a cluster on a machine that does not hold the weights."""
 
     def __post_init__(self):
         given = [k for k in ("path", "gguf_file", "config") if getattr(self, k)]
@@ -152,6 +155,46 @@ def _gguf_dir(cfg: ModelConfig) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf, out)
     return out
+
+
+def model_dir(cfg: ModelConfig) -> Path | None:
+    """The safetensors directory behind ``path`` or ``gguf_file`` (converted once); None for ``config``."""
+    if cfg.config:
+        return None
+    return Path(cfg.path).expanduser() if cfg.path else _gguf_dir(cfg)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer alone (no weights): for data pipelines that tokenise away from the model."""
+    from layercard.tokenizer import ByteTokenizer, HFTokenizer
+
+    path = model_dir(cfg)
+    if path is None:
+        from transformers import AutoConfig
+
+        kwargs = dict(cfg.config)
+        return ByteTokenizer(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs).vocab_size)
+    if not path.is_dir():
+        raise LayercardError(f"model path '{path}' does not exist or is not a directory")
+    return HFTokenizer.from_dir(path)
+
+
+def build_meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model's modules on the ``meta`` device (shapes only, no memory) for planning."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(cfg.path).expanduser() if cfg.path else None
+    if path is not None and (path / "config.json").is_file():
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[cfg.dtype])
+    arch = cfg.config or cfg.architecture
+    if not arch:
+        raise LayercardError(f"cannot plan without the model's architecture: '{cfg.path or cfg.gguf_file}' has no "
+                             "config.json here; set model.architecture")
+    return _from_config(replace(cfg, path=None, gguf_file=None, config=arch, device="meta"))
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

@@ -68,6 +68,8 @@ class RaySettings:
     num_cpus_per_actor: float = 1.0
     fail_once_at_shard: int | None = None
     """Test-only fault injection: the actor processing this shard dies once (retried by Ray)."""
+    fault_marker_dir: str | None = None
+    """Where the fault injection leaves its marker (default: a temporary directory)."""
 
     def __post_init__(self):
         if self.num_actors < 0:

@@ -1,0 +1,341 @@
+"""Distributed profiling on Ray: data shards × layer slices.
+
+Layout. ``ray.num_actors`` = ``layer_slices`` × R. Layers are cut into ``layer_slices`` contiguous
+slices; each slice gets its own pool of R actors (``ActorPoolStrategy(size=R)``), and every actor
+holds the frozen model but statistics for its slice only. Records are hashed into ``num_shards``
+data shards (content hash, so the assignment does not depend on read order); each (slice, shard)
+pair is one ``map_groups`` call that returns the shard's summed statistics. The driver keeps the
+first result per (slice, shard) — a retried shard counts once — and sums them in float64.
+
+Pass 2 ships each slice's Δ* to a fresh pool over the probe shards; actors return the metric-
+embedded (JL-sketched above ``coupling.sketch_above_vocab``) directions and b per shard; the driver
+forms K shard by shard and sums. Nothing per-token but probe sketches ever reaches the driver.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from layercard.errors import LayercardError
+from layercard.profile_config import ProfileConfig
+
+
+# ----------------------------------------------------------------------------- serialisation
+def _stats_to_bytes(stats) -> bytes:
+    from safetensors.torch import save
+
+    tensors, header = stats.to_tensors()
+    return save(tensors, metadata=header)
+
+
+def _stats_from_bytes(data: bytes):
+    from safetensors import safe_open
+    import tempfile
+
+    from layercard.stats import SufficientStats
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, framework="pt") as st:
+            return SufficientStats.from_tensors({k: st.get_tensor(k) for k in st.keys()}, st.metadata())
+
+
+def _array_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _array_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- data
+def read_dataset(cfg: ProfileConfig):
+    """Ray Data dataset of raw records (Parquet, JSONL, CSV, text, or a saved `datasets` dir)."""
+    import ray.data
+
+    from layercard.data import check_columns, resolve_format
+
+    path, fmt = resolve_format(cfg.data)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        if fmt == "parquet":
+            ds = ray.data.read_parquet(str(path))
+        elif fmt == "jsonl":
+            ds = ray.data.read_json(str(path), lines=True) if path.suffix == ".jsonl" else ray.data.read_json(str(path))
+        elif fmt == "csv":
+            ds = ray.data.read_csv(str(path))
+        elif fmt == "text":
+            ds = ray.data.read_text(str(path)).filter(lambda r: bool(r["text"].strip()))
+            if cfg.data.text_column != "text":
+                ds = ds.rename_columns({"text": cfg.data.text_column})
+        else:
+            from datasets import load_from_disk
+
+            ds = ray.data.from_huggingface(load_from_disk(str(path)))
+        columns = ds.columns()
+    except Exception as err:  # Ray wraps reader errors in many types
+        raise LayercardError(f"cannot read data '{path}' as {fmt}: {str(err).splitlines()[0]}") from None
+    check_columns(columns or [], cfg.data, path)
+    if cfg.data.shuffle:
+        ds = ds.random_shuffle(seed=cfg.data.seed)
+    if cfg.data.num_samples is not None:
+        ds = ds.limit(cfg.data.num_samples)
+    return ds
+
+
+class Tokenize:
+    """Ray Data callable: raw records → input_ids / labels (+ content-hash shard id)."""
+
+    def __init__(self, model_cfg, data_cfg, num_shards: int):
+        from layercard.models import load_tokenizer
+
+        self.tok = load_tokenizer(model_cfg)
+        self.data_cfg, self.num_shards = data_cfg, num_shards
+
+    def __call__(self, batch):
+        from layercard.data import tokenize_record
+
+        keys = list(batch)
+        n = len(batch[keys[0]])
+        ids, labels, shards = [], [], []
+        for i in range(n):
+            ex = tokenize_record({k: batch[k][i] for k in keys}, self.tok, self.data_cfg)
+            if len(ex["input_ids"]) < 2:
+                continue
+            ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
+            labels.append(np.asarray(ex["labels"], dtype=np.int64))
+            shards.append(zlib.crc32(ids[-1].tobytes()) % self.num_shards)
+        out = np.empty(len(ids), dtype=object)
+        lab = np.empty(len(ids), dtype=object)
+        out[:], lab[:] = ids, labels
+        return {"input_ids": out, "labels": lab, "shard": np.asarray(shards, dtype=np.int64)}
+
+
+def _examples(batch) -> list[dict]:
+    order = np.argsort([zlib.crc32(np.asarray(x).tobytes()) for x in batch["input_ids"]], kind="stable")
+    return [{"input_ids": list(map(int, batch["input_ids"][i])), "labels": list(map(int, batch["labels"][i]))}
+            for i in order]
+
+
+# ----------------------------------------------------------------------------- actors
+class _SliceActor:
+    def __init__(self, model_cfg, profile_cfg, batch_size: int, layers: list[int], slice_id: int):
+        import torch
+
+        from layercard.discovery import discover
+        from layercard.models import load_model
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.lm = load_model(model_cfg)
+        self.layout = discover(self.lm.model, profile_cfg.target_modules, layers, model_cfg.block_path)
+        self.batch_size, self.slice_id = batch_size, slice_id
+
+    def _batches(self, batch):
+        from layercard.data import batches_of
+
+        return batches_of(_examples(batch), self.batch_size, self.lm.tokenizer.pad_id)
+
+
+class StatsActor(_SliceActor):
+    """Pass 1: one call per (slice, shard) → the shard's summed statistics for the slice."""
+
+    def __init__(self, *args, fail_once_at_shard=None, marker_dir=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_once_at_shard, self.marker_dir = fail_once_at_shard, marker_dir
+
+    def _maybe_fail(self, shard: int) -> None:
+        # Test-only fault injection: die once (per slice) on this shard; Ray restarts and retries.
+        if self.fail_once_at_shard is None or shard != self.fail_once_at_shard:
+            return
+        marker = Path(self.marker_dir) / f"failed-{self.slice_id}-{shard}"
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+    def __call__(self, batch):
+        from layercard.profiler import collect_stats
+
+        shard = int(batch["shard"][0])
+        self._maybe_fail(shard)
+        stats = collect_stats(self.lm.model, self.layout, self._batches(batch))
+        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
+                "stats": np.asarray([_stats_to_bytes(stats)], dtype=object)}
+
+
+class DirectionsActor(_SliceActor):
+    """Pass 2: one call per (slice, probe shard) → embedded directions and b for the slice's layers."""
+
+    def __init__(self, *args, deltas=None, sketch_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from layercard.coupling import Sketch
+
+        params = dict(self.lm.model.named_parameters())
+        self.deltas = {l: {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in d.items()}
+                       for l, d in deltas.items()}
+        self.sketch = Sketch(*sketch_args) if sketch_args else None
+
+    def __call__(self, batch):
+        from layercard.coupling_pass import probe_terms
+
+        shard = int(batch["shard"][0])
+        layers = sorted(self.deltas)
+        W_all = {l: [] for l in layers}
+        b = np.zeros(len(layers))
+        for mb in self._batches(batch):
+            if not bool((mb["labels"][:, 1:] != -100).any()):
+                continue
+            W, bb = probe_terms(self.lm.model, self.deltas, mb, self.sketch)
+            for l in layers:
+                W_all[l].append(W[l].numpy())
+            b += np.array([bb[l] for l in layers])
+        W_cat = np.stack([np.concatenate(W_all[l]) if W_all[l] else np.zeros((0, 0)) for l in layers])
+        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
+                "layers": np.asarray([_array_bytes(np.asarray(layers))], dtype=object),
+                "W": np.asarray([_array_bytes(W_cat)], dtype=object), "b": np.asarray([_array_bytes(b)], dtype=object)}
+
+
+# ----------------------------------------------------------------------------- driver
+def _check_resources(cfg: ProfileConfig, ray) -> None:
+    r = cfg.ray
+    total = ray.cluster_resources()
+    need_gpu = r.num_gpus_per_actor * r.num_actors
+    if need_gpu > total.get("GPU", 0):
+        raise LayercardError(f"ray.num_gpus_per_actor={r.num_gpus_per_actor} × {r.num_actors} actors needs {need_gpu:g} GPUs; "
+                             f"the cluster has {total.get('GPU', 0):g}")
+    need_cpu = r.num_cpus_per_actor * (r.num_actors // r.layer_slices)
+    if need_cpu > total.get("CPU", 0):
+        raise LayercardError(f"ray.num_cpus_per_actor={r.num_cpus_per_actor} × {r.num_actors // r.layer_slices} actors per "
+                             f"slice needs {need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}")
+
+
+def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
+    if slices > len(layers):
+        raise LayercardError(f"ray.layer_slices={slices} is more than the {len(layers)} profiled layers")
+    return [list(map(int, s)) for s in np.array_split(np.asarray(layers), slices)]
+
+
+def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int):
+    """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently."""
+    import ray.data
+
+    r = cfg.ray
+    size = r.num_actors // r.layer_slices
+    stages = []
+    for s, layers in enumerate(slices):
+        stages.append(ds.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(
+            actor_cls, compute=ray.data.ActorPoolStrategy(size=size), batch_format="numpy",
+            fn_constructor_args=(cfg.model, cfg.profile, cfg.data.batch_size, layers, s),
+            fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
+            num_gpus=r.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1))
+    out = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
+    seen = {}
+    for row in out.iter_rows():
+        seen.setdefault((int(row["slice"]), int(row["shard"])), row)  # a retried shard counts once
+    return seen
+
+
+def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
+    """Pass 1 (+ pass 2 when coupling is enabled) on Ray; returns (card, loaded model, probe examples)."""
+    import tempfile
+
+    from layercard.coupling_pass import attach_coupling, layer_deltas, make_sketch
+    from layercard.coupling import coupling_from_embeddings
+    from layercard.discovery import discover
+    from layercard.models import load_model
+    from layercard.profiler import card_from_stats
+    from layercard.stats import SufficientStats
+    from pipelines.common import init_ray
+
+    ray = init_ray(cfg.ray.address)
+    _check_resources(cfg, ray)
+    lm = load_model(cfg.model)   # driver copy: layout, identity and Δ* shapes (never a forward pass)
+    layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
+    slices = slice_layers(list(layout.layers), cfg.ray.layer_slices)
+    replicas = cfg.ray.num_actors // cfg.ray.layer_slices
+    num_shards = cfg.ray.num_shards or 2 * replicas
+
+    raw = read_dataset(cfg)
+    tokenized = raw.map_batches(Tokenize, fn_constructor_args=(cfg.model, cfg.data, num_shards),
+                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0.1)
+    tokenized = tokenized.materialize()
+    n_records = tokenized.count()
+    if n_records == 0:
+        raise LayercardError(f"data '{cfg.data.path}' is empty")
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        marker_dir = cfg.ray.fault_marker_dir or tmp
+        rows = _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
+            "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir}, num_shards)
+    stats = SufficientStats()
+    for key in sorted(rows):
+        stats += _stats_from_bytes(rows[key]["stats"])
+    dt = time.perf_counter() - t0
+    if progress:
+        print(f"pass 1: {stats.n_tokens} tokens on {cfg.ray.num_actors} actors × {len(slices)} slices, "
+              f"{num_shards} shards in {dt:.1f}s ({stats.n_tokens / dt:.0f} tokens/s)")
+
+    from layercard.data import examples_hash
+    from pipelines.profile import card_meta
+
+    meta = card_meta(cfg, lm, [])
+    meta.update({"n_records": n_records, "data_hash": examples_hash(_records(tokenized)),
+                 "ray_layout": {"num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards}})
+    card = card_from_stats(layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, meta=meta)
+
+    if cfg.coupling.enabled:
+        t0 = time.perf_counter()
+        probe = tokenized.limit(cfg.coupling.probe_samples).materialize()
+        deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge)
+        deltas = {l: {n: t.cpu() for n, t in d.items()} for l, d in deltas.items()}
+        sketch = make_sketch(lm.model.config.vocab_size, cfg.coupling.sketch_dim, cfg.coupling.sketch_above_vocab,
+                             cfg.coupling.seed)
+        sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
+        refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
+        rows = _run_pool(probe, DirectionsActor, cfg, slices,
+                         lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, num_shards)
+        K, b = _aggregate_directions(rows, list(layout.layers), coupling_from_embeddings)
+        attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})
+        if progress:
+            dt = time.perf_counter() - t0
+            print(f"pass 2: {len(layout.layers)} layers × {probe.count()} probe records in {dt:.1f}s "
+                  f"({len(layout.layers) * probe.count() / dt:.1f} layer-records/s)")
+    return card, lm, None
+
+
+def _aggregate_directions(rows: dict, layers: list[int], coupling_fn):
+    """K = Σ_shards K_shard (all slices' directions of one shard side by side), b = Σ."""
+    import torch
+
+    where = {l: i for i, l in enumerate(layers)}
+    K = np.zeros((len(layers), len(layers)))
+    b = np.zeros(len(layers))
+    for shard in sorted({sh for _, sh in rows}):
+        W = [None] * len(layers)
+        for (s, sh), row in rows.items():
+            if sh != shard:
+                continue
+            ls = _array_from_bytes(row["layers"])
+            Ws = _array_from_bytes(row["W"])
+            bs = _array_from_bytes(row["b"])
+            for j, l in enumerate(ls):
+                W[where[int(l)]] = torch.from_numpy(Ws[j])
+                b[where[int(l)]] += bs[j]
+        if any(w is None for w in W):
+            raise LayercardError(f"probe shard {shard} is missing directions for some layers")
+        if W[0].numel():
+            K += coupling_fn(W).numpy()
+    return K, b
+
+
+def _records(ds):
+    for r in ds.select_columns(["input_ids", "labels"]).iter_rows():
+        yield {"input_ids": np.asarray(r["input_ids"]).tolist(), "labels": np.asarray(r["labels"]).tolist()}

@@ -1,0 +1,141 @@
+"""Distributed profiling on a real local Ray: every layout reproduces the single-process card."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from layercard.card import LayerCard
+from layercard.config import load_config
+from layercard.errors import LayercardError
+from layercard.profile_config import ProfileConfig
+from pipelines.profile import add_coupling_local, profile_local
+from pipelines.ray_profile import profile_on_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# float64 so the comparison tests the aggregation, not float32 rounding of differently shaped batches.
+BASE = ["model.dtype=float64", "ray.num_cpus_per_actor=0.5", "data.num_samples=48", "coupling.probe_samples=8",
+        f"data.path={ROOT / 'configs' / 'data' / 'tiny.jsonl'}"]
+COLUMNS = ["n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank", "d_eff",
+           "gain_adj", "block_influence", "b", "k_diag"]
+
+
+def cfg_with(*overrides) -> ProfileConfig:
+    return load_config(ProfileConfig, TINY, [*BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = cfg_with()
+    card, lm, examples = profile_local(cfg, progress=False)
+    add_coupling_local(card, cfg, lm, examples, progress=False)
+    return card
+
+
+def assert_same_card(card: LayerCard, ref: LayerCard, rtol=1e-6):
+    for col in COLUMNS:
+        np.testing.assert_allclose(card.layers[col].to_numpy(float), ref.layers[col].to_numpy(float), rtol=rtol,
+                                   err_msg=col)
+    for col in ["res2", "res2_rank_r", "kappa", "d_eff", "gain_adj"]:
+        np.testing.assert_allclose(card.modules[col].to_numpy(float), ref.modules[col].to_numpy(float), rtol=rtol,
+                                   err_msg=f"modules.{col}")
+    scale = np.abs(ref.coupling_k).max()
+    np.testing.assert_allclose(card.coupling_k / scale, ref.coupling_k / scale, atol=rtol)
+    np.testing.assert_allclose(card.coupling, ref.coupling, atol=rtol)
+    assert card.meta["data_hash"] == ref.meta["data_hash"]
+    assert card.meta["weights_hash"] == ref.meta["weights_hash"]
+
+
+@pytest.mark.parametrize("actors,slices", [(1, 1), (2, 1), (2, 2)])
+def test_layouts_equal_single_process(ray_local, reference, actors, slices):
+    card, _, _ = profile_on_ray(cfg_with(f"ray.num_actors={actors}", f"ray.layer_slices={slices}"), progress=False)
+    assert card.meta["ray_layout"]["layer_slices"] == slices
+    assert_same_card(card, reference)
+
+
+def test_killed_actor_gives_identical_card(ray_local, reference, tmp_path):
+    cfg = cfg_with("ray.num_actors=2", "ray.num_shards=4", "ray.fail_once_at_shard=1",
+                   f"ray.fault_marker_dir={tmp_path}", "coupling.enabled=false")
+    card, _, _ = profile_on_ray(cfg, progress=False)
+    assert (tmp_path / "failed-0-1").exists(), "the fault was not injected"
+    for col in COLUMNS[:-2]:
+        np.testing.assert_allclose(card.layers[col].to_numpy(float), reference.layers[col].to_numpy(float),
+                                   rtol=1e-6, err_msg=col)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.path=/nonexistent/calib.jsonl", "does not exist"),
+    ("data.answer_column=label", "no column 'label'"),
+    ("ray.layer_slices=8", "more than the 4 profiled layers"),
+])
+def test_bad_input(ray_local, override, message):
+    overrides = ["ray.num_actors=8", override] if "layer_slices" in override else ["ray.num_actors=1", override]
+    with pytest.raises(LayercardError, match=message):
+        profile_on_ray(cfg_with(*overrides), progress=False)
+
+
+def test_gpus_requested_on_cpu_cluster_fails_fast(ray_local):
+    with pytest.raises(LayercardError, match="needs 1 GPUs; the cluster has 0"):
+        profile_on_ray(cfg_with("ray.num_actors=1", "ray.num_gpus_per_actor=1"), progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit(tmp_path):
+    """A real head on free ports; `ray job submit` runs the profile pipeline; the card is checked."""
+    bin_dir = Path(sys.executable).parent
+    ray_bin = str(bin_dir / "ray")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    temp_dir = tmp_path / "ray"
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    out = tmp_path / "card"
+    try:
+        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+               "--", sys.executable, "-m", "pipelines.profile", "--config", "configs/tiny.yaml", "--out", str(out),
+               "data.num_samples=16", "coupling.probe_samples=8", "ray.num_actors=1", "ray.num_cpus_per_actor=0.5"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout + proc.stderr
+        card = LayerCard.load(out)
+        assert card.meta["ray_layout"]["num_actors"] == 1
+        assert len(card.layers) == 4 and np.isfinite(card.coupling_k).all()
+    finally:
+        stop_head(temp_dir)
+
+
+def stop_head(temp_dir: Path) -> None:
+    """Stop only the head this test started (`ray stop` would stop every Ray of the user)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
