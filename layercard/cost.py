@@ -115,10 +115,14 @@ def head_flops(dims: ModelDims) -> int:
 
 
 def block_act_elems(dims: ModelDims, layer: int, seq_len: int) -> int:
-    """Elements per token a block keeps for the activation backward (estimate): its two norm inputs
-    (2·hidden), every linear's output (q/k/v feed attention, gate/up feed the activation and product;
-    counting o/down too is a small over-estimate) and the attention probabilities (heads·T)."""
-    return 2 * dims.hidden + sum(b for _, b in dims.block_linears[layer]) + dims.num_heads * seq_len
+    """Elements per token a block keeps for the activation backward (an estimate): its two norm
+    inputs (2·hidden), every linear's output (q/k/v feed attention, gate/up the activation and the
+    product), the MLP activation's output (≈ the widest linear output) and the attention
+    probabilities (heads·T, which flash kernels recompute instead). Measured peak memory per layer
+    of depth (benchmarks/cost_vs_depth.py) was 1.00× this on an H200 (bf16, sdpa) and 1.25× on CPU
+    (fp32, eager)."""
+    outs = [b for _, b in dims.block_linears[layer]]
+    return 2 * dims.hidden + sum(outs) + max(outs, default=0) + dims.num_heads * seq_len
 
 
 def head_act_bytes(dims: ModelDims) -> int:

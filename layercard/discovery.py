@@ -45,6 +45,7 @@ class ModelLayout:
     num_layers: int                 # all blocks of the model
     layers: tuple[int, ...]         # the profiled layer indices
     modules: tuple[ModuleInfo, ...]
+    block_modules: tuple[str, ...] = ()   # every linear module of a block, targeted or not
 
     @property
     def layers_pattern(self) -> str:
@@ -168,7 +169,7 @@ def discover(
                 continue
             d_in, d_out, transposed = linear_dims(block.get_submodule(name))
             modules.append(ModuleInfo(i, name, short[name], d_in, d_out, transposed, f"{block_path}.{i}.{name}"))
-    return ModelLayout(block_path, num_layers, tuple(layers), tuple(modules))
+    return ModelLayout(block_path, num_layers, tuple(layers), tuple(modules), tuple(available))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -109,6 +109,7 @@ def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, r
     card_meta = {
         "block_path": layout.block_path, "layers_pattern": layout.layers_pattern, "num_layers": layout.num_layers,
         "layers": list(layout.layers), "target_modules": layout.targets, "modules": sorted({m.name for m in layout.modules}),
+        "block_modules": list(layout.block_modules),
         "rank": rank, "ridge": ridge, "n_tokens": stats.n_tokens, "library_versions": library_versions(),
     }
     card_meta.update(meta or {})

@@ -2,32 +2,41 @@
 
 **Predicted quality of a layer set S** (the number every objective maximises or constrains)::
 
-    Q(S) = ½ · b̃_Sᵀ (K_SS)⁺ b̃_S,     b̃_ℓ = f_ℓ · c_ℓ · b_ℓ
-    f_ℓ  = clip(2 · gain_adj_ℓ / res2_ℓ, 0, 1)                        (0 when res2_ℓ = 0)
-    c_ℓ  = min(1, (κ_ref / κ_ℓ)^(1/4)),  κ_ref = median_ℓ κ_ℓ         (c_ℓ² = min(1, sqrt(κ_ref/κ_ℓ)))
+    Q(S) = ½ · b̂_Sᵀ (K̂_SS + E_SS)⁺ b̂_S
+    b̂_ℓ  = √r_ℓ · b_ℓ,   K̂_ℓm = √(r_ℓ r_m) · K_ℓm,   E = diag((1 − r_ℓ) · K_ℓℓ)
+    r_ℓ  = f_ℓ² · g_ℓ ∈ [0, 1]                                      (the layer's reliability)
+    f_ℓ  = clip(2 · gain_adj_ℓ / res2_ℓ, 0, 1)                       (0 when res2_ℓ = 0)
+    g_ℓ  = min(1, sqrt(κ_ref / κ_ℓ)),  κ_ref = median_ℓ κ_ℓ          (0 when κ_ℓ = ∞)
 
-Why each term:
+With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled layers it is
+Σ_{ℓ∈S} r_ℓ · b_ℓ² / (2 K_ℓℓ). Why each term:
 
-* ½ b_Sᵀ K_SS⁺ b_S (K, b from the coupling pass, ⁺ = pseudo-inverse with rcond 1e-10 like
+* ½ b_Sᵀ K_SS⁺ b_S (K, b from the coupling pass; ⁺ = pseudo-inverse, rcond 1e-10, as in
   :func:`layercard.coupling.set_gain`): the first-order-optimal loss decrease when the chosen
   layers' best updates are combined — the residual projected onto the span of their output-space
-  directions. Overlapping layers (|ρ| → 1) share one direction and are not counted twice. It is
-  measured at the network output, so it is invariant to a layer's gradient scale (b scales by s,
-  K by s²): raw ``res2``, which the SmolLM2 pilot showed is dominated by gradient scale and falls
-  2000× with depth, never drives the choice (it enters only through the ratio f_ℓ).
-* f_ℓ, the noise-surviving share of the layer's resnorm (``gain_adj`` is ½·(res2 − expected
-  noise share s²·d_out·d_eff), :func:`layercard.metrics.gain_adj`). Δ*_ℓ is fitted to the same
-  calibration tokens the probe set is drawn from, so its direction holds the signal S and the
-  fitted noise N; on new data the linear term along it keeps only ⟨S, S + N⟩ ≈ ‖S‖² = f_ℓ·‖M‖²,
-  while its curvature K_ℓℓ is unchanged. Hence b shrinks by f_ℓ (the gain by f_ℓ²). This is the
-  noise-amplification half of DESIGN §1: ill-conditioned, high-d_eff modules fit more noise.
-* c_ℓ, the slow-to-fit half of DESIGN §1. Momentum/Adam-type training needs ~√κ steps to fit
-  the slowest feature direction, so within the fixed step budget sized for a typical layer (κ_ref,
-  the card's median κ) a layer with κ_ℓ > κ_ref reaches ~√(κ_ref/κ_ℓ) of its predicted gain;
-  better-conditioned layers are not rewarded beyond full fit (the min(1, ·)). The reference is
-  relative on purpose: the pilot saw κ ∈ [5e4, 1.5e6] in every layer of a real model, and an
-  absolute κ penalty would flatten every layer to ~0; relative, the worst pilot layer keeps
-  ~40 % and a κ = 1e8 outlier among κ ≈ 1e3 layers keeps 0.3 %. κ = ∞ gives c = 0.
+  directions u_ℓ. Overlapping layers (|ρ| → 1) share one direction and are not counted twice. It
+  lives at the network output, so it is invariant to a layer's gradient scale (b scales by s, K by
+  s²): raw ``res2`` — which the SmolLM2 pilot showed is dominated by gradient scale and falls 2000×
+  with depth — never drives the choice; it enters only through the scale-free ratio f_ℓ.
+* The reliability r_ℓ as an errors-in-variables model: the update of layer ℓ moves the output by
+  as much as before (its curvature K_ℓℓ is unchanged), but only the share r_ℓ (in squared norm) of
+  that move lies along u_ℓ; the rest, (1 − r_ℓ)·K_ℓℓ, is noise independent across layers and of the
+  loss gradient — the direction is √r_ℓ·u_ℓ + e_ℓ. Its Gram matrix is K̂ + E and its linear term
+  b̂, giving the formula. Unlike scaling b alone, this keeps b̂ consistent with the metric: two
+  near-duplicate layers of unequal reliability cannot buy a huge spurious gain along their tiny
+  difference direction; Q(S) is at most the unweighted gain (r ≡ 1) and stays monotone in S.
+* f_ℓ², the noise-surviving share (DESIGN §1, noise amplification). ``gain_adj`` = ½(res2 −
+  s²·d_out·d_eff) removes the noise an ill-conditioned / high-d_eff module fits
+  (:func:`layercard.metrics.gain_adj`). Δ*_ℓ is fitted on the calibration tokens the probe set is
+  drawn from, so its direction holds signal S and fitted noise N; on new data the linear term along
+  it keeps only ⟨S, S + N⟩ ≈ ‖S‖² = f_ℓ·‖M‖² while the curvature stays: the gain falls by f_ℓ².
+* g_ℓ, slow to fit (DESIGN §1). Momentum/Adam-type training needs ~√κ steps for the slowest
+  feature direction, so within a step budget sized for a typical layer (κ_ref, the card's median κ)
+  a layer with κ_ℓ > κ_ref reaches ~√(κ_ref/κ_ℓ) of its gain; better-conditioned layers gain no
+  bonus beyond a full fit (the min). The reference is relative on purpose: the pilot saw
+  κ ∈ [5e4, 1.5e6] in every layer of a real model, where an absolute κ penalty would flatten every
+  layer to ~0; relative, the worst pilot layer keeps ~40 %, while a κ = 1e8 layer among κ ≈ 1e3
+  layers keeps 0.3 %.
 
 **Cost of a set** (any unit: FLOPs/token or seconds/step). Training pays the backward from the
 top down to the lowest adapted layer, plus a small per-adapter term (DESIGN §1), so::
@@ -61,6 +70,7 @@ __all__ = [
     "reliability",
     "set_quality",
     "set_cost",
+    "singleton_quality",
     "select_max_quality",
     "select_min_cost",
     "pareto_front",
@@ -87,7 +97,7 @@ class CardArrays:
     layers       (L,) int     card layer indices, strictly ascending
     K            (L, L)       output-space coupling matrix K_ℓm (PSD)
     b            (L,)         linear term b_ℓ
-    weight       (L,)         reliability f_ℓ·c_ℓ ∈ [0, 1] (see :func:`reliability`); b̃ = weight·b
+    weight       (L,)         reliability r_ℓ ∈ [0, 1] (see :func:`reliability`)
     lowest_cost  (L,)         cost of adapting layer ℓ alone (it is then the lowest adapted layer)
     added_cost   (L,)         extra cost of also adapting ℓ above a lower adapted layer
     cost_unit    "flops" (predicted FLOPs/token) or "seconds" (predicted seconds/step)
@@ -110,9 +120,11 @@ class CardArrays:
             v = np.asarray(getattr(self, name), dtype=np.float64)
             if v.shape != (L,):
                 raise LayercardError(f"selection input '{name}' has shape {v.shape}, expected ({L},)")
-            if not np.all(np.isfinite(v)):
-                raise LayercardError(f"selection input '{name}' has non-finite values at layers "
-                                     f"{[int(x) for x in np.asarray(self.layers)[~np.isfinite(v)]]}")
+            bad = ~np.isfinite(v) | ((v < 0) | (v > 1) if name == "weight" else False)
+            if bad.any():
+                what = "outside [0, 1]" if name == "weight" else "not finite"
+                raise LayercardError(f"selection input '{name}' is {what} at layers "
+                                     f"{np.asarray(self.layers)[bad].tolist()}")
             object.__setattr__(self, name, v)
         K = np.asarray(self.K, dtype=np.float64)
         if K.shape != (L, L) or not np.all(np.isfinite(K)):
@@ -131,7 +143,16 @@ class CardArrays:
 
     @property
     def b_eff(self) -> np.ndarray:
-        return self.weight * self.b
+        """b̂ = √r ⊙ b."""
+        return np.sqrt(self.weight) * self.b
+
+    @property
+    def K_eff(self) -> np.ndarray:
+        """K̂ + E = (√r √rᵀ) ⊙ K + diag((1 − r) ⊙ diag K), cached."""
+        if "K_eff" not in self._cache:
+            s = np.sqrt(self.weight)
+            self._cache["K_eff"] = np.outer(s, s) * self.K + np.diag((1.0 - self.weight) * np.diag(self.K))
+        return self._cache["K_eff"]
 
     @property
     def unit_words(self) -> str:
@@ -157,7 +178,7 @@ class Selection:
 # Quality and cost
 # ---------------------------------------------------------------------------------------------
 def reliability(res2, gain_adj, kappa) -> np.ndarray:
-    """Per-layer factor f_ℓ·c_ℓ ∈ [0, 1] that scales b_ℓ (formula and reasons in the module docstring)."""
+    """Per-layer reliability r_ℓ = f_ℓ² · g_ℓ ∈ [0, 1] (formula and reasons in the module docstring)."""
     res2 = np.asarray(res2, dtype=np.float64)
     gain_adj = np.asarray(gain_adj, dtype=np.float64)
     kappa = np.asarray(kappa, dtype=np.float64)
@@ -168,11 +189,10 @@ def reliability(res2, gain_adj, kappa) -> np.ndarray:
     f = np.where(pos, np.clip(2.0 * gain_adj / np.where(pos, res2, 1.0), 0.0, 1.0), 0.0)
     finite = np.isfinite(kappa) & (kappa > 0)
     if not finite.any():
-        return f                                   # no usable κ anywhere: conditioning cannot rank layers
+        return f**2                                # no usable κ anywhere: conditioning cannot rank layers
     k_ref = float(np.median(kappa[finite]))
-    with np.errstate(divide="ignore"):
-        c = np.where(finite, np.minimum(1.0, (k_ref / np.where(finite, kappa, 1.0)) ** 0.25), 0.0)
-    return f * c
+    g = np.where(finite, np.minimum(1.0, np.sqrt(k_ref / np.where(finite, kappa, 1.0))), 0.0)
+    return f**2 * g
 
 
 def _batched_gains(K: np.ndarray, b: np.ndarray, sets: np.ndarray) -> np.ndarray:
@@ -181,11 +201,29 @@ def _batched_gains(K: np.ndarray, b: np.ndarray, sets: np.ndarray) -> np.ndarray
         return np.zeros(len(sets))
     Ks = K[sets[:, :, None], sets[:, None, :]]
     bs = b[sets]
-    e, V = np.linalg.eigh(Ks)
-    proj = np.einsum("nij,ni->nj", V, bs)
-    cutoff = PINV_RCOND * np.abs(e).max(axis=1, keepdims=True)
-    keep = e > cutoff
-    return 0.5 * np.where(keep, proj**2 / np.where(keep, e, 1.0), 0.0).sum(axis=1)
+    out = np.empty(len(sets))
+    # Cholesky is ~25x faster than eigh; it serves the sets whose pivots are comfortably positive
+    # (a jittered factor only diagnoses), the near-singular rest take the pseudo-inverse path.
+    scale = np.maximum(np.abs(np.diagonal(Ks, axis1=1, axis2=2)).max(axis=1), 1e-300)
+    eye = np.eye(Ks.shape[1])
+    try:
+        piv = np.diagonal(np.linalg.cholesky(Ks + 1e-12 * scale[:, None, None] * eye), axis1=1, axis2=2) ** 2
+        fast = piv.min(axis=1) > 1e-8 * scale
+    except np.linalg.LinAlgError:
+        fast = np.zeros(len(sets), dtype=bool)
+    if fast.any():
+        try:
+            y = np.linalg.solve(np.linalg.cholesky(Ks[fast]), bs[fast][..., None])[..., 0]
+            out[fast] = 0.5 * (y**2).sum(axis=1)
+        except np.linalg.LinAlgError:
+            fast[:] = False
+    slow = ~fast
+    if slow.any():
+        e, V = np.linalg.eigh(Ks[slow])
+        proj = np.einsum("nij,ni->nj", V, bs[slow])
+        keep = e > PINV_RCOND * np.abs(e).max(axis=1, keepdims=True)
+        out[slow] = 0.5 * np.where(keep, proj**2 / np.where(keep, e, 1.0), 0.0).sum(axis=1)
+    return out
 
 
 def _batched_costs(A: CardArrays, sets: np.ndarray) -> np.ndarray:
@@ -198,7 +236,14 @@ def set_quality(A: CardArrays, layers) -> float:
     pos = A.positions(layers)
     if not pos:
         return 0.0
-    return float(_batched_gains(A.K, A.b_eff, np.array([pos]))[0])
+    return float(_batched_gains(A.K_eff, A.b_eff, np.array([pos]))[0])
+
+
+def singleton_quality(A: CardArrays) -> np.ndarray:
+    """Q({ℓ}) = r_ℓ · b_ℓ² / (2 K_ℓℓ) per layer (0 where K_ℓℓ ≤ 0), shape (L,)."""
+    d = np.diag(A.K)
+    ok = d > 0
+    return np.where(ok, A.b_eff**2 / (2.0 * np.where(ok, d, 1.0)), 0.0)
 
 
 def set_cost(A: CardArrays, layers) -> float:
@@ -219,7 +264,7 @@ def _enumerate(A: CardArrays) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
         for s in range(1, A.L + 1):
             block = np.array(list(itertools.combinations(range(A.L), s)), dtype=np.int64)
             sets.extend(block)
-            gains.append(_batched_gains(A.K, A.b_eff, block))
+            gains.append(_batched_gains(A.K_eff, A.b_eff, block))
             costs.append(_batched_costs(A, block))
         sizes = np.array([len(s) for s in sets])
         A._cache["all"] = (sets, np.concatenate(gains), np.concatenate(costs), sizes)
@@ -247,11 +292,11 @@ def _to_selection(A: CardArrays, item, method: str) -> Selection:
 # ---------------------------------------------------------------------------------------------
 def _gains_with(A: CardArrays, S: list[int], cands: list[int]) -> np.ndarray:
     sets = np.array([sorted(S + [j]) for j in cands], dtype=np.int64)
-    return _batched_gains(A.K, A.b_eff, sets)
+    return _batched_gains(A.K_eff, A.b_eff, sets)
 
 
 def _gain(A: CardArrays, S) -> float:
-    return float(_batched_gains(A.K, A.b_eff, np.array([sorted(S)], dtype=np.int64))[0]) if S else 0.0
+    return float(_batched_gains(A.K_eff, A.b_eff, np.array([sorted(S)], dtype=np.int64))[0]) if S else 0.0
 
 
 def _cost(A: CardArrays, S) -> float:
@@ -459,10 +504,13 @@ def arrays_from_card(card, cost_unit: str = "flops") -> CardArrays:
     statistics columns, and the cost decomposition probed from :func:`layercard.cost.predicted_cost`
     (lowest_cost[ℓ] = cost({ℓ}); added_cost[ℓ] = cost({first, ℓ}) − cost({first}))."""
     _require_coupling(card)
-    cols = ["adapter_flops_per_token", "backprop_flops_per_token"] if cost_unit == "flops" else ["step_seconds"]
     if cost_unit not in COST_UNITS:
         raise LayercardError(f"--budget-unit '{cost_unit}' is not one of {sorted(COST_UNITS)}")
+    cols = ["adapter_params", "adapter_flops_per_token", "backprop_flops_per_token"]
+    cols += ["step_seconds"] if cost_unit == "seconds" else []
     card.require_columns(cols, COST_HINT)
+    if not card.meta.get("cost_model"):
+        raise LayercardError(f"card lacks its cost model (meta 'cost_model'); {COST_HINT} fills it")
     ids = card.layer_ids
     lowest = np.array([card_cost(card, [l], cost_unit) for l in ids])
     added = np.zeros(len(ids))

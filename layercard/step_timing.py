@@ -158,6 +158,7 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
     if int((inputs["labels"][:, 1:] != -100).sum()) == 0:
         raise LayercardError("step timing batch has no supervised token (all labels are -100)")
     was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]  # PEFT freezes the base; unload does not undo it
 
     _release_heap()
     if device.type == "cuda":
@@ -203,6 +204,8 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
         peft_model.unload()  # puts the original modules back into ``model``
         del peft_model
         model.train(was_training)
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
     return StepMeasurement(layers, float(statistics.median(times)), peak, times)
 
 
@@ -217,6 +220,10 @@ def measure_step_times(model: nn.Module, layout: ModelLayout, batch: dict, *, ra
         suffix = [i for i in ids if i >= l]
         if cfg.suffix_sets and len(suffix) > 1:
             sets.append(suffix)
+    # one throw-away step first: one-time allocations (lazy imports, kernel caches, the first
+    # Adam state) would otherwise land in the first measurement's time and RSS
+    prime = StepTimingConfig(points=cfg.points, steps=1, warmup=1, lr=cfg.lr, memory=False)
+    measure_step(model, layout, batch, sets[0], rank=rank, config=prime)
     return [measure_step(model, layout, batch, s, rank=rank, config=cfg) for s in sets]
 
 

@@ -65,6 +65,26 @@ def add_coupling_local(card, cfg: ProfileConfig, lm, examples, progress: bool = 
         print(f"pass 2: {card.meta['coupling_tokens']} probe tokens × {len(layout.layers)} layers in {dt:.1f}s")
 
 
+def add_cost(card, cfg: ProfileConfig, model, batch: dict, progress: bool = True) -> None:
+    """Analytic cost columns; with ``cost.measure`` also timed PEFT steps (lowest layer at
+    ``cost.points`` depths) that calibrate the predicted seconds/step (``meta['cost_r2']``)."""
+    from layercard.cost import add_cost_columns, dims_from_model
+    from layercard.step_timing import StepTimingConfig, measure_card_cost
+
+    layout = discover(model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
+    if not cfg.cost.measure:
+        add_cost_columns(card, layout, dims_from_model(model, layout.block_path), rank=cfg.profile.rank,
+                         seq_len=int(batch["input_ids"].shape[1]))
+        return
+    t0 = time.perf_counter()
+    timing = StepTimingConfig(points=max(2, min(cfg.cost.points, len(layout.layers))), steps=cfg.cost.steps, warmup=1)
+    measure_card_cost(card, model, batch, config=timing, layout=layout)
+    if progress:
+        r2 = card.meta.get("cost_r2")
+        print(f"cost: {timing.points} depths timed in {time.perf_counter() - t0:.1f}s"
+              + (f", R² of predicted step time {r2:.3f}" if r2 is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(ProfileConfig, argv, "layercard profile", __doc__.splitlines()[0],
                              extra=lambda p: p.add_argument("--overwrite", action="store_true",
@@ -76,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         card, lm, examples = profile_local(cfg)
         if cfg.coupling.enabled:
             add_coupling_local(card, cfg, lm, examples)
+        add_cost(card, cfg, lm.model, batches_of(examples[: cfg.data.batch_size], cfg.data.batch_size,
+                                                 lm.tokenizer.pad_id)[0])
     else:
         from pipelines.ray_profile import profile_on_ray
 
-        card, lm, examples = profile_on_ray(cfg)
+        card, lm, examples = profile_on_ray(cfg)   # measures cost on an actor's device
     card.save(out, overwrite=args.overwrite)
     print(f"card {card.card_id} written to {out}")
     return 0

@@ -91,32 +91,32 @@ def read_dataset(cfg: ProfileConfig):
     return ds
 
 
-class Tokenize:
-    """Ray Data callable: raw records → input_ids / labels (+ content-hash shard id)."""
+_TOKENIZERS: dict = {}
 
-    def __init__(self, model_cfg, data_cfg, num_shards: int):
-        from layercard.models import load_tokenizer
 
-        self.tok = load_tokenizer(model_cfg)
-        self.data_cfg, self.num_shards = data_cfg, num_shards
+def tokenize_batch(batch, model_cfg, data_cfg, num_shards: int):
+    """Ray Data task: raw records → input_ids / labels (+ content-hash shard id)."""
+    from layercard.data import tokenize_record
+    from layercard.models import load_tokenizer
 
-    def __call__(self, batch):
-        from layercard.data import tokenize_record
-
-        keys = list(batch)
-        n = len(batch[keys[0]])
-        ids, labels, shards = [], [], []
-        for i in range(n):
-            ex = tokenize_record({k: batch[k][i] for k in keys}, self.tok, self.data_cfg)
-            if len(ex["input_ids"]) < 2:
-                continue
-            ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
-            labels.append(np.asarray(ex["labels"], dtype=np.int64))
-            shards.append(zlib.crc32(ids[-1].tobytes()) % self.num_shards)
-        out = np.empty(len(ids), dtype=object)
-        lab = np.empty(len(ids), dtype=object)
-        out[:], lab[:] = ids, labels
-        return {"input_ids": out, "labels": lab, "shard": np.asarray(shards, dtype=np.int64)}
+    key = repr(model_cfg)
+    if key not in _TOKENIZERS:   # one tokenizer per worker process, not per batch
+        _TOKENIZERS[key] = load_tokenizer(model_cfg)
+    tok = _TOKENIZERS[key]
+    keys = list(batch)
+    n = len(batch[keys[0]])
+    ids, labels, shards = [], [], []
+    for i in range(n):
+        ex = tokenize_record({k: batch[k][i] for k in keys}, tok, data_cfg)
+        if len(ex["input_ids"]) < 2:
+            continue
+        ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
+        labels.append(np.asarray(ex["labels"], dtype=np.int64))
+        shards.append(zlib.crc32(ids[-1].tobytes()) % num_shards)
+    out = np.empty(len(ids), dtype=object)
+    lab = np.empty(len(ids), dtype=object)
+    out[:], lab[:] = ids, labels
+    return {"input_ids": out, "labels": lab, "shard": np.asarray(shards, dtype=np.int64)}
 
 
 def _examples(batch) -> list[dict]:
@@ -263,8 +263,8 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     num_shards = cfg.ray.num_shards or 2 * replicas
 
     raw = read_dataset(cfg)
-    tokenized = raw.map_batches(Tokenize, fn_constructor_args=(cfg.model, cfg.data, num_shards),
-                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0.1)
+    tokenized = raw.map_batches(tokenize_batch, fn_args=(cfg.model, cfg.data, num_shards), batch_format="numpy",
+                                num_cpus=0.25)
     tokenized = tokenized.materialize()
     n_records = tokenized.count()
     if n_records == 0:
@@ -308,7 +308,36 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
             dt = time.perf_counter() - t0
             print(f"pass 2: {len(layout.layers)} layers × {probe.count()} probe records in {dt:.1f}s "
                   f"({len(layout.layers) * probe.count() / dt:.1f} layer-records/s)")
+    _cost_on_actor(card, cfg, tokenized, ray, lm)
     return card, lm, None
+
+
+def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
+    """Runs where a probe actor would (same GPU/CPU request): load the model, time PEFT steps."""
+    from layercard.data import batches_of
+    from layercard.models import load_model
+    from pipelines.profile import add_cost
+
+    lm = load_model(cfg.model)
+    add_cost(card, cfg, lm.model, batches_of(records, cfg.data.batch_size, lm.tokenizer.pad_id)[0], progress=False)
+    return card
+
+
+def _cost_on_actor(card, cfg: ProfileConfig, tokenized, ray, lm) -> None:
+    from layercard.data import batches_of
+    from pipelines.profile import add_cost
+
+    records = [{"input_ids": np.asarray(r["input_ids"]).tolist(), "labels": np.asarray(r["labels"]).tolist()}
+               for r in tokenized.limit(cfg.data.batch_size).iter_rows()]
+    if not cfg.cost.measure:   # analytic columns only: the driver's copy of the model has the shapes
+        add_cost(card, cfg, lm.model, batches_of(records, cfg.data.batch_size, lm.tokenizer.pad_id)[0])
+        return
+    stats, card.stats = card.stats, None   # the task needs the tables, not the statistics
+    task = ray.remote(num_cpus=cfg.ray.num_cpus_per_actor, num_gpus=cfg.ray.num_gpus_per_actor or 0)(_measure_cost_task)
+    t0 = time.perf_counter()
+    measured = ray.get(task.remote(card, cfg, records))
+    card.layers, card.meta, card.stats = measured.layers, measured.meta, stats
+    print(f"cost: measured on a Ray worker in {time.perf_counter() - t0:.1f}s, R² {card.meta.get('cost_r2')}")
 
 
 def _aggregate_directions(rows: dict, layers: list[int], coupling_fn):

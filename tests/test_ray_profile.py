@@ -23,7 +23,7 @@ from pipelines.ray_profile import profile_on_ray
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # float64 so the comparison tests the aggregation, not float32 rounding of differently shaped batches.
-BASE = ["model.dtype=float64", "ray.num_cpus_per_actor=0.5", "data.num_samples=48", "coupling.probe_samples=8",
+BASE = ["model.dtype=float64", "ray.num_cpus_per_actor=0.5", "cost.measure=false", "data.num_samples=48", "coupling.probe_samples=8",
         f"data.path={ROOT / 'configs' / 'data' / 'tiny.jsonl'}"]
 COLUMNS = ["n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank", "d_eff",
            "gain_adj", "block_influence", "b", "k_diag"]
