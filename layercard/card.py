@@ -118,7 +118,11 @@ class LayerCard:
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 path.rename(old)
-                tmp.rename(path)
+                try:
+                    tmp.rename(path)
+                except BaseException:
+                    old.rename(path)  # put the previous card back
+                    raise
                 shutil.rmtree(old)
             else:
                 tmp.rename(path)

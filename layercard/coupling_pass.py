@@ -7,6 +7,7 @@ u_ℓ = J_ℓ Δ*_ℓ by forward-mode AD on probe batches, then K, b (additive o
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,8 +23,11 @@ from layercard.stats import SufficientStats
 
 
 def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
-                 layers: Iterable[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Δ*_ℓ per layer as tangents in each weight's own shape/dtype/device (Conv1D: transposed)."""
+                 layers: Iterable[int] | None = None, device: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Δ*_ℓ per layer as tangents in each weight's own shape/dtype/device (Conv1D: transposed).
+
+    ``device`` overrides the weights' device (a driver holding a ``meta`` model ships float32 CPU
+    tangents; each actor casts them to its own weights)."""
     params = dict(model.named_parameters())
     wanted = set(layout.layers if layers is None else layers)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -37,7 +41,11 @@ def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, 
         delta = best_rank_r_update(stats.A[group], stats.C[m.key], ridge, rank, eig=eigs[group])  # (d_out, d_in)
         w = params[m.weight_name]
         tangent = delta.T if m.transposed else delta
-        out.setdefault(m.layer, {})[m.weight_name] = tangent.to(device=w.device, dtype=w.dtype)
+        if device is None:
+            tangent = tangent.to(device=w.device, dtype=w.dtype)
+        else:
+            tangent = tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+        out.setdefault(m.layer, {})[m.weight_name] = tangent
     return out
 
 
@@ -60,9 +68,33 @@ def probe_terms(model: nn.Module, deltas_by_layer: dict[int, dict[str, torch.Ten
     return W, b
 
 
+@contextmanager
+def full_precision(model: nn.Module, deltas_by_layer: dict):
+    """Run pass 2 in float32 when the model is bf16/fp16, then cast back (bf16→fp32→bf16 is exact).
+
+    Measured on an H200 (benchmarks/results/gpu_check_h200.json): the ranking by res_frac from a
+    bf16 pass 1 matches fp32 (Spearman 1.0), but bf16 JVP directions are noise (Spearman of b²/2K
+    vs fp32: −0.09), so the directions are always computed in float32.
+    """
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield deltas_by_layer
+        return
+    model.float()
+    try:
+        yield {l: {n: t.float() for n, t in d.items()} for l, d in deltas_by_layer.items()}
+    finally:
+        model.to(dtype)
+
+
 def coupling_terms(model: nn.Module, deltas_by_layer: dict, batches: Iterable[dict], layers: list[int],
                    sketch: Sketch | None) -> tuple[np.ndarray, np.ndarray]:
-    """K (L × L) and b (L,) summed over probe batches, layers in the given order."""
+    """K (L × L) and b (L,) summed over probe batches, layers in the given order (float32 or wider)."""
+    with full_precision(model, deltas_by_layer) as deltas:
+        return _coupling_terms(model, deltas, batches, layers, sketch)
+
+
+def _coupling_terms(model, deltas_by_layer, batches, layers, sketch):
     K = np.zeros((len(layers), len(layers)))
     b = np.zeros(len(layers))
     seen = 0

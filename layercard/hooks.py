@@ -35,7 +35,10 @@ class StatsCollector:
         self.model, self.layout = model, layout
         self.stats = stats if stats is not None else SufficientStats()
         self.block_influence = block_influence
-        self.mask: torch.Tensor | None = None          # (B, T) bool, set per batch
+        self._rows_idx: torch.Tensor | None = None     # indices of non-padding tokens, set per batch
+        self._checks: list[tuple[str, torch.Tensor]] = []   # deferred finite checks (one sync per batch)
+        self._gg: dict[str, torch.Tensor] = {}         # ‖G‖² accumulated on device, flushed on exit
+        self._bi: dict[int, list] = {}                 # block influence sums on device
         self._groups: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
         self._handles: list = []
 
@@ -56,16 +59,43 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
         self._groups.clear()
+        self._checks.clear()
+        for key, gg in self._gg.items():
+            self.stats.gg[key] = self.stats.gg.get(key, 0.0) + float(gg)
+        for layer, (total, count) in self._bi.items():
+            self.stats.add_block_influence(layer, float(total), int(count))
+        self._gg.clear()
+        self._bi.clear()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        """(B, T) attention mask of the next batch; padding rows never enter the statistics."""
+        self._mask = mask
+        self._rows_idx = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+    _mask = None
 
     def end_batch(self) -> None:
-        """Drop the per-batch references (call after backward)."""
+        """Run the batch's deferred NaN/Inf checks (one device sync) and drop per-batch references."""
+        if self._checks:
+            bad = torch.stack([flag for _, flag in self._checks])
+            if bool(bad.any()):
+                raise LayercardError(self._checks[int(bad.float().argmax())][0])
+        self._checks.clear()
         self._groups.clear()
+
+    def _check_finite(self, t: torch.Tensor, message: str) -> None:
+        self._checks.append((message, ~torch.isfinite(t).all()))
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(-1, t.shape[-1])
-        if self.mask is None:
+        if self._rows_idx is None:
             return flat
-        return flat[self.mask.reshape(-1).to(flat.device)]
+        return flat.index_select(0, self._rows_idx.to(flat.device))
 
     @staticmethod
     def _require_grad_hook(module, args, kwargs):
@@ -80,20 +110,22 @@ class StatsCollector:
             slot = (info.layer, id(x_full))
             if slot not in self._groups:
                 x = self._rows(x_full).detach().to(_stat_dtype(x_full))
-                if not torch.isfinite(x).all():
-                    raise LayercardError(f"non-finite activations (NaN/Inf) at the input of module '{info.full_name}'")
+                self._check_finite(x, f"non-finite activations (NaN/Inf) at the input of module '{info.full_name}'")
                 group = f"{info.layer}.{info.name}"
                 self.stats.add_group(group, x)
                 self._groups[slot] = (group, x_full, x)
             group, _, x = self._groups[slot]
+            self._check_finite(self._rows(output.detach()),  # finite input: the module's own weights
+                               f"non-finite activations (NaN/Inf) at the output of module '{info.full_name}'")
             if not output.requires_grad:
                 raise LayercardError(f"module '{info.full_name}' output does not require grad; is it below the profiled layers?")
 
             def grad_hook(g):
                 g_rows = self._rows(g).detach().to(x.dtype)
-                if not torch.isfinite(g_rows).all():
-                    raise LayercardError(f"non-finite gradients (NaN/Inf) at the output of module '{info.full_name}'")
-                self.stats.add_module(info.key, group, x, g_rows)
+                self._check_finite(g_rows, f"non-finite gradients (NaN/Inf) at the output of module '{info.full_name}'")
+                self.stats.add_module(info.key, group, x, g_rows, gg=False)
+                gg = g_rows.to(torch.float64).pow(2).sum()
+                self._gg[info.key] = self._gg[info.key] + gg if info.key in self._gg else gg
 
             output.register_hook(grad_hook)
         return hook
@@ -105,5 +137,7 @@ class StatsCollector:
                 h_out = _first_tensor(output)
                 h_in, h_out = self._rows(h_in).to(_stat_dtype(h_in)), self._rows(h_out).to(_stat_dtype(h_out))
                 cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1, eps=1e-12)
-                self.stats.add_block_influence(layer, float((1.0 - cos).sum()), int(cos.numel()))
+                total = (1.0 - cos).to(torch.float64).sum()
+                prev = self._bi.get(layer)
+                self._bi[layer] = [total, cos.numel()] if prev is None else [prev[0] + total, prev[1] + cos.numel()]
         return hook

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -138,11 +139,19 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    # strict=False only to tolerate a tied lm_head that the GGUF does not store; anything else is a bad conversion.
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    bad = sorted(set(result.missing_keys) - tied) + sorted(result.unexpected_keys)
+    if bad:
+        raise LayercardError(f"GGUF '{gguf_file.name}': weights do not match the {config.model_type} model: {bad[:3]}")
     model.tie_weights()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json and chat_template.jinja
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written directory after a failure
     return out_dir
 
 
@@ -195,6 +204,24 @@ def build_meta_model(cfg: ModelConfig) -> nn.Module:
         raise LayercardError(f"cannot plan without the model's architecture: '{cfg.path or cfg.gguf_file}' has no "
                              "config.json here; set model.architecture")
     return _from_config(replace(cfg, path=None, gguf_file=None, config=arch, device="meta"))
+
+
+def describe_model(cfg: ModelConfig) -> LoadedModel:
+    """Identity, tokenizer and module shapes without putting weights on an accelerator — what a
+    Ray driver (often a CPU-only head) needs. Path/GGUF models are built on ``meta`` and hashed from
+    their files; config models are built on the CPU (their hash is that of the random weights)."""
+    from dataclasses import replace
+
+    from layercard.tokenizer import HFTokenizer
+
+    if cfg.config:
+        return load_model(replace(cfg, device="cpu"))
+    path = model_dir(cfg)
+    if not path.is_dir():
+        raise LayercardError(f"model path '{path}' does not exist or is not a directory")
+    model = build_meta_model(replace(cfg, path=str(path), gguf_file=None))
+    return LoadedModel(model, HFTokenizer.from_dir(path), str(cfg.path or cfg.gguf_file),
+                       _hash_files(list(path.glob("*.safetensors"))))
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

@@ -46,6 +46,7 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
             out = model(input_ids=ids, attention_mask=mask, use_cache=False)
             loss = lm_loss_sum(out.logits, labels)
             if not torch.isfinite(loss):
+                collector.end_batch()   # names the first module with NaN/Inf, if one has
                 raise LayercardError("non-finite loss on a calibration batch (check the model dtype and data)")
             loss.backward()
             collector.end_batch()

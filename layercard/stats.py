@@ -40,14 +40,16 @@ class SufficientStats:
             self.A[key] = a
             self.n[key] = x.shape[0]
 
-    def add_module(self, key: str, group: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    def add_module(self, key: str, group: str, x: torch.Tensor, g: torch.Tensor, gg: bool = True) -> None:
+        """Accumulate XᵀG (and ‖G‖², unless the caller accumulates it on device: ``gg=False``)."""
         c = (x.T @ g).to(torch.float64)
-        gg = float(g.to(torch.float64).pow(2).sum())
         if key in self.C:
             self.C[key] += c
-            self.gg[key] += gg
         else:
-            self.C[key], self.gg[key] = c, gg
+            self.C[key] = c
+            self.gg.setdefault(key, 0.0)
+        if gg:
+            self.gg[key] += float(g.to(torch.float64).pow(2).sum())
         self.group_of[key] = group
 
     def add_block_influence(self, layer: int, total: float, count: int) -> None:

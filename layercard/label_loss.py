@@ -1,0 +1,60 @@
+"""The label loss: how well a model tells the classes apart, not how well it has learnt the format.
+
+The full-vocabulary answer loss on "Review: …\\nSentiment:" → " positive" is ~5.5 for the base
+SmolLM2 and falls to ~0.3 after a few hundred LoRA steps for *any* set of adapted layers: most of
+the fall is learning to put its mass on the two answer words at all, which every layer set does.
+That makes it useless for comparing layer sets. The label loss restricts the log-softmax to the
+answer tokens (the first token of each answer string), so it measures only the choice between
+them: log 2 ≈ 0.693 for a coin flip, 0 for confident and right, whatever mass the rest of the
+vocabulary gets.
+
+Shapes: ``logits`` [N, V] at the position that predicts the first answer token; ``label_token_ids``
+[C] (C ≥ 2 answer tokens); ``target_index`` [N] in 0..C-1 indexes ``label_token_ids``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from layercard.errors import LayercardError
+
+
+def label_logits(logits: torch.Tensor, label_token_ids) -> torch.Tensor:
+    """[N, V] → [N, C]: the logits of the answer tokens, in float32 at least."""
+    ids = torch.as_tensor(label_token_ids, dtype=torch.long, device=logits.device)
+    z = logits.index_select(-1, ids)
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def label_loss(logits: torch.Tensor, label_token_ids, target_index: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of −log softmax(logits[:, label_token_ids])[target] (nats)."""
+    return F.cross_entropy(label_logits(logits, label_token_ids), torch.as_tensor(target_index, device=logits.device))
+
+
+def label_accuracy(logits: torch.Tensor, label_token_ids, target_index: torch.Tensor) -> float:
+    """Fraction of examples whose highest-scoring answer token is the target (ties: the lower index)."""
+    pred = label_logits(logits, label_token_ids).argmax(dim=-1)
+    return float((pred == torch.as_tensor(target_index, device=logits.device)).float().mean())
+
+
+def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] causal-LM logits and [B, T] labels (-100 off the answer) → [B, V] at the position
+    that predicts each row's first answer token (the last prompt token)."""
+    supervised = labels != -100
+    if not bool(supervised[:, 1:].any(dim=1).all()):
+        raise LayercardError("answer_position_logits: a row has no supervised answer token after position 0")
+    first = supervised[:, 1:].int().argmax(dim=1) + 1  # first supervised position t ≥ 1
+    return logits[torch.arange(logits.shape[0], device=logits.device), first - 1]
+
+
+def answer_token_ids(tokenizer, answers) -> list[int]:
+    """First token of each answer string (``tokenizer.encode``); they must differ, or the loss is blind."""
+    ids = []
+    for answer in answers:
+        tokens = tokenizer.encode(answer)
+        if not tokens:
+            raise LayercardError(f"answer {answer!r} encodes to no token")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise LayercardError(f"answers {list(answers)} share a first token ({ids}): no label loss can separate them")
+    return ids

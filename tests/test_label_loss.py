@@ -1,0 +1,66 @@
+"""The label loss against a hand computation; accuracy; picking the answer position."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layercard.errors import LayercardError
+from layercard.label_loss import answer_position_logits, answer_token_ids, label_accuracy, label_logits, label_loss
+
+LOGITS = torch.tensor([
+    [0.0, 2.0, 9.0, -1.0, 0.5, 3.0],   # label tokens (4, 1) → (0.5, 2.0)
+    [1.0, math.log(3.0), 0.0, 0.0, 0.0, 0.0],  # → (0, ln 3)
+    [0.0, 0.0, 0.0, 0.0, 0.0, 50.0],  # → (0, 0): a coin flip, whatever token 5 gets
+], dtype=torch.float64)
+LABEL_IDS = [4, 1]
+TARGET = torch.tensor([0, 1, 0])
+
+
+def test_label_loss_equals_hand_computation():
+    # row 0: −log(e^0.5 / (e^0.5 + e^2)) = log(1 + e^1.5); row 1: −log(3/4); row 2: log 2
+    hand = (math.log(1 + math.exp(1.5)) - math.log(3 / 4) + math.log(2)) / 3
+    assert label_loss(LOGITS, LABEL_IDS, TARGET).item() == pytest.approx(hand, rel=1e-12)
+
+
+def test_label_loss_ignores_the_rest_of_the_vocabulary():
+    shifted = LOGITS.clone()
+    shifted[:, [0, 2, 3, 5]] += 100.0  # mass on other tokens: the full CE explodes, the label loss does not move
+    assert label_loss(shifted, LABEL_IDS, TARGET).item() == pytest.approx(label_loss(LOGITS, LABEL_IDS, TARGET).item())
+    full = F.cross_entropy(shifted, torch.tensor(LABEL_IDS)[TARGET])
+    assert full.item() > 90
+
+
+def test_label_accuracy():
+    # row 0 predicts index 1 (2.0 > 0.5), wrong; row 1 predicts 1, right; row 2 ties → index 0, right
+    assert label_accuracy(LOGITS, LABEL_IDS, TARGET) == pytest.approx(2 / 3)
+    assert label_accuracy(LOGITS, LABEL_IDS, torch.tensor([1, 1, 0])) == 1.0
+
+
+def test_half_precision_is_upcast():
+    z = label_logits(LOGITS.to(torch.bfloat16), LABEL_IDS)
+    assert z.dtype == torch.float32 and z.shape == (3, 2)
+
+
+def test_answer_position_logits_picks_the_last_prompt_token():
+    logits = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    labels = torch.tensor([[-100, -100, 7, 8, -100],   # first answer token at t=2 → logits at t=1
+                           [-100, -100, -100, -100, 9]])  # → t=3
+    picked = answer_position_logits(logits, labels)
+    assert torch.equal(picked, torch.stack([logits[0, 1], logits[1, 3]]))
+    with pytest.raises(LayercardError, match="no supervised answer token"):
+        answer_position_logits(logits, torch.full((2, 5), -100))
+
+
+def test_answer_token_ids():
+    class WordTokenizer:
+        vocab = {" negative": [11], " positive": [12, 3], " neutral": [11, 4]}
+
+        def encode(self, text):
+            return self.vocab[text]
+
+    assert answer_token_ids(WordTokenizer(), [" negative", " positive"]) == [11, 12]
+    with pytest.raises(LayercardError, match="share a first token"):
+        answer_token_ids(WordTokenizer(), [" negative", " neutral"])

@@ -1,0 +1,204 @@
+"""LoRA training: the backprop-depth guard in-process, then real 2-worker Ray Train + DeepSpeed runs
+on a tiny random Qwen3 (4 layers, hidden 64) with the ``ray_local`` fixture (2 CPUs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from layercard import training
+from layercard.config import load_config
+from layercard.errors import LayercardError
+from layercard.losses import lm_loss_sum
+from layercard.models import ModelConfig, load_model
+from layercard.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "train-tiny.yaml"
+TINY = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# Small and quick on 2 cores: 8 steps of 4 examples of <= 32 tokens per worker.
+FAST = ["steps=8", "batch_size=4", "data.max_seq_len=32", "warmup_steps=1", "lr=0.01",
+        "report_every=4", "checkpoint_every=4"]
+
+
+def tiny_model():
+    return load_model(ModelConfig(config=dict(TINY)))
+
+
+def write_selection(path: Path, layers: list[int], weights_hash: str) -> Path:
+    from peft import LoraConfig
+
+    LoraConfig(target_modules=TARGETS, layers_to_transform=layers, layers_pattern="layers", r=4,
+               lora_alpha=8).save_pretrained(str(path))
+    (path / "selection.json").write_text(json.dumps({"layers": layers, "weights_hash": weights_hash,
+                                                     "card_id": "test-card"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights_hash():
+    return tiny_model().weights_hash
+
+
+@pytest.fixture(scope="module")
+def selection(tmp_path_factory, weights_hash):
+    return write_selection(tmp_path_factory.mktemp("sel"), [2, 3], weights_hash)
+
+
+def train_cfg(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, TINY_YAML, [*FAST, *overrides])
+
+
+# --------------------------------------------------------------------------- no Ray
+def test_tiny_yaml_loads_and_validates():
+    cfg = load_config(TrainConfig, TINY_YAML, ["strategy=all"])
+    assert cfg.zero_stage in (2, 3) and cfg.num_workers == 2 and cfg.model.config["num_hidden_layers"] == 4
+    with pytest.raises(LayercardError, match="zero_stage"):
+        load_config(TrainConfig, TINY_YAML, ["strategy=all", "zero_stage=1"])
+    with pytest.raises(LayercardError, match="exactly one of selection"):
+        load_config(TrainConfig, TINY_YAML, [])
+    with pytest.raises(LayercardError, match="fail_at_step"):
+        load_config(TrainConfig, TINY_YAML, ["strategy=all", "steps=4", "fail_at_step=9"])
+
+
+def test_no_activation_gradient_below_the_lowest_adapted_layer(tmp_path, weights_hash):
+    sel = training.read_selection(write_selection(tmp_path, [3], weights_hash))
+    model = training.build_lora_model(tiny_model().model, sel.lora)
+    assert training.adapted_layers(model) == [3]
+    blocks = training.find_blocks_of(model)
+    fired = []
+    blocks[0].register_full_backward_hook(lambda *a: fired.append(0))
+    blocks[2].register_full_backward_hook(lambda *a: fired.append(2))
+    blocks[3].register_full_backward_hook(lambda *a: fired.append(3))
+    ids = torch.randint(3, 256, (2, 16))
+    with pytest.warns(UserWarning, match="no inputs require gradients"):  # block 3: outputs only
+        lm_loss_sum(model(input_ids=ids).logits, ids).backward()
+    assert fired == [3]
+    assert all(p.grad is None for p in blocks[0].parameters())
+
+
+def test_backprop_depth_guard_names_the_culprit(tmp_path, weights_hash):
+    sel = training.read_selection(write_selection(tmp_path, [2, 3], weights_hash))
+    model = training.build_lora_model(tiny_model().model, sel.lora)
+    base = model.get_base_model()
+    base.enable_input_require_grads()
+    with pytest.raises(LayercardError, match="enable_input_require_grads"):
+        training.check_backprop_depth(model)
+    base.disable_input_require_grads()
+    training.find_blocks_of(model)[0].gradient_checkpointing = True
+    with pytest.raises(LayercardError, match="gradient checkpointing is on for frozen layer 0"):
+        training.check_backprop_depth(model)
+    training.find_blocks_of(model)[0].gradient_checkpointing = False
+    base.get_input_embeddings().weight.requires_grad_(True)
+    with pytest.raises(LayercardError, match="embeddings require grad"):
+        training.check_backprop_depth(model)
+
+
+def test_deepspeed_config():
+    ds = training.deepspeed_config(zero_stage=3, lr=1e-3, warmup_steps=2, steps=10, batch_size=4, world_size=2,
+                                   bf16=False, overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["train_batch_size"] == 8
+    assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
+    with pytest.raises(LayercardError, match="zero_stage"):
+        training.deepspeed_config(zero_stage=1, lr=1e-3, warmup_steps=0, steps=1, batch_size=1, world_size=1, bf16=False)
+
+
+def test_eval_sums_scores_answers_exactly():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, 7, 8]])
+    logits = torch.full((2, 4, 10), -10.0)
+    logits[0, 1, 5] = logits[0, 2, 6] = 10.0          # example 0: both answer tokens right
+    logits[1, 1, 7] = logits[1, 2, 1] = 10.0          # example 1: second answer token wrong
+    sums = training.eval_sums(logits, labels)
+    assert sums["tokens"] == 4 and sums["examples"] == 2 and sums["correct"] == 1
+    assert training.eval_metrics(sums, True)["metric"] == 0.5
+    assert training.eval_metrics(sums, False)["metric"] is None
+
+
+def test_selection_for_another_model_is_refused(tmp_path, weights_hash):
+    from pipelines import train
+
+    sel = write_selection(tmp_path / "sel", [2, 3], "0123456789abcdef")
+    with pytest.raises(LayercardError, match=f"0123456789abcdef.*{weights_hash}"):
+        train.run(train_cfg(f"selection={sel}"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_selection_without_a_hash_is_checked_against_its_card(tmp_path, weights_hash):
+    sel = write_selection(tmp_path / "sel", [2, 3], weights_hash)
+    (sel / "selection.json").write_text(json.dumps({"layers": [2, 3], "card_dir": "../card"}))
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "card.json").write_text(json.dumps({"model": {"weights_hash": "feedfacefeedface"}}))
+    with pytest.raises(LayercardError, match=f"feedfacefeedface, the configured model's is {weights_hash}"):
+        training.check_selection_for_model(training.read_selection(sel), weights_hash)
+
+
+def test_cli_rejects_zero_stage_1(tmp_path, capsys):
+    from pipelines import train
+
+    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), "strategy=all", "zero_stage=1"])
+    assert rc == 2 and "zero_stage" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real Ray Train + DeepSpeed
+def test_more_workers_than_cpus_is_an_error(ray_local, tmp_path):
+    from pipelines import train
+
+    with pytest.raises(LayercardError, match="num_workers=3 .* needs 3 CPUs but the Ray cluster has 2"):
+        train.run(train_cfg("strategy=all", "num_workers=3"), tmp_path / "out")
+
+
+def check_adapter(out: Path, layers: list[int]):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(tiny_model().model, str(out / "adapter"))
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    want = {f"base_model.model.model.layers.{i}.{p}" for i in layers
+            for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert set(lora) == want
+    trained = [m.lora_B["default"].weight.abs().max().item() for m in lora.values()]
+    assert min(trained) > 0  # lora_B starts at zero: the saved weights are the trained ones
+
+
+def check_metrics(m: dict, zero_stage: int):
+    assert m["steps"] == 8 and m["zero_stage"] == zero_stage and m["num_workers"] == 2
+    assert m["eval_loss"] < m["initial_eval_loss"] - 0.05                    # training helped
+    assert 0.0 <= m["metric"] <= 1.0 and m["metric_name"] == "accuracy"
+    assert m["adapter_layers"] == [2, 3] and m["selection_layers"] == [2, 3] and m["lowest_adapted_layer"] == 2
+    assert m["trainable_params"] == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))   # r=4: q, v, down on 2 layers
+    assert m["card_id"] == "test-card"
+    assert len(m["peak_memory_bytes"]) == 2 and min(m["peak_memory_bytes"]) > 50e6
+    assert m["median_step_s"] > 0 and m["train_tokens_per_s"] > 0 and m["wall_time_s"] > 0
+
+
+def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
+    from pipelines import train
+
+    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), *FAST, f"selection={selection}", "zero_stage=2"])
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    check_metrics(m, 2)
+    hist = m["train_loss_history"]
+    assert m["resumed_from_step"] == 0 and len(hist) == 8
+    assert sum(hist[-3:]) / 3 < sum(hist[:3]) / 3 - 0.05
+    check_adapter(tmp_path, [2, 3])
+
+
+def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selection):
+    """ZeRO-3 (every tensor partitioned, so gathers really happen) and a hard kill of rank 0 at step 6:
+    the run restarts from its step-4 checkpoint and finishes all 8 steps."""
+    from pipelines import train
+
+    cfg = train_cfg(f"selection={selection}", "zero_stage=3", "fail_at_step=6", "max_failures=1",
+                    "ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
+    m = train.run(cfg, tmp_path)
+    assert (tmp_path / "ray" / "train" / train.FAULT_MARKER).exists()   # the kill did happen
+    assert m["resumed_from_step"] == 4 and len(m["train_loss_history"]) == 4  # steps 5..8 on the 2nd attempt
+    check_metrics(m, 3)
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
+    check_adapter(tmp_path, [2, 3])
