@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: venv dev demo test clean
+.PHONY: venv dev demo fetch test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The whole product on a tiny random model (profile → report → select → train ×3 → table).
+# The SmolLM2 demo of issue 8 will replace it; `make fetch` already prepares its model and data.
 demo: $(VENV)/.installed
-	$(BIN)/layercard profile --config configs/tiny.yaml --out $(OUT)/card
+	rm -rf $(OUT)
+	$(BIN)/python -m pipelines.demo --config configs/demo-tiny.yaml --out $(OUT)
 	$(BIN)/layercard show $(OUT)/card
+
+fetch: $(VENV)/.installed
+	$(BIN)/layercard fetch --prepare sentiment,headline
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests

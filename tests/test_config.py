@@ -24,6 +24,7 @@ CONFIG_CLASSES = {
     "profile-*.yaml": "layercard.profile_config:ProfileConfig",
     "train-*.yaml": "layercard.train_config:TrainConfig",
     "search-*.yaml": "layercard.search_config:SearchConfig",
+    "demo-*.yaml": "layercard.demo_config:DemoConfig",
 }
 
 
