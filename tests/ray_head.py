@@ -46,13 +46,32 @@ def start_head(tmp: Path, *, num_cpus: int = 2, wait: bool = True):
     # Short: Ray's socket paths live under it and AF_UNIX paths are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="lc-ray-", dir="/tmp"))
     proc = subprocess.Popen([ray_bin(), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"],
+                             f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                             # Own agent ports: the defaults (e.g. 52365) are taken by any other Ray on the
+                             # machine (the suite's session cluster), and then jobs find "No available agent".
+                             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     head = Head(f"http://127.0.0.1:{dash}", temp_dir, env)
     if not wait:
         return head, proc
     wait_started(proc)
     return head
+
+
+def submit_job(head: "Head", args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit --address HEAD ARGS…`, retried while the freshly started head answers
+    "No available agent to submit job" (its job agent comes up after `ray start` returns)."""
+    import time
+
+    deadline = time.monotonic() + 180
+    while True:
+        proc = subprocess.run([ray_bin(), "job", "submit", "--address", head.dashboard, *args], env=head.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 def wait_started(proc: subprocess.Popen, timeout: float = 240) -> None:
