@@ -1,0 +1,690 @@
+"""Layer-subset search on Ray Tune under cost budgets; the measured frontier goes back into the card.
+
+    layercard search --config configs/search-tiny.yaml --out runs/search card=runs/tiny-card budget=7e5
+    layercard search --config configs/search-tiny.yaml --out runs/layers card=runs/tiny-card mode=per-layer
+    layercard search --resume runs/search
+
+Setup → search → write. The driver checks everything before any Ray work: the card was profiled on
+the configured model (same weights hash), the candidates (:mod:`layercard.candidates`) include one
+within the budget. Then one Tune trial per (candidate within budget, training seed): a Tune function
+that builds and fits a ``TorchTrainer`` running the training pipeline's own worker,
+:func:`pipelines.train.train_func`, on the config dict of :func:`pipelines.train.worker_config`
+with the trial's layers (the Ray 2.60 / Train V2 way: ``TuneReportCallback`` forwards the workers'
+reports, so ASHA stops trials on their eval loss). Over-budget candidates are recorded, never trained.
+
+OUT gets ``results.parquet`` (one row per candidate), ``trials.parquet`` (one per trial),
+``frontier.png``, ``summary.md`` and ``card/``: a new card version with the measured columns
+(``measured_eval_loss``, ``measured_gain``, ``measured_step_seconds`` per layer, where that layer
+was trained alone) and ``frontier.parquet``; the input card is left as it was. Tune keeps its
+state under ``OUT/tune`` (``storage_path``); an interrupted search resumes with ``--resume OUT``
+(``Tuner.restore``): completed trials are kept, unfinished ones run again.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ray.tune import Callback
+
+from layercard.candidates import Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations
+from layercard.card import LayerCard
+from layercard.config import apply_overrides, from_dict, load_config
+from layercard.errors import LayercardError
+from layercard.search_config import SearchConfig
+
+SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
+EVENTS_FILE = "trial_events.jsonl"  # start / complete / error of every trial, as the driver saw them
+STOP_FILE = ".stop_after_trials"    # test-only switch, read by TrialLog
+STATUSES = ("trained", "over_budget", "stopped_early", "failed")
+RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials")
+_UNIT_WORDS = {"flops": "FLOPs/token", "seconds": "s/step"}
+
+
+class SearchInterrupted(LayercardError):
+    """The driver stopped before every trial finished; ``--resume OUT`` continues."""
+
+
+# --------------------------------------------------------------------------- setup (no Ray)
+@dataclass
+class Setup:
+    cfg: SearchConfig
+    out: Path
+    card: LayerCard
+    candidates: list[Candidate]
+    plan: object                       # pipelines.train.Plan: model identity and tokenized data
+    trials: dict[str, dict]            # trial key → {candidate, seed, layers, lora}
+
+    @property
+    def storage(self) -> str:
+        path = self.cfg.storage_path
+        if path and "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve()) if path else str(self.out / "tune")
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.cfg.name}"
+
+
+def trial_key(candidate_id: str, seed: int) -> str:
+    return f"{candidate_id}-s{seed}"
+
+
+def check_card_for_model(card: LayerCard, card_dir: str, model_id: str, weights_hash: str) -> None:
+    """The card must describe the model the trials train (its weights hash, DESIGN §2)."""
+    have = card.meta.get("weights_hash")
+    if have != weights_hash:
+        raise LayercardError(f"card '{card_dir}' was profiled on another model: its weights hash is {have} "
+                             f"(model {card.meta.get('model_id')}), the search's train.model has weights hash "
+                             f"{weights_hash} (model {model_id})")
+
+
+def _trial_lora(card: LayerCard, layers: list[int], cfg) -> tuple[dict, list[int] | None]:
+    """The PEFT LoraConfig ``layercard select`` would write for ``layers``, as a JSON dict; the layers
+    to pass the worker (None when the config names its layers in a regex: PEFT forbids both)."""
+    from layercard.lora_config import build_lora_config
+    from layercard.training import lora_to_dict
+
+    t = cfg.train_config
+    lora, _ = build_lora_config(card, layers, r=t.lora_r, alpha=t.lora_alpha)
+    data = lora_to_dict(lora)
+    return data, (None if isinstance(data.get("target_modules"), str) else list(layers))
+
+
+def setup(cfg: SearchConfig, out: Path) -> Setup:
+    """Load and check the card, build the candidates, tokenize the data: every input error before Ray."""
+    from pipelines.train import prepare
+
+    if not cfg.card:
+        raise LayercardError("search: give card=CARD_DIR (the Layer Card to search over)")
+    card = LayerCard.load(Path(cfg.card).expanduser(), with_stats=False)
+    plan = prepare(cfg.train_config)
+    check_card_for_model(card, cfg.card, plan.model_id, plan.weights_hash)
+    candidates = build_candidates(card, mode=cfg.mode, ks=cfg.ks, budget=cfg.budget, budget_unit=cfg.budget_unit,
+                                  budget_fractions=cfg.budget_fractions, targets=cfg.targets,
+                                  strategies=cfg.strategies, random_seeds=cfg.random_seeds)
+    check_budget_fits(candidates, cfg.budget, cfg.budget_unit)
+    trials = {}
+    for c in candidates:
+        if c.over_budget:
+            continue
+        lora, layers = _trial_lora(card, c.layers, cfg)
+        for seed in cfg.seeds:
+            trials[trial_key(c.id, seed)] = {"candidate": c.id, "seed": seed, "layers": layers, "lora": lora}
+    return Setup(cfg, out, card, candidates, plan, trials)
+
+
+# --------------------------------------------------------------------------- one trial (a Tune function)
+def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: dict) -> None:
+    """One Tune trial: a ``TorchTrainer`` running :func:`pipelines.train.train_func` on the trial's
+    layers; ``TuneReportCallback`` forwards rank 0's reports (eval loss along the way) to Tune."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import FAULT_MARKER, train_func
+
+    key = config["trial"]
+    trial = trials[key]
+    nw = run["num_workers"]
+    loop = {**base, "lora": trial["lora"], "layers": trial["layers"], "seed": trial["seed"],
+            "fault_marker": f"{run['train_storage']}/{key}/{FAULT_MARKER}"}
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def dataset(rows):
+        return ray.data.from_items(rows, override_num_blocks=max(nw, min(len(rows), 4 * nw)))
+
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop,
+        torch_config=TorchConfig(backend="nccl" if run["use_gpu"] else "gloo"),
+        scaling_config=ScalingConfig(num_workers=nw, use_gpu=run["use_gpu"],
+                                     resources_per_worker={"CPU": run["cpus_per_worker"],
+                                                           **({"GPU": 1} if run["use_gpu"] else {})}),
+        # The run's name is the trial's: a trial restarted after an interruption resumes its checkpoint.
+        run_config=RunConfig(name=key, storage_path=run["train_storage"], callbacks=[TuneReportCallback()],
+                             failure_config=FailureConfig(max_failures=run["max_failures"]),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"])},
+    )
+    trainer.fit()   # raises when training fails: Tune marks the trial ERROR
+
+
+# --------------------------------------------------------------------------- the driver's trial log
+REAP_EVERY_S = 2.0
+
+
+def reap_orphaned_placement_groups() -> tuple[int, int]:
+    """Remove this job's placement groups whose creating actor is dead: (removed, still held by a
+    live actor).
+
+    Why: Tune stops a trial (ASHA, an interruption) by ending its Tune function, which takes the
+    Train V2 controller it owns down with it. The controller's worker placement group is scoped to
+    the job, not to the controller, so it keeps its CPUs until the driver exits (Ray 2.60's
+    PlacementGroupCleaner did not free it here, with or without the dashboard) and every later trial
+    waits for workers forever. A group whose creating actor is dead serves no one.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = live = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not by_actor
+                or pg.creator_job_id.hex() != job):
+            continue
+        if not pg.creator_actor_dead:
+            live += 1
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    return removed, live
+
+
+def _settle(timeout_s: float = 30.0) -> None:
+    """After a search: wait (bounded) for stopped trials' controllers to die, freeing their groups."""
+    end = time.monotonic() + timeout_s
+    while True:
+        _, live = reap_orphaned_placement_groups()
+        if not live or time.monotonic() > end:
+            return
+        time.sleep(0.5)
+
+
+class TrialLog(Callback):
+    """Driver-side Tune callback: appends start / complete / error events to ``EVENTS_FILE`` (they
+    survive ``Tuner.restore``, so the log counts every attempt), frees the placement groups of
+    stopped trials (:func:`reap_orphaned_placement_groups`) and, when ``STOP_FILE`` holds N,
+    interrupts the driver the way Ctrl+C does once N trials have completed (a test-only switch)."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self._reaped = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._reaped >= REAP_EVERY_S:
+            self._reaped = time.monotonic()
+            reap_orphaned_placement_groups()
+
+    def _append(self, trial, event: str, **extra) -> None:
+        row = {"time": time.time(), "event": event, "trial_id": trial.trial_id, "key": trial.config.get("trial"),
+               **extra}
+        with open(Path(self.out) / EVENTS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._append(trial, "start")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        self._append(trial, "complete", step=result.get("step"))
+        print(f"layercard search: trial {trial.config.get('trial')} done at step {result.get('step')}, "
+              f"eval loss {result.get('eval_loss')}", flush=True)
+        self._maybe_interrupt()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._append(trial, "error", error=str(getattr(trial, "error_msg", None) or "")[:500])
+        print(f"layercard search: trial {trial.config.get('trial')} failed", flush=True)
+        self._maybe_interrupt()
+
+    def _maybe_interrupt(self) -> None:
+        stop = Path(self.out) / STOP_FILE
+        if not stop.is_file():
+            return
+        done = sum(1 for e in read_events(Path(self.out)) if e["event"] in ("complete", "error"))
+        # Tune installs a graceful handler for SIGUSR1 (like SIGINT) when it runs in the main thread:
+        # it saves the experiment state with the running trials unfinished, then returns.
+        if done >= int(stop.read_text()) and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
+            stop.unlink()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def read_events(out: Path) -> list[dict]:
+    path = out / EVENTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- Ray on the driver
+def _check_trial_fits(cfg: SearchConfig) -> None:
+    import ray
+
+    t = cfg.train_config
+    total = ray.cluster_resources()
+    need = t.num_workers * t.cpus_per_worker + cfg.trial_cpus
+    if need > total.get("CPU", 0.0) + 1e-9:
+        raise LayercardError(f"one trial needs train.num_workers={t.num_workers} x train.cpus_per_worker="
+                             f"{t.cpus_per_worker} + trial_cpus={cfg.trial_cpus} = {need:g} CPUs but the Ray cluster "
+                             f"has {total.get('CPU', 0.0):g}")
+    if t.use_gpu and t.num_workers > total.get("GPU", 0.0):
+        raise LayercardError(f"one trial needs {t.num_workers} GPUs but the Ray cluster has {total.get('GPU', 0.0):g}")
+
+
+def _trainable(s: Setup):
+    from ray import tune
+
+    from pipelines.train import worker_config
+
+    t = s.cfg.train_config
+    train_storage = f"{s.experiment}/train_runs"
+    base = worker_config(t, s.plan, Path(tempfile.gettempdir()))   # fault_marker is replaced per trial
+    run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
+           "max_failures": t.max_failures, "train_storage": train_storage}
+    fn = tune.with_parameters(trial_function, trials=s.trials, base=base,
+                              data={"train": s.plan.train, "eval": s.plan.eval}, run=run)
+    return tune.with_resources(fn, {"CPU": s.cfg.trial_cpus})
+
+
+def _tuner(s: Setup, restore: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = _trainable(s)
+    if restore:
+        # Completed trials are kept; those the interruption left unfinished start again.
+        return tune.Tuner.restore(s.experiment, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    cfg, t = s.cfg, s.cfg.train_config
+    scheduler = FIFOScheduler()
+    if cfg.use_asha:
+        scheduler = ASHAScheduler(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.asha.max_t or t.steps,
+                                  grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(list(s.trials))},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
+                                    reuse_actors=False),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out))],
+                                  verbose=0),
+    )
+
+
+def _run_tune(s: Setup, restore: bool):
+    from pipelines.train import connect_ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # each report waits for one (NOTES)
+    connect_ray(s.cfg.train_config.address)
+    _check_trial_fits(s.cfg)
+    stop = s.out / STOP_FILE
+    if s.cfg.stop_after_trials:
+        stop.write_text(str(s.cfg.stop_after_trials))
+    elif stop.exists():
+        stop.unlink()
+    try:
+        return _tuner(s, restore).fit()
+    finally:
+        _settle()
+
+
+# --------------------------------------------------------------------------- results
+def _trial_rows(s: Setup, grid) -> list[dict]:
+    """One row per trial; raises SearchInterrupted when a trial has not finished."""
+    events = read_events(s.out)
+    finished = {e["key"]: e for e in events if e["event"] in ("complete", "error")}
+    attempts = {}
+    for e in events:
+        if e["event"] == "start":
+            attempts[e["key"]] = attempts.get(e["key"], 0) + 1
+    unfinished = [k for k in s.trials if k not in finished]
+    if unfinished:
+        raise SearchInterrupted(f"search interrupted with {len(s.trials) - len(unfinished)} of {len(s.trials)} trials "
+                                f"finished; resume with `layercard search --resume {s.out}`")
+    results = {r.config["trial"]: r for r in grid}
+    steps = s.cfg.train_config.steps
+    rows = []
+    for key, trial in s.trials.items():
+        r = results.get(key)
+        m = dict(r.metrics or {}) if r is not None else {}
+        event = finished[key]
+        if event["event"] == "error" or (r is not None and r.error is not None):
+            status = "failed"
+        elif m.get("step") == steps and m.get("median_step_s") is not None:
+            status = "trained"
+        else:
+            status = "stopped_early"
+        peak = m.get("peak_memory_bytes")
+        rows.append({
+            "trial": key, "candidate": trial["candidate"], "seed": trial["seed"], "trial_id": event["trial_id"],
+            "attempts": attempts.get(key, 0), "status": status, "steps_done": m.get("step"),
+            "initial_eval_loss": m.get("initial_eval_loss"), "eval_loss": m.get("eval_loss"),
+            "metric": m.get("metric"), "metric_name": m.get("metric_name"),
+            "step_seconds": m.get("median_step_s"),
+            "peak_memory_bytes": max(peak) if isinstance(peak, list) and peak else peak,
+            "train_tokens_per_s": m.get("train_tokens_per_s"),
+            "error": event.get("error") or (str(r.error).splitlines()[0][:500] if r is not None and r.error else None),
+        })
+    base = [r["initial_eval_loss"] for r in rows if r["initial_eval_loss"] is not None]
+    # The base model's eval loss does not depend on the layers (LoRA starts at zero): one per search.
+    base_loss = float(np.median(base)) if base else None
+    for row in rows:
+        row["measured_gain"] = None if base_loss is None or row["eval_loss"] is None else base_loss - row["eval_loss"]
+    return rows
+
+
+def _mean(values) -> float | None:
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def candidate_rows(s: Setup, trial_rows: list[dict]) -> list[dict]:
+    """One row per candidate: predictions, status, and measurements averaged over its trained trials
+    (over its early-stopped ones when none trained)."""
+    by_cand: dict[str, list[dict]] = {}
+    for r in trial_rows:
+        by_cand.setdefault(r["candidate"], []).append(r)
+    out = []
+    for c in s.candidates:
+        trials = by_cand.get(c.id, [])
+        statuses = {t["status"] for t in trials}
+        status = ("over_budget" if c.over_budget else "failed" if "failed" in statuses
+                  else "trained" if statuses == {"trained"} else "stopped_early")
+        use = [t for t in trials if t["status"] == "trained"] or [t for t in trials if t["status"] == "stopped_early"]
+        losses = [t["eval_loss"] for t in use if t["eval_loss"] is not None]
+        out.append({
+            "candidate": c.id, "layers": c.layers, "k": c.k, "labels": c.labels,
+            "objective": ", ".join(c.objectives) or None, "strategy": ", ".join(c.strategies) or None,
+            "card_guided": c.card_guided, "baseline": c.baseline,
+            "predicted_gain": c.predicted_gain, "predicted_gain_fraction": c.predicted_gain_fraction,
+            "predicted_cost": c.cost, "cost_unit": s.cfg.budget_unit,
+            "predicted_flops_per_token": c.predicted_flops_per_token,
+            "predicted_step_seconds": c.predicted_step_seconds,
+            "over_budget": c.over_budget, "status": status, "n_trials": len(trials),
+            "steps_done": _mean(t["steps_done"] for t in use),
+            "eval_loss": _mean(losses), "eval_loss_std": float(np.std(losses)) if len(losses) > 1 else None,
+            "measured_gain": _mean(t["measured_gain"] for t in use), "metric": _mean(t["metric"] for t in use),
+            "metric_name": next((t["metric_name"] for t in use if t["metric_name"]), None),
+            "step_seconds": _mean(t["step_seconds"] for t in use),
+            "peak_memory_bytes": _mean(t["peak_memory_bytes"] for t in use),
+            "trial_ids": [t["trial_id"] for t in trials],
+            "error": next((t["error"] for t in trials if t["error"]), None),
+        })
+    trained = [r for r in out if r["status"] == "trained"]
+    front = pareto_mask([r["step_seconds"] for r in trained], [r["measured_gain"] for r in trained])
+    on_front = {r["candidate"] for r, f in zip(trained, front) if f}
+    for r in out:
+        r["on_measured_front"] = r["candidate"] in on_front
+    return out
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def write_frontier_png(rows: list[dict], path: Path, title: str) -> None:
+    """Measured gain vs measured seconds/step of the trained candidates; baselines marked, front drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pts = [r for r in rows if r["status"] == "trained" and r["step_seconds"] is not None
+           and r["measured_gain"] is not None]
+    styles = {"card-guided": dict(marker="o", color="tab:blue"), "baseline": dict(marker="s", color="tab:orange"),
+              "both": dict(marker="D", color="tab:green")}
+    for kind, style in styles.items():
+        sel = [r for r in pts if _kind(r) == kind]
+        if sel:
+            ax.scatter([r["step_seconds"] for r in sel], [r["measured_gain"] for r in sel], label=kind, s=36,
+                       zorder=3, **style)
+    for r in pts:
+        ax.annotate(f"{r['candidate']} {r['layers']}", (r["step_seconds"], r["measured_gain"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in pts if r["on_measured_front"]), key=lambda r: r["step_seconds"])
+    if front:
+        xs, ys = [r["step_seconds"] for r in front], [r["measured_gain"] for r in front]
+        ax.step(xs, ys, where="post", color="black", lw=1, zorder=2)
+        ax.scatter(xs, ys, s=130, facecolors="none", edgecolors="black", label="measured Pareto front", zorder=4)
+    if not pts:
+        ax.text(0.5, 0.5, "no trained candidate has a measured cost", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("measured seconds per training step (median)")
+    ax.set_ylabel("measured gain (base eval loss − eval loss)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _kind(row: dict) -> str:
+    return "both" if row["card_guided"] and row["baseline"] else "baseline" if row["baseline"] else "card-guided"
+
+
+def _fmt(x, spec: str = ".4g") -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def summary_markdown(s: Setup, rows: list[dict], per_layer: dict | None, card_dir: Path) -> str:
+    cfg, t = s.cfg, s.cfg.train_config
+    unit = _UNIT_WORDS[cfg.budget_unit]
+    counts = {st: sum(r["status"] == st for r in rows) for st in STATUSES}
+    lines = [f"# Layer-subset search ({cfg.mode})", "",
+             f"- card: `{cfg.card}` ({s.card.card_id}), model `{s.plan.model_id}` (weights {s.plan.weights_hash})",
+             f"- budget: {_fmt(cfg.budget)} {unit}" if cfg.budget is not None else "- budget: none",
+             f"- training: {t.steps} steps x batch {t.batch_size} x {t.num_workers} worker(s), ZeRO-{t.zero_stage}, "
+             f"lr {t.lr:g}, seeds {cfg.seeds}; ASHA {'on' if cfg.use_asha else 'off'}",
+             f"- candidates: {len(rows)} — " + ", ".join(f"{n} {st}" for st, n in counts.items() if n),
+             f"- new card version: `{card_dir}`", "",
+             f"| id | layers | proposed by | pred. gain (frac.) | pred. cost ({unit}) | status | eval loss | "
+             "measured gain | s/step | peak MB | front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        lines.append(f"| {r['candidate']} | {r['layers']} | {'; '.join(r['labels'])} | "
+                     f"{_fmt(r['predicted_gain_fraction'], '.1%')} | {_fmt(r['predicted_cost'])} | {r['status']} | "
+                     f"{_fmt(r['eval_loss'])} | {_fmt(r['measured_gain'])} | {_fmt(r['step_seconds'], '.3g')} | "
+                     f"{_fmt(peak, '.0f')} | {'★' if r['on_measured_front'] else ''} |")
+    trained = [r for r in rows if r["status"] == "trained" and r["eval_loss"] is not None]
+    if trained:
+        best = min(trained, key=lambda r: r["eval_loss"])
+        lines += ["", f"Best measured eval loss: {best['candidate']} {best['layers']} ({'; '.join(best['labels'])}) "
+                      f"at {_fmt(best['eval_loss'])}."]
+    if per_layer:
+        rho = per_layer["spearman"]
+        verdict = {True: "beats both free predictors", False: "does not beat the free predictors",
+                   None: "cannot be judged (too few layers or no spread)"}[per_layer["beats_free_predictors"]]
+        lines += ["", "## Per-layer: does the card rank layers by their measured gain?", "",
+                  "| predictor | Spearman ρ with measured gain |", "|---|---|",
+                  f"| card's predicted gain Q({{ℓ}}) | {_fmt(rho['predicted_gain'], '.3f')} |",
+                  f"| raw res2 | {_fmt(rho['res2'], '.3f')} |",
+                  f"| layer depth | {_fmt(rho['depth'], '.3f')} |", "",
+                  f"Over {per_layer['n_layers']} layers the card's prediction {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
+def _per_layer(s: Setup, rows: list[dict]) -> tuple[dict[int, dict], dict | None]:
+    """Measurements of every layer trained alone, and (per-layer mode) the Spearman comparison."""
+    single = {r["layers"][0]: r for r in rows if r["k"] == 1 and r["status"] == "trained"}
+    if s.cfg.mode != "per-layer":
+        return single, None
+    t = s.card.layers
+    ids = s.card.layer_ids
+    pred = {r["layers"][0]: r["predicted_gain"] for r in rows if r["k"] == 1}
+    nan = float("nan")
+    corr = per_layer_correlations(
+        ids, [pred.get(l, nan) for l in ids], t["res2"].to_numpy(np.float64),
+        [single[l]["measured_gain"] if l in single and single[l]["measured_gain"] is not None else nan for l in ids])
+    return single, corr
+
+
+def write_card_version(s: Setup, rows: list[dict], single: dict[int, dict], per_layer: dict | None) -> Path:
+    """OUT/card: the input card plus measured columns and frontier.parquet, written atomically."""
+    import pandas as pd
+
+    card = LayerCard.load(Path(s.cfg.card).expanduser(), with_stats=False)
+    nan = float("nan")
+    col = lambda key: [(single[l][key] if l in single and single[l][key] is not None else nan)  # noqa: E731
+                       for l in card.layer_ids]
+    card.layers["measured_eval_loss"] = col("eval_loss")
+    card.layers["measured_gain"] = col("measured_gain")
+    card.layers["measured_step_seconds"] = col("step_seconds")
+    front = pd.DataFrame([{k: r[k] for k in ("candidate", "layers", "labels", "k", "predicted_gain", "predicted_cost",
+                                             "eval_loss", "measured_gain", "metric", "step_seconds",
+                                             "peak_memory_bytes", "on_measured_front")}
+                          for r in rows if r["status"] == "trained"],
+                         columns=["candidate", "layers", "labels", "k", "predicted_gain", "predicted_cost", "eval_loss",
+                                  "measured_gain", "metric", "step_seconds", "peak_memory_bytes", "on_measured_front"])
+    buf = io.BytesIO()
+    front.to_parquet(buf, index=False)
+    frontier = buf.getvalue()
+    t = s.cfg.train_config
+    card.meta = {k: v for k, v in card.meta.items() if k not in ("files", "card_id", "created_at")}
+    card.meta["parent_card_id"] = s.card.card_id
+    card.meta["search"] = {
+        "mode": s.cfg.mode, "budget": s.cfg.budget, "budget_unit": s.cfg.budget_unit, "steps": t.steps,
+        "batch_size": t.batch_size, "lr": t.lr, "seeds": s.cfg.seeds, "zero_stage": t.zero_stage,
+        "measured_columns": ["measured_eval_loss", "measured_gain", "measured_step_seconds"],
+        "frontier_file": "frontier.parquet", "frontier_sha256": hashlib.sha256(frontier).hexdigest(),
+        "measured_front": [r["candidate"] for r in rows if r["on_measured_front"]],
+        "per_layer": per_layer,
+    }
+    card.meta["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    final = s.out / "card"
+    stage = Path(tempfile.mkdtemp(prefix=".card-", dir=s.out))
+    try:
+        card.save(stage / "card")
+        (stage / "card" / "frontier.parquet").write_bytes(frontier)
+        if final.exists():
+            shutil.rmtree(final)
+        (stage / "card").rename(final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return final
+
+
+def write_outputs(s: Setup, grid) -> dict:
+    """results.parquet, trials.parquet, frontier.png, summary.md, card/ (and the store, when set)."""
+    trials = _trial_rows(s, grid)
+    rows = candidate_rows(s, trials)
+    single, per_layer = _per_layer(s, rows)
+    card_dir = write_card_version(s, rows, single, per_layer)
+    _frame(rows).to_parquet(s.out / "results.parquet", index=False)
+    _frame(trials).to_parquet(s.out / "trials.parquet", index=False)
+    unit = _UNIT_WORDS[s.cfg.budget_unit]
+    write_frontier_png(rows, s.out / "frontier.png",
+                       f"{s.plan.model_id}: {sum(r['status'] == 'trained' for r in rows)} trained, budget "
+                       f"{_fmt(s.cfg.budget)} {unit}")
+    (s.out / "summary.md").write_text(summary_markdown(s, rows, per_layer, card_dir), encoding="utf-8")
+    version = None
+    if s.cfg.store:
+        from layercard.store import CardStore
+
+        version = CardStore(s.cfg.store).publish(card_dir, summary={"search": str(s.out)}).version
+    counts = {st: sum(r["status"] == st for r in rows) for st in STATUSES}
+    return {"out": str(s.out), "candidates": len(rows), **counts, "card": str(card_dir), "store_version": version,
+            "per_layer": per_layer}
+
+
+# --------------------------------------------------------------------------- the pipeline
+def _save_search(s: Setup) -> None:
+    doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
+           "candidates": [c.to_dict() for c in s.candidates], "trials": s.trials}
+    (s.out / SEARCH_FILE).write_text(json.dumps(doc, indent=2, default=str))
+
+
+def run(cfg: SearchConfig, out: str | Path) -> dict:
+    """A fresh search in OUT (or, with ``resume=true`` and a search there, its continuation)."""
+    out = Path(out).expanduser().resolve()
+    if (out / SEARCH_FILE).exists():
+        if cfg.resume:
+            return resume(out)
+        raise LayercardError(f"'{out}' already holds a search; resume it with `layercard search --resume {out}` "
+                             "or choose another --out")
+    s = setup(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_search(s)
+    over = sum(c.over_budget for c in s.candidates)
+    print(f"layercard search: {len(s.candidates)} candidates ({over} over budget), {len(s.trials)} trials -> {out}",
+          flush=True)
+    return write_outputs(s, _run_tune(s, restore=False))
+
+
+def resume(out: str | Path, overrides: list[str] = ()) -> dict:
+    """Continue the search in OUT with ``Tuner.restore``: finished trials are kept, the rest run."""
+    out = Path(out).expanduser().resolve()
+    path = out / SEARCH_FILE
+    if not path.is_file():
+        raise LayercardError(f"'{out}' holds no search to resume ({SEARCH_FILE} is missing)")
+    saved = json.loads(path.read_text())
+    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
+    if bad:
+        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates are fixed), "
+                             f"got {bad[0]!r}")
+    data = {**saved["config"], "stop_after_trials": None, "resume": False}
+    cfg = from_dict(SearchConfig, apply_overrides(data, list(overrides)))
+    s = setup(cfg, out)
+    if s.card.card_id != saved["card_id"]:
+        raise LayercardError(f"card '{cfg.card}' changed since the search started (card id {s.card.card_id}, "
+                             f"was {saved['card_id']})")
+    if sorted(s.trials) != sorted(saved["trials"]):
+        raise LayercardError(f"the trials of '{out}' no longer match its config and card; start a new search")
+    exists = _exists(s.experiment)
+    return write_outputs(s, _run_tune(s, restore=exists))
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` (a local path or a pyarrow filesystem URI) exists."""
+    if "://" not in path:
+        return Path(path).exists()
+    from pyarrow import fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="layercard search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (configs/search-*.yaml)")
+    p.add_argument("--out", help="output dir: results.parquet, frontier.png, summary.md, card/, tune/")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. card=CARD_DIR budget=7e5 mode=per-layer")
+    a = p.parse_args(argv)
+    if a.resume and (a.config or a.out):
+        p.error("--resume DIR takes no --config or --out (the search in DIR keeps its own)")
+    if not a.resume and not (a.config and a.out):
+        p.error("give --config FILE --out DIR, or --resume DIR")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if a.resume:
+            summary = resume(a.resume, a.overrides)
+        else:
+            summary = run(load_config(SearchConfig, a.config, a.overrides), a.out)
+    except SearchInterrupted as err:
+        print(f"layercard search: {err}", file=sys.stderr)
+        return 3
+    except LayercardError as err:
+        print(f"layercard search: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}))
+    if summary.get("per_layer"):
+        print(json.dumps(summary["per_layer"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
