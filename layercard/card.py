@@ -43,7 +43,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -112,7 +113,7 @@ class LayerCard:
             meta = dict(self.meta)
             meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             meta["schema_version"] = SCHEMA_VERSION
-            meta["files"] = {name: _sha256(tmp / name) for name in files}
+            meta["files"] = {name: sha256_file(tmp / name) for name in files}
             meta["card_id"] = hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()[:16]
             (tmp / "card.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             if path.exists():
@@ -150,7 +151,7 @@ class LayerCard:
             f = path / name
             if not f.is_file():
                 raise LayercardError(f"card '{path}': file '{name}' is missing")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise LayercardError(f"card '{path}': '{name}' does not match its checksum in card.json (truncated or edited)")
         tables = {}
         for name, columns in TABLES.items():

@@ -38,6 +38,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from layercard.card import sha256_file
 from layercard.errors import LayercardError
 
 MANIFEST = "_VERSION.json"
@@ -96,11 +97,7 @@ def _parse_time(text: str) -> _dt.datetime:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _check_card_dir(path: Path) -> dict:

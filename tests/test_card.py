@@ -21,15 +21,6 @@ LAYER_COLUMNS = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_n
 MODULE_COLUMNS = ["layer", "module", "d_in", "d_out"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads that
-    spin-wait for a descheduled sibling cost ~5× the CPU time. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):

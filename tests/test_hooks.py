@@ -22,15 +22,6 @@ GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_p
             eos_token_id=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads that
-    spin-wait for a descheduled sibling cost ~5× the CPU time. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(config: dict, dtype: str = "float64", seed: int = 0):
     return load_model(ModelConfig(config=config, dtype=dtype, seed=seed)).model

@@ -16,15 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP threads that
-    spin-wait for a descheduled sibling cost ~5× the CPU time. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
