@@ -22,6 +22,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _float_literal(text: str, key: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise LayercardError(f"config key '{key}' must be a float, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LayercardError(f"config key '{key}' must be a finite float, got {text!r}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (bool/int/float/str/list/Optional/Literal/dataclass)."""
     origin = typing.get_origin(tp)
@@ -69,6 +79,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise LayercardError(f"config key '{key}' must be an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _float_literal(value, key)  # YAML 1.1 reads "7e5" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LayercardError(f"config key '{key}' must be a float, got {value!r}")
         return float(value)

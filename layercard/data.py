@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from layercard.errors import LayercardError
+from layercard.paths import resolve_path
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "text"}
 
@@ -38,6 +39,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self.path = resolve_path(self.path)
         if (self.prompt_column is None) != (self.answer_column is None):
             raise LayercardError("data: give both prompt_column and answer_column, or neither")
         if self.max_seq_len < 2:

@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from layercard.errors import LayercardError
+from layercard.paths import cache_root
 
 MANIFEST = "manifest.json"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,11 +69,6 @@ ITEMS = {
 
 
 # ---------------------------------------------------------------- where things are
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir`` if given, else ``$LAYERCARD_CACHE``, else ``~/.cache/layercard``."""
-    return Path(cache_dir or os.environ.get("LAYERCARD_CACHE") or "~/.cache/layercard").expanduser()
 
 
 def model_path(cache_dir: str | Path | None = None) -> Path:

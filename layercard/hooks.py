@@ -12,11 +12,17 @@ from torch import nn
 
 from layercard.discovery import ModelLayout, ModuleInfo, find_blocks
 from layercard.errors import LayercardError
-from layercard.stats import SufficientStats
+from layercard.stats import HALF, SufficientStats
 
 
-def _stat_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _stat_dtype(t: torch.Tensor, keep_half: bool = False) -> torch.dtype:
+    """float64 stays, half precision on CUDA stays when ``keep_half`` (tensor-core statistics GEMMs
+    with float32 accumulation, see :func:`layercard.stats.cross_product`), the rest is float32."""
+    if t.dtype == torch.float64:
+        return torch.float64
+    if keep_half and t.is_cuda and t.dtype in HALF:
+        return t.dtype
+    return torch.float32
 
 
 def _hidden_from(args, kwargs):
@@ -31,8 +37,9 @@ class StatsCollector:
     """Context manager: ``with StatsCollector(model, layout, stats) as c: c.mask = ...; fwd; bwd``."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout, stats: SufficientStats | None = None,
-                 block_influence: bool = True):
+                 block_influence: bool = True, half_gemm: bool = True):
         self.model, self.layout = model, layout
+        self.half_gemm = half_gemm   # False: upcast half activations/gradients to float32 before the GEMMs
         self.stats = stats if stats is not None else SufficientStats()
         self.block_influence = block_influence
         self._rows_idx: torch.Tensor | None = None     # indices of non-padding tokens, set per batch
@@ -82,14 +89,17 @@ class StatsCollector:
     def end_batch(self) -> None:
         """Run the batch's deferred NaN/Inf checks (one device sync) and drop per-batch references."""
         if self._checks:
-            bad = torch.stack([flag for _, flag in self._checks])
+            bad = ~torch.isfinite(torch.stack([total.to(torch.float64) for _, total in self._checks]))
             if bool(bad.any()):
                 raise LayercardError(self._checks[int(bad.float().argmax())][0])
         self._checks.clear()
         self._groups.clear()
 
-    def _check_finite(self, t: torch.Tensor, message: str) -> None:
-        self._checks.append((message, ~torch.isfinite(t).all()))
+    def _check_finite(self, t: torch.Tensor, message: str, total: torch.Tensor | None = None) -> None:
+        """Defer a NaN/Inf check of ``t`` to :meth:`end_batch`. The float64 sum (or the given
+        ``total``, any float64 reduction of ``t``) is non-finite iff ``t`` has a NaN or Inf: one
+        kernel per check instead of isfinite's five, and no overflow for finite inputs."""
+        self._checks.append((message, t.sum(dtype=torch.float64) if total is None else total))
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(-1, t.shape[-1])
@@ -109,7 +119,7 @@ class StatsCollector:
             x_full = args[0]
             slot = (info.layer, id(x_full))
             if slot not in self._groups:
-                x = self._rows(x_full).detach().to(_stat_dtype(x_full))
+                x = self._rows(x_full).detach().to(_stat_dtype(x_full, self.half_gemm))
                 self._check_finite(x, f"non-finite activations (NaN/Inf) at the input of module '{info.full_name}'")
                 group = f"{info.layer}.{info.name}"
                 self.stats.add_group(group, x)
@@ -122,9 +132,10 @@ class StatsCollector:
 
             def grad_hook(g):
                 g_rows = self._rows(g).detach().to(x.dtype)
-                self._check_finite(g_rows, f"non-finite gradients (NaN/Inf) at the output of module '{info.full_name}'")
+                gg = torch.linalg.vector_norm(g_rows, dtype=torch.float64).square()   # also the NaN/Inf check
+                self._check_finite(g_rows, f"non-finite gradients (NaN/Inf) at the output of module '{info.full_name}'",
+                                   total=gg)
                 self.stats.add_module(info.key, group, x, g_rows, gg=False)
-                gg = g_rows.to(torch.float64).pow(2).sum()
                 self._gg[info.key] = self._gg[info.key] + gg if info.key in self._gg else gg
 
             output.register_hook(grad_hook)

@@ -37,14 +37,42 @@ def label_accuracy(logits: torch.Tensor, label_token_ids, target_index: torch.Te
     return float((pred == torch.as_tensor(target_index, device=logits.device)).float().mean())
 
 
-def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, T, V] causal-LM logits and [B, T] labels (-100 off the answer) → [B, V] at the position
-    that predicts each row's first answer token (the last prompt token)."""
+def first_answer_position(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels (-100 off the answer) → [B] index t ≥ 1 of each row's first supervised token."""
     supervised = labels != -100
     if not bool(supervised[:, 1:].any(dim=1).all()):
         raise LayercardError("answer_position_logits: a row has no supervised answer token after position 0")
-    first = supervised[:, 1:].int().argmax(dim=1) + 1  # first supervised position t ≥ 1
+    return supervised[:, 1:].int().argmax(dim=1) + 1
+
+
+def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] causal-LM logits and [B, T] labels (-100 off the answer) → [B, V] at the position
+    that predicts each row's first answer token (the last prompt token)."""
+    first = first_answer_position(labels)
     return logits[torch.arange(logits.shape[0], device=logits.device), first - 1]
+
+
+def label_targets(labels: torch.Tensor, label_token_ids) -> torch.Tensor:
+    """[B, T] labels → [B] index into ``label_token_ids`` of each row's first answer token."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    first_tokens = labels[rows, first_answer_position(labels)]
+    ids = torch.as_tensor(label_token_ids, dtype=torch.long, device=labels.device)
+    match = first_tokens[:, None] == ids[None, :]
+    missing = ~match.any(dim=1)
+    if bool(missing.any()):
+        row = int(missing.nonzero()[0, 0])
+        raise LayercardError(f"label loss: row {row} starts its answer with token {int(first_tokens[row])}, "
+                             f"which is none of the label answer tokens {ids.tolist()}")
+    return match.int().argmax(dim=1)
+
+
+def label_sums(logits: torch.Tensor, labels: torch.Tensor, label_token_ids) -> dict[str, float]:
+    """Summed label loss, correct choices and examples of one batch ([B, T, V] logits, [B, T] labels)."""
+    target = label_targets(labels, label_token_ids)
+    z = label_logits(answer_position_logits(logits, labels), label_token_ids)
+    return {"label_loss_sum": float(F.cross_entropy(z, target, reduction="sum")),
+            "label_correct": float((z.argmax(dim=-1) == target).sum()),
+            "label_examples": float(target.numel())}
 
 
 def answer_token_ids(tokenizer, answers) -> list[int]:

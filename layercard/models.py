@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from layercard.errors import LayercardError
+from layercard.paths import resolve_path
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +48,7 @@ class ModelConfig:
     ``layercard plan`` can size a cluster on a machine that does not hold the weights."""
 
     def __post_init__(self):
+        self.path, self.gguf_file = resolve_path(self.path), resolve_path(self.gguf_file)
         given = [k for k in ("path", "gguf_file", "config") if getattr(self, k)]
         if len(given) != 1:
             raise LayercardError(f"model: give exactly one of path, gguf_file, config (got {given or 'none'})")

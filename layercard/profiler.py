@@ -29,13 +29,18 @@ def _progress(iterable, desc: str, enabled: bool, total=None):
 
 
 def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict], *,
-                  progress: bool = False, stats: SufficientStats | None = None) -> SufficientStats:
-    """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens."""
+                  progress: bool = False, stats: SufficientStats | None = None,
+                  half_gemm: bool = True) -> SufficientStats:
+    """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens.
+
+    ``half_gemm``: on CUDA, bf16/fp16 activations and gradients enter the statistics GEMMs as they
+    are (tensor cores, float32 accumulation); False upcasts them to float32 first (slower, the same
+    values up to summation order)."""
     device = next(model.parameters()).device
     stats = stats if stats is not None else SufficientStats()
     seen = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    with StatsCollector(model, layout, stats) as collector:
+    with StatsCollector(model, layout, stats, half_gemm=half_gemm) as collector:
         for batch in _progress(batches, "profile: pass 1", progress, total):
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)

@@ -129,7 +129,7 @@ class SearchConfig:
             self._check_asha(t)
 
     def _check_asha(self, t: TrainConfig) -> None:
-        # ASHA decides on eval_loss, so every report a trial sends must carry one.
+        # ASHA decides on `quality` (label loss, else eval loss): every report a trial sends must carry one.
         if t.eval_every is None:
             raise LayercardError("config key 'train.eval_every' must be set when ASHA is on: it stops trials on the "
                                  "eval loss they report along the way")

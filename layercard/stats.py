@@ -16,6 +16,28 @@ import torch
 from layercard.errors import LayercardError
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def cross_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """xᵀy (tokens × d_x, tokens × d_y) as float64.
+
+    float32/float64 inputs multiply in their own precision. Half-precision CUDA inputs multiply on
+    tensor cores with float32 accumulation and output (``torch.mm(..., out_dtype=float32)``): a
+    product of two bf16/fp16 numbers is exact in float32, so this is the float32 GEMM of the same
+    values up to summation order — without casting the activations to float32 first, which made the
+    statistics GEMMs the bulk of pass 1 on a GPU. Elsewhere half inputs are upcast to float32.
+    """
+    if x.dtype in HALF and x.is_cuda and y.dtype == x.dtype:
+        try:
+            return torch.mm(x.T, y, out_dtype=torch.float32).to(torch.float64)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=) on this GPU
+            pass
+    if x.dtype in HALF:
+        x, y = x.float(), y.float()
+    return (x.T @ y.to(x.dtype)).to(torch.float64)
+
+
 @dataclass
 class SufficientStats:
     A: dict[str, torch.Tensor] = field(default_factory=dict)    # group key → XᵀX (float64)
@@ -31,8 +53,8 @@ class SufficientStats:
         return max(self.n.values(), default=0)
 
     def add_group(self, key: str, x: torch.Tensor) -> None:
-        """Accumulate XᵀX of x (tokens × d_in); the product in x's precision, the sum in float64."""
-        a = (x.T @ x).to(torch.float64)
+        """Accumulate XᵀX of x (tokens × d_in); the product per :func:`cross_product`, the sum in float64."""
+        a = cross_product(x, x)
         if key in self.A:
             self.A[key] += a
             self.n[key] += x.shape[0]
@@ -42,7 +64,7 @@ class SufficientStats:
 
     def add_module(self, key: str, group: str, x: torch.Tensor, g: torch.Tensor, gg: bool = True) -> None:
         """Accumulate XᵀG (and ‖G‖², unless the caller accumulates it on device: ``gg=False``)."""
-        c = (x.T @ g).to(torch.float64)
+        c = cross_product(x, g)
         if key in self.C:
             self.C[key] += c
         else:

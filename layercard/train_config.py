@@ -18,6 +18,9 @@ class TrainConfig:
     eval_data: DataConfig | None = None
     """Held-out data; without it the last ``eval_fraction`` of the (shuffled) training examples."""
     eval_fraction: float = 0.1
+    label_answers: list[str] | None = None
+    """Classification as generation, e.g. [" negative", " positive"]: eval also reports the label loss
+    (log-softmax over these answers' first tokens only) and the label accuracy."""
     selection: str | None = None
     """A selection dir: ``adapter_config.json`` (PEFT LoraConfig) + ``selection.json`` (layers, weights_hash)."""
     strategy: str | None = None
@@ -89,5 +92,9 @@ class TrainConfig:
             raise LayercardError(f"config key 'cpus_per_worker' must be > 0, got {self.cpus_per_worker}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
             raise LayercardError(f"config key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if self.label_answers is not None and len(self.label_answers) < 2:
+            raise LayercardError(f"config key 'label_answers' needs at least 2 answers, got {self.label_answers!r}")
+        if self.label_answers is not None and (self.eval_data or self.data).prompt_column is None:
+            raise LayercardError("config key 'label_answers' needs prompt/answer data (data.prompt_column, data.answer_column)")
         if self.fail_at_step is not None and not 1 <= self.fail_at_step <= self.steps:
             raise LayercardError(f"config key 'fail_at_step' must be in 1..steps ({self.steps}), got {self.fail_at_step}")

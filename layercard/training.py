@@ -22,6 +22,7 @@ from torch import nn
 
 from layercard.errors import LayercardError
 from layercard.losses import lm_loss_sum, shift_for_lm
+from layercard.label_loss import label_sums
 from layercard.models import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -277,21 +278,41 @@ def eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(forward, batches, device) -> dict[str, float]:
-    """Sum :func:`eval_sums` over batches; ``forward(input_ids, attention_mask) -> logits``."""
-    total = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
+def evaluate(forward, batches, device, label_token_ids=None) -> dict[str, float]:
+    """Sum :func:`eval_sums` (and, with ``label_token_ids``, the label-loss sums) over batches;
+    ``forward(input_ids, attention_mask) -> logits``."""
+    total: dict[str, float] = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0, "examples": 0.0}
+    if label_token_ids:
+        total.update(label_loss_sum=0.0, label_correct=0.0, label_examples=0.0)
     for batch in batches:
+        labels = batch["labels"].to(device)
         logits = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        for k, v in eval_sums(logits, batch["labels"].to(device)).items():
+        sums = eval_sums(logits, labels)
+        if label_token_ids:
+            sums.update(label_sums(logits, labels, label_token_ids))
+        for k, v in sums.items():
             total[k] += v
     return total
 
 
 def eval_metrics(sums: dict[str, float], with_accuracy: bool) -> dict:
-    """eval_loss = mean next-token loss over supervised tokens; accuracy only for prompt/answer data."""
+    """eval_loss = mean next-token loss over supervised tokens; accuracy only for prompt/answer data.
+
+    With label sums (classification data with ``label_answers``): ``label_loss`` is the mean label
+    loss (log-softmax over the answer tokens only, :mod:`layercard.label_loss`) and the metric is
+    the label accuracy; otherwise the metric is exact match over the answer tokens. ``quality`` is
+    what a layer set is judged by (lower is better): the label loss where defined, else eval_loss.
+    """
     loss = sums["loss_sum"] / sums["tokens"] if sums["tokens"] else None
-    acc = sums["correct"] / sums["examples"] if with_accuracy and sums["examples"] else None
-    return {"eval_loss": loss, "metric": acc, "metric_name": "accuracy" if with_accuracy else None}
+    out = {"eval_loss": loss, "metric": None, "metric_name": None, "label_loss": None}
+    if sums.get("label_examples"):
+        out.update(label_loss=sums["label_loss_sum"] / sums["label_examples"],
+                   metric=sums["label_correct"] / sums["label_examples"], metric_name="label_accuracy")
+    elif with_accuracy and sums["examples"]:
+        out.update(metric=sums["correct"] / sums["examples"], metric_name="accuracy")
+    out["quality"] = out["label_loss"] if out["label_loss"] is not None else loss
+    out["quality_name"] = "label_loss" if out["label_loss"] is not None else "eval_loss"
+    return out
 
 
 # --------------------------------------------------------------------------- memory

@@ -10,11 +10,12 @@ within the budget. Then one Tune trial per (candidate within budget, training se
 that builds and fits a ``TorchTrainer`` running the training pipeline's own worker,
 :func:`pipelines.train.train_func`, on the config dict of :func:`pipelines.train.worker_config`
 with the trial's layers (the Ray 2.60 / Train V2 way: ``TuneReportCallback`` forwards the workers'
-reports, so ASHA stops trials on their eval loss). Over-budget candidates are recorded, never trained.
+reports, so ASHA stops trials on their quality: the label loss where the train config has
+``label_answers``, else the eval loss). Over-budget candidates are recorded, never trained.
 
 OUT gets ``results.parquet`` (one row per candidate), ``trials.parquet`` (one per trial),
 ``frontier.png``, ``summary.md`` and ``card/``: a new card version with the measured columns
-(``measured_eval_loss``, ``measured_gain``, ``measured_step_seconds`` per layer, where that layer
+(``measured_eval_loss``, ``measured_quality``, ``measured_gain``, ``measured_step_seconds`` per layer, where that layer
 was trained alone) and ``frontier.parquet``; the input card is left as it was. Tune keeps its
 state under ``OUT/tune`` (``storage_path``); an interrupted search resumes with ``--resume OUT``
 (``Tuner.restore``): completed trials are kept, unfinished ones run again.
@@ -236,7 +237,7 @@ class TrialLog(Callback):
         result = trial.last_result or {}
         self._append(trial, "complete", step=result.get("step"))
         print(f"layercard search: trial {trial.config.get('trial')} done at step {result.get('step')}, "
-              f"eval loss {result.get('eval_loss')}", flush=True)
+              f"{result.get('quality_name', 'eval_loss')} {result.get('quality')}", flush=True)
         self._maybe_interrupt()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -305,7 +306,7 @@ def _tuner(s: Setup, restore: bool):
     cfg, t = s.cfg, s.cfg.train_config
     scheduler = FIFOScheduler()
     if cfg.use_asha:
-        scheduler = ASHAScheduler(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.asha.max_t or t.steps,
+        scheduler = ASHAScheduler(time_attr="step", metric="quality", mode="min", max_t=cfg.asha.max_t or t.steps,
                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
     return tune.Tuner(
         trainable,
@@ -365,17 +366,21 @@ def _trial_rows(s: Setup, grid) -> list[dict]:
             "trial": key, "candidate": trial["candidate"], "seed": trial["seed"], "trial_id": event["trial_id"],
             "attempts": attempts.get(key, 0), "status": status, "steps_done": m.get("step"),
             "initial_eval_loss": m.get("initial_eval_loss"), "eval_loss": m.get("eval_loss"),
+            "initial_quality": m.get("initial_quality", m.get("initial_eval_loss")),
+            "quality": m.get("quality", m.get("eval_loss")), "quality_name": m.get("quality_name", "eval_loss"),
+            "label_loss": m.get("label_loss"),
             "metric": m.get("metric"), "metric_name": m.get("metric_name"),
             "step_seconds": m.get("median_step_s"),
             "peak_memory_bytes": max(peak) if isinstance(peak, list) and peak else peak,
             "train_tokens_per_s": m.get("train_tokens_per_s"),
             "error": event.get("error") or (str(r.error).splitlines()[0][:500] if r is not None and r.error else None),
         })
-    base = [r["initial_eval_loss"] for r in rows if r["initial_eval_loss"] is not None]
-    # The base model's eval loss does not depend on the layers (LoRA starts at zero): one per search.
-    base_loss = float(np.median(base)) if base else None
+    base = [r["initial_quality"] for r in rows if r["initial_quality"] is not None]
+    # The base model's quality (label loss, else eval loss) does not depend on the layers (LoRA
+    # starts at zero): one per search. Measured gain = how far a layer set brought it down.
+    base_quality = float(np.median(base)) if base else None
     for row in rows:
-        row["measured_gain"] = None if base_loss is None or row["eval_loss"] is None else base_loss - row["eval_loss"]
+        row["measured_gain"] = None if base_quality is None or row["quality"] is None else base_quality - row["quality"]
     return rows
 
 
@@ -409,6 +414,9 @@ def candidate_rows(s: Setup, trial_rows: list[dict]) -> list[dict]:
             "over_budget": c.over_budget, "status": status, "n_trials": len(trials),
             "steps_done": _mean(t["steps_done"] for t in use),
             "eval_loss": _mean(losses), "eval_loss_std": float(np.std(losses)) if len(losses) > 1 else None,
+            "quality": _mean(t["quality"] for t in use),
+            "quality_name": next((t["quality_name"] for t in use if t["quality_name"]), None),
+            "label_loss": _mean(t["label_loss"] for t in use),
             "measured_gain": _mean(t["measured_gain"] for t in use), "metric": _mean(t["metric"] for t in use),
             "metric_name": next((t["metric_name"] for t in use if t["metric_name"]), None),
             "step_seconds": _mean(t["step_seconds"] for t in use),
@@ -479,6 +487,7 @@ def summary_markdown(s: Setup, rows: list[dict], per_layer: dict | None, card_di
     cfg, t = s.cfg, s.cfg.train_config
     unit = _UNIT_WORDS[cfg.budget_unit]
     counts = {st: sum(r["status"] == st for r in rows) for st in STATUSES}
+    quality = next((r["quality_name"] for r in rows if r.get("quality_name")), "eval_loss").replace("_", " ")
     lines = [f"# Layer-subset search ({cfg.mode})", "",
              f"- card: `{cfg.card}` ({s.card.card_id}), model `{s.plan.model_id}` (weights {s.plan.weights_hash})",
              f"- budget: {_fmt(cfg.budget)} {unit}" if cfg.budget is not None else "- budget: none",
@@ -486,20 +495,21 @@ def summary_markdown(s: Setup, rows: list[dict], per_layer: dict | None, card_di
              f"lr {t.lr:g}, seeds {cfg.seeds}; ASHA {'on' if cfg.use_asha else 'off'}",
              f"- candidates: {len(rows)} — " + ", ".join(f"{n} {st}" for st, n in counts.items() if n),
              f"- new card version: `{card_dir}`", "",
-             f"| id | layers | proposed by | pred. gain (frac.) | pred. cost ({unit}) | status | eval loss | "
+             f"| id | layers | proposed by | pred. gain (frac.) | pred. cost ({unit}) | status | {quality} | "
              "measured gain | s/step | peak MB | front |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
         lines.append(f"| {r['candidate']} | {r['layers']} | {'; '.join(r['labels'])} | "
                      f"{_fmt(r['predicted_gain_fraction'], '.1%')} | {_fmt(r['predicted_cost'])} | {r['status']} | "
-                     f"{_fmt(r['eval_loss'])} | {_fmt(r['measured_gain'])} | {_fmt(r['step_seconds'], '.3g')} | "
+                     f"{_fmt(r['quality'])} | {_fmt(r['measured_gain'])} | {_fmt(r['step_seconds'], '.3g')} | "
                      f"{_fmt(peak, '.0f')} | {'★' if r['on_measured_front'] else ''} |")
-    trained = [r for r in rows if r["status"] == "trained" and r["eval_loss"] is not None]
+    trained = [r for r in rows if r["status"] == "trained" and r["quality"] is not None]
     if trained:
-        best = min(trained, key=lambda r: r["eval_loss"])
-        lines += ["", f"Best measured eval loss: {best['candidate']} {best['layers']} ({'; '.join(best['labels'])}) "
-                      f"at {_fmt(best['eval_loss'])}."]
+        best = min(trained, key=lambda r: r["quality"])
+        name = (best["quality_name"] or "eval_loss").replace("_", " ")
+        lines += ["", f"Best measured {name}: {best['candidate']} {best['layers']} ({'; '.join(best['labels'])}) "
+                      f"at {_fmt(best['quality'])}."]
     if per_layer:
         rho = per_layer["spearman"]
         verdict = {True: "beats both free predictors", False: "does not beat the free predictors",
@@ -537,14 +547,15 @@ def write_card_version(s: Setup, rows: list[dict], single: dict[int, dict], per_
     col = lambda key: [(single[l][key] if l in single and single[l][key] is not None else nan)  # noqa: E731
                        for l in card.layer_ids]
     card.layers["measured_eval_loss"] = col("eval_loss")
+    card.layers["measured_quality"] = col("quality")
     card.layers["measured_gain"] = col("measured_gain")
     card.layers["measured_step_seconds"] = col("step_seconds")
     front = pd.DataFrame([{k: r[k] for k in ("candidate", "layers", "labels", "k", "predicted_gain", "predicted_cost",
-                                             "eval_loss", "measured_gain", "metric", "step_seconds",
+                                             "eval_loss", "quality", "measured_gain", "metric", "step_seconds",
                                              "peak_memory_bytes", "on_measured_front")}
                           for r in rows if r["status"] == "trained"],
                          columns=["candidate", "layers", "labels", "k", "predicted_gain", "predicted_cost", "eval_loss",
-                                  "measured_gain", "metric", "step_seconds", "peak_memory_bytes", "on_measured_front"])
+                                  "quality", "measured_gain", "metric", "step_seconds", "peak_memory_bytes", "on_measured_front"])
     buf = io.BytesIO()
     front.to_parquet(buf, index=False)
     frontier = buf.getvalue()
@@ -554,7 +565,8 @@ def write_card_version(s: Setup, rows: list[dict], single: dict[int, dict], per_
     card.meta["search"] = {
         "mode": s.cfg.mode, "budget": s.cfg.budget, "budget_unit": s.cfg.budget_unit, "steps": t.steps,
         "batch_size": t.batch_size, "lr": t.lr, "seeds": s.cfg.seeds, "zero_stage": t.zero_stage,
-        "measured_columns": ["measured_eval_loss", "measured_gain", "measured_step_seconds"],
+        "measured_columns": ["measured_eval_loss", "measured_quality", "measured_gain", "measured_step_seconds"],
+        "quality": next((r["quality_name"] for r in rows if r.get("quality_name")), "eval_loss"),
         "frontier_file": "frontier.parquet", "frontier_sha256": hashlib.sha256(frontier).hexdigest(),
         "measured_front": [r["candidate"] for r in rows if r["on_measured_front"]],
         "per_layer": per_layer,

@@ -45,6 +45,7 @@ class Plan:
     train: list[dict]
     eval: list[dict]
     with_accuracy: bool
+    label_token_ids: list[int] | None = None
 
 
 def split_eval(examples: list[dict], fraction: float, seed: int, num_workers: int) -> tuple[list[dict], list[dict]]:
@@ -80,8 +81,22 @@ def prepare(cfg: TrainConfig) -> Plan:
     if len(train) < cfg.num_workers:
         raise LayercardError(f"data has {len(train)} training examples, fewer than num_workers={cfg.num_workers}")
     eval_cfg = cfg.eval_data or cfg.data
+    label_ids = check_label_answers(cfg.label_answers, tokenizer, evals) if cfg.label_answers else None
     return Plan(model_id, weights_hash, int(tokenizer.pad_id), lora, layers, card_id, train, evals,
-                with_accuracy=eval_cfg.prompt_column is not None)
+                with_accuracy=eval_cfg.prompt_column is not None, label_token_ids=label_ids)
+
+
+def check_label_answers(answers: list[str], tokenizer, evals: list[dict]) -> list[int]:
+    """The answers' first tokens; every eval example must start its answer with one of them."""
+    from layercard.label_loss import answer_token_ids
+
+    ids = answer_token_ids(tokenizer, answers)
+    for i, e in enumerate(evals):
+        first = next((t for t in e["labels"] if t != -100), None)
+        if first not in ids:
+            raise LayercardError(f"eval example {i} answers with token {first}, none of label_answers "
+                                 f"{answers} (tokens {ids})")
+    return ids
 
 
 def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
@@ -108,6 +123,7 @@ def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
         "seed": cfg.seed,
         "pad_id": plan.pad_id,
         "with_accuracy": plan.with_accuracy,
+        "label_token_ids": plan.label_token_ids,
         "fail_at_step": cfg.fail_at_step,
         "fault_marker": str(storage_dir / cfg.name / FAULT_MARKER),
     }
@@ -249,17 +265,17 @@ def train_func(config: dict) -> None:
     def run_eval() -> dict:
         engine.eval()
         fwd = lambda ids, mask: engine(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-        sums = training.evaluate(fwd, _batches_once(eval_shard, bs, pad), device)
+        sums = training.evaluate(fwd, _batches_once(eval_shard, bs, pad), device, config.get("label_token_ids"))
         engine.train()
         return training.eval_metrics(_all_sum(sums, device), config["with_accuracy"])
 
     # The base model's eval loss: the gain of this layer set is measured against it.
-    initial_eval_loss = client["initial_eval_loss"] if checkpoint else run_eval()["eval_loss"]
+    initial = client["initial_eval"] if checkpoint else _initial_metrics(run_eval())
 
     def report(metrics: dict, step: int, extra_files=None, suffix: str = "") -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=f"step{step}", exclude_frozen_parameters=True,
-                                   client_state={"step": step, "initial_eval_loss": initial_eval_loss})
+                                   client_state={"step": step, "initial_eval": initial})
             if extra_files:
                 extra_files(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -282,8 +298,9 @@ def train_func(config: dict) -> None:
         do_eval = bool(config.get("eval_every")) and step % config["eval_every"] == 0
         if not (do_ckpt or do_eval or step % config["report_every"] == 0):
             continue
-        metrics = {"step": step, "lr": engine.get_lr()[0],
-                   "train_loss": _all_sum({"l": sum(window) / len(window)}, device)["l"] / world}
+        metrics = {"step": step, "lr": engine.get_lr()[0], **initial,
+                   "train_loss": _all_sum({"l": sum(window) / len(window)}, device)["l"] / world,
+                   "median_step_s": statistics.median(step_s[min(2, len(step_s) - 1):])}
         window = []
         if do_eval:
             metrics.update(run_eval())
@@ -301,11 +318,16 @@ def train_func(config: dict) -> None:
         if rank == 0:
             engine.module.save_pretrained(str(tmp / "adapter"), state_dict=adapter)
 
-    metrics = {**_summary(stats, start, steps), **final, **info, "initial_eval_loss": initial_eval_loss,
+    metrics = {**_summary(stats, start, steps), **final, **info, **initial,
                "step": steps, "num_adapter_layers": len(info["adapter_layers"]),
                "lowest_adapted_layer": info["adapter_layers"][0], "zero_stage": config["zero_stage"],
                "num_workers": world, "device": device.type}
     report(metrics, steps, extra_files=save_adapter, suffix="_final")
+
+
+def _initial_metrics(evaluated: dict) -> dict:
+    """The base model's eval numbers (before any step): the gain of a layer set is measured against them."""
+    return {f"initial_{k}": evaluated[k] for k in ("eval_loss", "label_loss", "metric", "quality")}
 
 
 def _summary(stats: list[dict], start: int, steps: int) -> dict:

@@ -92,6 +92,17 @@ def test_override_float_and_bool():
     assert cfg.profile.ridge == 0.5 and cfg.cost.measure is False
 
 
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("7e5", 7e5), ("2", 2.0)])
+def test_float_in_exponent_notation(text, value, tmp_path):
+    # YAML 1.1 reads 7e5 and 1e-3 (no dot) as strings; a float key takes them as numbers.
+    cfg = load_config(ProfileConfig, TINY, [f"profile.ridge={text}"])
+    assert cfg.profile.ridge == value and isinstance(cfg.profile.ridge, float)
+    path = tmp_path / "p.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text().replace("ridge: 1.0e-3", f"ridge: {text}"))
+    cfg = load_config(ProfileConfig, path)
+    assert cfg.profile.ridge == value
+
+
 def test_override_list():
     cfg = load_config(ProfileConfig, TINY, ["profile.target_modules=[q_proj,v_proj]"])
     assert cfg.profile.target_modules == ["q_proj", "v_proj"]
@@ -119,6 +130,7 @@ def test_unknown_key_names_it(override, key):
     ("profile.rank=x", "profile.rank"),
     ("profile.rank=1.5", "profile.rank"),
     ("profile.ridge=abc", "profile.ridge"),
+    ("profile.ridge=nan", "profile.ridge"),
     ("cost.measure=maybe", "cost.measure"),
     ("profile.target_modules=3", "profile.target_modules"),
     ("profile.layers=[0, a]", "profile.layers"),

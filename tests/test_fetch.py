@@ -197,6 +197,19 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert fetch.cache_root() == Path("~/.cache/layercard").expanduser()
 
 
+def test_config_paths_resolve_under_the_cache(monkeypatch, tmp_path):
+    from layercard.data import DataConfig
+    from layercard.models import ModelConfig
+
+    monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("SOME_DIR", str(tmp_path / "v"))
+    assert DataConfig(path="cache:tasks/sentiment/eval.jsonl").path == str(tmp_path / "c" / "tasks/sentiment/eval.jsonl")
+    assert ModelConfig(path="cache:/models/m").path == str(tmp_path / "c" / "models/m")
+    assert DataConfig(path="$SOME_DIR/x.jsonl").path == str(tmp_path / "v" / "x.jsonl")
+    assert DataConfig(path="~/x.txt").path == str(Path("~/x.txt").expanduser())
+    assert DataConfig().path is None
+
+
 def test_cli_fetch_and_prepare(archives, tmp_path, monkeypatch, capsys):
     from functools import partial
 

@@ -315,3 +315,19 @@ def test_planted_signal_has_the_highest_res_frac(planted_setup, target):
     others = res_frac.drop(index=target)
     assert res_frac.idxmax() == target, res_frac.round(4).to_dict()
     assert res_frac[target] > 1.1 * others.max(), res_frac.round(4).to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cross_product_matches_float64_brute_force(dtype):
+    """xᵀy in float64 out, for every input precision (half inputs: the exact products of their values)."""
+    from layercard.stats import cross_product
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 7, generator=g).to(dtype)
+    y = torch.randn(200, 5, generator=g).to(dtype)
+    xd, yd = x.double(), y.double()     # the values the product sees, exactly
+    ref = [[sum(xd[t, i] * yd[t, j] for t in range(200)) for j in range(5)] for i in range(7)]
+    out = cross_product(x, y)
+    assert out.dtype == torch.float64
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(out, torch.tensor(ref, dtype=torch.float64), rtol=tol, atol=tol * 10)

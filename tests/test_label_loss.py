@@ -64,3 +64,51 @@ def test_answer_token_ids():
     assert answer_token_ids(WordTokenizer(), [" negative", " positive"]) == [11, 12]
     with pytest.raises(LayercardError, match="share a first token"):
         answer_token_ids(WordTokenizer(), [" negative", " neutral"])
+
+
+def _sequence_batch():
+    """[3, 4, 6] logits whose answer-position rows are LOGITS, with labels starting each answer at t=2 or 3."""
+    logits = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((3, 4), -100)
+    starts = [2, 3, 2]
+    for row, (t, target) in enumerate(zip(starts, TARGET.tolist())):
+        logits[row, t - 1] = LOGITS[row]
+        labels[row, t] = LABEL_IDS[target]
+        labels[row, t + 1:] = 0   # later answer tokens do not matter
+    return logits, labels
+
+
+def test_label_sums_equal_the_hand_computation():
+    from layercard.label_loss import label_sums
+
+    logits, labels = _sequence_batch()
+    sums = label_sums(logits, labels, LABEL_IDS)
+    hand = math.log(1 + math.exp(1.5)) - math.log(3 / 4) + math.log(2)
+    assert sums["label_loss_sum"] == pytest.approx(hand, rel=1e-12)
+    assert sums["label_correct"] == 2 and sums["label_examples"] == 3
+
+
+def test_label_targets_refuse_an_answer_outside_the_labels():
+    from layercard.label_loss import label_targets
+
+    _, labels = _sequence_batch()
+    labels[1, 3] = 5
+    with pytest.raises(LayercardError, match="row 1 starts its answer with token 5") as exc:
+        label_targets(labels, LABEL_IDS)
+    assert "\n" not in str(exc.value)
+
+
+def test_eval_metrics_prefer_the_label_loss_as_quality():
+    from layercard.training import eval_metrics, evaluate
+
+    logits, labels = _sequence_batch()
+    batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4), "labels": labels}
+    forward = lambda ids, mask: logits  # noqa: E731  (the logits of a fixed model)
+    with_labels = eval_metrics(evaluate(forward, [batch, batch], "cpu", LABEL_IDS), with_accuracy=True)
+    hand = (math.log(1 + math.exp(1.5)) - math.log(3 / 4) + math.log(2)) / 3
+    assert with_labels["label_loss"] == pytest.approx(hand, rel=1e-12)
+    assert with_labels["quality"] == with_labels["label_loss"] and with_labels["quality_name"] == "label_loss"
+    assert with_labels["metric"] == pytest.approx(2 / 3) and with_labels["metric_name"] == "label_accuracy"
+    plain = eval_metrics(evaluate(forward, [batch], "cpu"), with_accuracy=True)
+    assert plain["label_loss"] is None and plain["metric_name"] == "accuracy"
+    assert plain["quality"] == plain["eval_loss"] == pytest.approx(with_labels["eval_loss"], rel=1e-12)

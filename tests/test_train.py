@@ -17,6 +17,7 @@ from layercard.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "train-tiny.yaml"
+DATA = ROOT / "configs" / "data" / "tiny.jsonl"
 TINY = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -137,6 +138,19 @@ def test_selection_without_a_hash_is_checked_against_its_card(tmp_path, weights_
         training.check_selection_for_model(training.read_selection(sel), weights_hash)
 
 
+@pytest.mark.parametrize("answers, message", [
+    ("[' negative', ' positive']", "share a first token"),               # the byte tokenizer: both start with ' '
+    ("[a, b]", r"eval example \d+ answers with token \d+, none of label_answers"),
+    ("[a]", "'label_answers' needs at least 2 answers"),
+])
+def test_bad_label_answers_are_refused(answers, message):
+    from pipelines import train
+
+    with pytest.raises(LayercardError, match=message) as exc:
+        train.prepare(train_cfg("strategy=all", f"label_answers={answers}"))
+    assert "\n" not in str(exc.value)
+
+
 def test_cli_rejects_zero_stage_1(tmp_path, capsys):
     from pipelines import train
 
@@ -165,10 +179,10 @@ def check_adapter(out: Path, layers: list[int]):
     assert min(trained) > 0  # lora_B starts at zero: the saved weights are the trained ones
 
 
-def check_metrics(m: dict, zero_stage: int):
+def check_metrics(m: dict, zero_stage: int, metric_name: str = "accuracy"):
     assert m["steps"] == 8 and m["zero_stage"] == zero_stage and m["num_workers"] == 2
     assert m["eval_loss"] < m["initial_eval_loss"] - 0.05                    # training helped
-    assert 0.0 <= m["metric"] <= 1.0 and m["metric_name"] == "accuracy"
+    assert 0.0 <= m["metric"] <= 1.0 and m["metric_name"] == metric_name
     assert m["adapter_layers"] == [2, 3] and m["selection_layers"] == [2, 3] and m["lowest_adapted_layer"] == 2
     assert m["trainable_params"] == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))   # r=4: q, v, down on 2 layers
     assert m["card_id"] == "test-card"
@@ -179,10 +193,32 @@ def check_metrics(m: dict, zero_stage: int):
 def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     from pipelines import train
 
-    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), *FAST, f"selection={selection}", "zero_stage=2"])
+    # Answers without the leading space, so the byte tokenizer's first answer tokens differ ('n', 'p').
+    data = tmp_path / "labelled.jsonl"
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
+    labelled = [f"data.path={data}", "label_answers=[negative, positive]"]
+    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), *FAST, f"selection={selection}", "zero_stage=2",
+                     *labelled])
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
-    check_metrics(m, 2)
+    check_metrics(m, 2, metric_name="label_accuracy")
+    assert m["label_loss"] == m["quality"] and m["quality_name"] == "label_loss"
+    assert m["initial_quality"] == m["initial_label_loss"]
+    # The reported label loss and accuracy equal an independent evaluation of the saved adapter on
+    # the same held-out examples (summed over the two workers' shards in the run).
+    from peft import PeftModel
+
+    from layercard import training
+    from layercard.data import batches_of
+
+    plan = train.prepare(train_cfg(f"selection={selection}", *labelled))
+    model = PeftModel.from_pretrained(tiny_model().model, str(tmp_path / "adapter")).eval()
+    fwd = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    ref = training.eval_metrics(training.evaluate(fwd, batches_of(plan.eval, 3, plan.pad_id), "cpu",
+                                                  plan.label_token_ids), with_accuracy=True)
+    assert m["label_loss"] == pytest.approx(ref["label_loss"], rel=1e-5)
+    assert m["metric"] == pytest.approx(ref["metric"]) and m["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
     hist = m["train_loss_history"]
     assert m["resumed_from_step"] == 0 and len(hist) == 8
     assert sum(hist[-3:]) / 3 < sum(hist[:3]) / 3 - 0.05

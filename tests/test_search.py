@@ -183,7 +183,8 @@ def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
         layer = by_id[t["candidate"]].layers[0]
         trials.append({"trial": key, "candidate": t["candidate"], "seed": 0, "trial_id": key, "attempts": 1,
                        "status": "trained", "steps_done": 6, "initial_eval_loss": 5.5,
-                       "eval_loss": 5.5 - measured[layer], "measured_gain": measured[layer], "metric": 0.0, "metric_name": "accuracy",
+                       "eval_loss": 5.5 - measured[layer], "initial_quality": 0.7, "quality": 0.7 - measured[layer],
+                       "quality_name": "label_loss", "label_loss": 0.7 - measured[layer], "measured_gain": measured[layer], "metric": 0.0, "metric_name": "accuracy",
                        "step_seconds": 0.1 + layer, "peak_memory_bytes": 1e8, "train_tokens_per_s": 1e3, "error": None})
     rows = search.candidate_rows(s, trials)
     single, corr = search._per_layer(s, rows)
@@ -198,6 +199,8 @@ def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
     new = LayerCard.load(new_dir)
     assert new.layers["measured_gain"].tolist() == pytest.approx(gains)
     assert new.layers["measured_eval_loss"].tolist() == pytest.approx([5.5 - g for g in gains])
+    assert new.layers["measured_quality"].tolist() == pytest.approx([0.7 - g for g in gains])
+    assert new.meta["search"]["quality"] == "label_loss"
     assert new.meta["search"]["per_layer"]["spearman"] == corr["spearman"]
     text = search.summary_markdown(s, rows, corr, new_dir)
     assert "Spearman" in text and f"{corr['spearman']['res2']:.3f}" in text
@@ -263,7 +266,9 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
     old = LayerCard.load(card_dir)
     new = LayerCard.load(out / "card")
     assert new.card_id != old.card_id and new.meta["parent_card_id"] == old.card_id
-    assert {"measured_eval_loss", "measured_gain", "measured_step_seconds"} <= set(new.layers.columns)
+    assert {"measured_eval_loss", "measured_quality", "measured_gain", "measured_step_seconds"} <= set(new.layers.columns)
+    assert new.meta["search"]["quality"] == "eval_loss"                 # the tiny data has no label_answers
+    assert (trained["quality"] == trained["eval_loss"]).all()
     assert "measured_gain" not in old.layers.columns                                        # the old version as it was
     front = pd.read_parquet(out / "card" / "frontier.parquet")
     assert sorted(front["candidate"]) == sorted(trained["candidate"]) and front["on_measured_front"].any()

@@ -1,0 +1,262 @@
+"""The paper-style table: card-guided layer sets vs baselines, trained and measured on SmolLM2-135M.
+
+    python benchmarks/paper_table.py                      # both tasks, k ∈ {3, 5, 8}, 3 seeds (hours)
+    python benchmarks/paper_table.py --quick              # sentiment, k = 5, 2 seeds
+    python benchmarks/paper_table.py --tasks sentiment --seeds 0 1 2 --ks 3 5 8
+
+For each task: profile SmolLM2 on the task's calibration split (a Layer Card; reused when present),
+then one ``layercard search`` over card-guided sets (max-quality at each k, min-cost at each
+target) and every baseline at matching k plus all layers, each trained once per seed with the
+same data order across strategies (the seed sets the order). Every number in the table comes from
+those runs: nothing here trains or measures on its own.
+
+Writes ``benchmarks/results/paper_table.json`` (one row per strategy, k and seed), ``paper_table.md``
+(means ± sd over seeds) and ``frontier_<task>.png``; the searches and cards stay under ``--work``.
+Needs ``layercard fetch --prepare sentiment headline`` first (``make fetch``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = {
+    # label loss (log-softmax over the two answers' first tokens) is the sentiment quality
+    "sentiment": {"profile": [], "train": []},
+    # mean eval loss per title token; prompts are ~80 words, so longer sequences
+    "headline": {
+        "profile": ["data.path=cache:tasks/headline/calibration.jsonl", "data.max_seq_len=160",
+                    "data.num_samples=128"],
+        "train": ["train.data.path=cache:tasks/headline/train.jsonl", "train.data.max_seq_len=160",
+                  "train.eval_data.path=cache:tasks/headline/eval.jsonl", "train.eval_data.max_seq_len=160",
+                  "train.eval_data.num_samples=200", "train.label_answers=null", "train.batch_size=4"],
+    },
+}
+LABEL = re.compile(r"^(?P<name>[\w-]+)(?: k=(?P<k>\d+))?(?: target=(?P<target>[\d.]+))?")
+
+
+def strategy_of(label: str, n_layers: int) -> tuple[str, int] | None:
+    """A search candidate label → (table strategy, k): ``max-quality k=5`` → (card, 5),
+    ``min-cost target=0.95`` → (min-cost@0.95, |S|), ``top k=5`` → (top, 5), ``all`` → (all, L)."""
+    m = LABEL.match(label)
+    if not m or " budget=" in label:
+        return None
+    name = m["name"]
+    if name == "max-quality":
+        return "card", int(m["k"])
+    if name == "min-cost":
+        return f"min-cost@{m['target']}", n_layers
+    if name == "all":
+        return "all", n_layers
+    return name, int(m["k"])
+
+
+def paper_rows(task: str, search_dir: Path) -> list[dict]:
+    """One row per (strategy, k, seed) from a finished search's trials and candidates."""
+    import pandas as pd
+
+    cands = pd.read_parquet(search_dir / "results.parquet").set_index("candidate")
+    trials = pd.read_parquet(search_dir / "trials.parquet")
+    trials = trials[trials["status"] == "trained"]
+    all_id = next(c for c, r in cands.iterrows() if "all" in list(r["labels"]))
+    ref = {int(t["seed"]): t for _, t in trials[trials["candidate"] == all_id].iterrows()}
+    rows = []
+    for _, t in trials.iterrows():
+        c = cands.loc[t["candidate"]]
+        seed = int(t["seed"])
+        if seed not in ref:
+            continue
+        a = ref[seed]
+        base, q, q_all = float(t["initial_quality"]), float(t["quality"]), float(a["quality"])
+        for label in c["labels"]:
+            parsed = strategy_of(label, len(c["layers"]))
+            if parsed is None:
+                continue
+            strategy, k = parsed
+            rows.append({
+                "task": task, "strategy": strategy, "k": k if not strategy.startswith("min-cost") else len(c["layers"]),
+                "seed": seed, "layers": [int(x) for x in c["layers"]], "quality": q,
+                "quality_name": t["quality_name"], "base_quality": base,
+                "gain_fraction": (base - q) / (base - q_all) if base != q_all else None,
+                "accuracy": float(t["metric"]) if t["metric_name"] in ("accuracy", "label_accuracy") else None,
+                "step_time_ratio": float(t["step_seconds"]) / float(a["step_seconds"]),
+                "peak_mem_ratio": float(t["peak_memory_bytes"]) / float(a["peak_memory_bytes"]),
+                "adapted_layers": len(c["layers"]), "step_seconds": float(t["step_seconds"]),
+                "predicted_gain_fraction": None if c["predicted_gain_fraction"] is None
+                else float(c["predicted_gain_fraction"]),
+            })
+    return rows
+
+
+def _mean_sd(values) -> tuple[float | None, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if not len(v):
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
+
+
+def grouped(rows: list[dict]) -> list[dict]:
+    """Means and sds over seeds per (task, strategy, k), in a stable order."""
+    order = ["card", "min-cost", "top", "bottom", "mid", "uniform", "random", "grad-norm", "block-influence", "all"]
+    keys = sorted({(r["task"], r["strategy"], r["k"]) for r in rows},
+                  key=lambda x: (x[0], order.index(x[1].split("@")[0]) if x[1].split("@")[0] in order else 99,
+                                 x[1], x[2]))
+    out = []
+    for task, strategy, k in keys:
+        rs = [r for r in rows if (r["task"], r["strategy"], r["k"]) == (task, strategy, k)]
+        g = {"task": task, "strategy": strategy, "k": k, "n_seeds": len(rs), "layers": rs[0]["layers"],
+             "quality_name": rs[0]["quality_name"]}
+        for col in ("quality", "gain_fraction", "accuracy", "step_time_ratio", "peak_mem_ratio"):
+            g[col], g[f"{col}_sd"] = _mean_sd(r[col] for r in rs)
+        out.append(g)
+    return out
+
+
+def _fmt(mean, sd, spec=".3f") -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Paper table ({meta['machine']}, {meta['runtime_min']:.0f} min)", ""]
+    for task in sorted({r["task"] for r in rows}):
+        g = [r for r in grouped(rows) if r["task"] == task]
+        qname = g[0]["quality_name"].replace("_", " ")
+        seed_spread = next((r["quality_sd"] for r in g if r["strategy"] == "all"), None)
+        lines += [f"## {task} (quality = {qname}, lower is better; all-layer seed sd "
+                  f"{_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'})", "",
+                  "| strategy | k | layers | quality | gain fraction | accuracy | step-time ratio | peak-mem ratio | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in g:
+            lines.append(f"| {r['strategy']} | {r['k']} | {r['layers']} | {_fmt(r['quality'], r['quality_sd'], '.4f')} | "
+                         f"{_fmt(r['gain_fraction'], r['gain_fraction_sd'])} | {_fmt(r['accuracy'], r['accuracy_sd'])} | "
+                         f"{_fmt(r['step_time_ratio'], r['step_time_ratio_sd'], '.2f')} | "
+                         f"{_fmt(r['peak_mem_ratio'], r['peak_mem_ratio_sd'], '.2f')} | {r['n_seeds']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], task: str, path: Path) -> None:
+    """Gain fraction vs step-time ratio, every strategy (± sd over seeds), the measured Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layercard.candidates import pareto_mask
+
+    g = [r for r in grouped(rows) if r["task"] == task and r["gain_fraction"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = {"card": ("*", "tab:red", 220), "min-cost": ("P", "tab:purple", 120), "all": ("s", "black", 90)}
+    for r in g:
+        base = r["strategy"].split("@")[0]
+        m, color, size = markers.get(base, ("o", "tab:gray", 50))
+        ax.errorbar(r["step_time_ratio"], r["gain_fraction"], yerr=r["gain_fraction_sd"] or 0, fmt="none",
+                    ecolor=color, alpha=0.5)
+        ax.scatter(r["step_time_ratio"], r["gain_fraction"], marker=m, color=color, s=size, zorder=3)
+        ax.annotate(f"{r['strategy']} k={r['k']}", (r["step_time_ratio"], r["gain_fraction"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    x = np.array([r["step_time_ratio"] for r in g])
+    y = np.array([r["gain_fraction"] for r in g])
+    front = pareto_mask(x, y)
+    order = np.argsort(x[front])
+    ax.plot(x[front][order], y[front][order], "--", color="tab:red", alpha=0.6, label="measured Pareto front")
+    ax.set_xlabel("step-time ratio vs all layers (lower is cheaper)")
+    ax.set_ylabel("gain fraction (1 = all layers)")
+    ax.set_title(f"{task}: measured quality vs cost (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ensure_card(task: str, work: Path, extra: list[str]) -> Path:
+    from layercard.config import load_config
+    from layercard.profile_config import ProfileConfig
+    from pipelines.profile import run_profile
+
+    card_dir = work / task / "card"
+    if not (card_dir / "card.json").exists():
+        cfg = load_config(ProfileConfig, ROOT / "configs" / "profile-smollm2.yaml", [*TASKS[task]["profile"], *extra])
+        print(f"== {task}: profiling SmolLM2 → {card_dir}", flush=True)
+        run_profile(cfg).save(card_dir)
+    return card_dir
+
+
+def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
+    from layercard.config import load_config
+    from layercard.search_config import SearchConfig
+    from pipelines import search
+
+    out = work / task / "search"
+    if (out / "results.parquet").exists():
+        return out
+    if (out / search.SEARCH_FILE).exists():
+        search.resume(out)
+        return out
+    overrides = [f"card={card_dir}", f"ks={json.dumps(args.ks)}", f"targets={json.dumps(args.targets)}",
+                 f"seeds={json.dumps(args.seeds)}", *TASKS[task]["train"], *args.overrides]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
+    print(f"== {task}: search ({len(args.ks)} ks, {len(args.seeds)} seeds) → {out}", flush=True)
+    search.run(cfg, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--ks", nargs="+", type=int, default=[3, 5, 8])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.9, 0.95, 0.99])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the search config's)")
+    p.add_argument("--quick", action="store_true", help="sentiment only, k=5, target 0.95, seeds 0 1")
+    p.add_argument("--work", default=str(ROOT / "runs" / "paper"), help="cards and searches (reused when present)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
+    p.add_argument("overrides", nargs="*", help="search config key=value overrides")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.ks, args.targets, args.seeds = ["sentiment"], [5], [0.95], [0, 1]
+    from layercard.fetch import verify
+
+    verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])
+    from layercard.tasks import prepare_task
+
+    for task in args.tasks:
+        prepare_task(task)
+    started = time.time()
+    work = Path(args.work)
+    rows = []
+    for task in args.tasks:
+        card = ensure_card(task, work, args.profile_overrides)
+        rows += paper_rows(task, run_search(task, card, work, args))
+    meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
+            "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
+            "targets": args.targets, "quick": args.quick}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / "paper_table_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    text = markdown(rows, meta)
+    (results / "paper_table.md").write_text(text)
+    for task in args.tasks:
+        plot_frontier(rows, task, results / f"frontier_{task}.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
