@@ -132,14 +132,14 @@ def main() -> None:
         for dtype in args.dtypes:
             rows.append(run_shape(name, dtype, data, args.repeats))
             torch.cuda.empty_cache()
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
+            res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
+            with open(args.out, "w") as f:           # after every row: a cut-short run keeps what it measured
+                json.dump(res, f, indent=2)
     print(f"\n{'model':<12} {'dtype':<9} {'plain s':>8} {'pass1 TC ×':>10} {'pass1 fp32-upcast ×':>20} {'ΔA rel':>8} {'ΔC rel':>8}")
     for r in rows:
         print(f"{r['model']:<12} {r['dtype']:<9} {r['plain_fwd_bwd_s']:>8.3f} {r['pass1_tensor_core_over_plain']:>10.2f} "
               f"{r.get('pass1_fp32_upcast_over_plain', float('nan')):>20.2f} {r.get('max_rel_diff_A', float('nan')):>8.1e} "
               f"{r.get('max_rel_diff_C', float('nan')):>8.1e}")
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

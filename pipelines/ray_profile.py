@@ -204,6 +204,9 @@ class DirectionsActor(_SliceActor):
 
 
 # ----------------------------------------------------------------------------- driver
+SHUFFLE_CPUS = 1.0
+
+
 def _check_resources(cfg: ProfileConfig, ray) -> None:
     r = cfg.ray
     total = ray.cluster_resources()
@@ -211,10 +214,15 @@ def _check_resources(cfg: ProfileConfig, ray) -> None:
     if need_gpu > total.get("GPU", 0):
         raise LayercardError(f"ray.num_gpus_per_actor={r.num_gpus_per_actor} × {r.num_actors} actors needs {need_gpu:g} GPUs; "
                              f"the cluster has {total.get('GPU', 0):g}")
-    need_cpu = r.num_cpus_per_actor * (r.num_actors // r.layer_slices)
+    # Every slice's pool runs at once, and Ray Data's hash shuffle (groupby shard) needs a CPU of
+    # its own beside them: with the actors holding every CPU the shuffle never starts and the run
+    # hangs. So the actors may take at most all CPUs but one.
+    need_cpu = r.num_cpus_per_actor * r.num_actors + SHUFFLE_CPUS
     if need_cpu > total.get("CPU", 0):
-        raise LayercardError(f"ray.num_cpus_per_actor={r.num_cpus_per_actor} × {r.num_actors // r.layer_slices} actors per "
-                             f"slice needs {need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}")
+        raise LayercardError(f"ray.num_cpus_per_actor={r.num_cpus_per_actor:g} × ray.num_actors={r.num_actors} plus "
+                             f"{SHUFFLE_CPUS:g} CPU for Ray Data's shuffle needs {need_cpu:g} CPUs; the cluster has "
+                             f"{total.get('CPU', 0):g} (lower ray.num_cpus_per_actor, e.g. "
+                             f"{max(total.get('CPU', 0) - SHUFFLE_CPUS, 0) / r.num_actors:g}, or ray.num_actors)")
 
 
 def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
@@ -223,8 +231,12 @@ def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
     return [list(map(int, s)) for s in np.array_split(np.asarray(layers), slices)]
 
 
-def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int):
-    """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently."""
+def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume) -> set:
+    """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently.
+
+    Each (slice, shard) result is handed to ``consume(key, row)`` as it arrives, once (a retried
+    shard counts once), and then dropped: the driver holds running sums, never every shard's
+    statistics at once (a Qwen3-8B layer's are ~3 GiB). Returns the keys seen."""
     import ray.data
 
     r = cfg.ray
@@ -237,9 +249,12 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
             fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
             num_gpus=r.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1))
     out = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
-    seen = {}
+    seen = set()
     for row in out.iter_rows():
-        seen.setdefault((int(row["slice"]), int(row["shard"])), row)  # a retried shard counts once
+        key = (int(row["slice"]), int(row["shard"]))
+        if key not in seen:                      # a retried shard counts once
+            seen.add(key)
+            consume(key, row)
     return seen
 
 
@@ -256,10 +271,10 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     from pipelines.common import init_ray
 
     ray = init_ray(cfg.ray.address)
-    _check_resources(cfg, ray)
     lm = describe_model(cfg.model)   # driver: layout, identity, Δ* shapes — no weights on an accelerator
     layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
     slices = slice_layers(list(layout.layers), cfg.ray.layer_slices)
+    _check_resources(cfg, ray)
     replicas = cfg.ray.num_actors // cfg.ray.layer_slices
     num_shards = cfg.ray.num_shards or 2 * replicas
 
@@ -274,11 +289,14 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         marker_dir = cfg.ray.fault_marker_dir or tmp
-        rows = _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
-            "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir}, num_shards)
-    stats = SufficientStats()
-    for key in sorted(rows):
-        stats += _stats_from_bytes(rows[key]["stats"])
+        stats = SufficientStats()
+
+        def add(key, row):
+            nonlocal stats
+            stats += _stats_from_bytes(row["stats"])
+
+        _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
+            "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir}, num_shards, add)
     dt = time.perf_counter() - t0
     if progress:
         print(f"pass 1: {stats.n_tokens} tokens on {cfg.ray.num_actors} actors × {len(slices)} slices, "
@@ -300,9 +318,10 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
                              cfg.coupling.seed)
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
         refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
-        rows = _run_pool(probe, DirectionsActor, cfg, slices,
-                         lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, num_shards)
-        K, b = _aggregate_directions(rows, list(layout.layers), coupling_from_embeddings)
+        agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)
+        _run_pool(probe, DirectionsActor, cfg, slices,
+                  lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, num_shards, agg.add)
+        K, b = agg.result()
         attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})
         if progress:
             dt = time.perf_counter() - t0
@@ -340,29 +359,43 @@ def _cost_on_actor(card, cfg: ProfileConfig, tokenized, ray, lm) -> None:
     print(f"cost: measured on a Ray worker in {time.perf_counter() - t0:.1f}s, R² {card.meta.get('cost_r2')}")
 
 
-def _aggregate_directions(rows: dict, layers: list[int], coupling_fn):
-    """K = Σ_shards K_shard (all slices' directions of one shard side by side), b = Σ."""
-    import torch
+class DirectionsSum:
+    """K = Σ_shards K_shard and b = Σ, one probe shard at a time: a shard's rows wait only until every
+    slice has sent its directions (K needs all layers' directions of the same tokens side by side)."""
 
-    where = {l: i for i, l in enumerate(layers)}
-    K = np.zeros((len(layers), len(layers)))
-    b = np.zeros(len(layers))
-    for shard in sorted({sh for _, sh in rows}):
-        W = [None] * len(layers)
-        for (s, sh), row in rows.items():
-            if sh != shard:
-                continue
-            ls = _array_from_bytes(row["layers"])
-            Ws = _array_from_bytes(row["W"])
-            bs = _array_from_bytes(row["b"])
+    def __init__(self, layers: list[int], n_slices: int, coupling_fn):
+        self.where = {l: i for i, l in enumerate(layers)}
+        self.n_slices, self.coupling_fn = n_slices, coupling_fn
+        self.K = np.zeros((len(layers), len(layers)))
+        self.b = np.zeros(len(layers))
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.done: set[int] = set()
+
+    def add(self, key: tuple[int, int], row: dict) -> None:
+        s, shard = key
+        self.pending.setdefault(shard, {})[s] = row
+        if len(self.pending[shard]) == self.n_slices:
+            self._fold(shard, self.pending.pop(shard))
+
+    def _fold(self, shard: int, rows: dict[int, dict]) -> None:
+        import torch
+
+        W = [None] * len(self.where)
+        for row in rows.values():
+            ls, Ws, bs = (_array_from_bytes(row[k]) for k in ("layers", "W", "b"))
             for j, l in enumerate(ls):
-                W[where[int(l)]] = torch.from_numpy(Ws[j])
-                b[where[int(l)]] += bs[j]
+                W[self.where[int(l)]] = torch.from_numpy(Ws[j])
+                self.b[self.where[int(l)]] += bs[j]
         if any(w is None for w in W):
             raise LayercardError(f"probe shard {shard} is missing directions for some layers")
         if W[0].numel():
-            K += coupling_fn(W).numpy()
-    return K, b
+            self.K += self.coupling_fn(W).numpy()
+        self.done.add(shard)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.pending:
+            raise LayercardError(f"probe shards {sorted(self.pending)} are missing directions from some slices")
+        return self.K, self.b
 
 
 def _records(ds):

@@ -78,6 +78,13 @@ def test_bad_input(ray_local, override, message):
         profile_on_ray(cfg_with(*overrides), progress=False)
 
 
+def test_actors_holding_every_cpu_fail_fast(ray_local):
+    # Two 1-CPU actors on 2 CPUs would leave none for Ray Data's shuffle: a hang, not a run.
+    with pytest.raises(LayercardError, match=r"ray.num_actors=2 plus 1 CPU for Ray Data's shuffle needs 3 CPUs; "
+                                             r"the cluster has 2 \(lower ray.num_cpus_per_actor, e.g. 0.5"):
+        profile_on_ray(cfg_with("ray.num_actors=2", "ray.num_cpus_per_actor=1"), progress=False)
+
+
 def test_gpus_requested_on_cpu_cluster_fails_fast(ray_local):
     with pytest.raises(LayercardError, match="needs 1 GPUs; the cluster has 0"):
         profile_on_ray(cfg_with("ray.num_actors=1", "ray.num_gpus_per_actor=1"), progress=False)

@@ -3,6 +3,10 @@ on a tiny random Qwen3 (4 layers, hidden 64) with the ``ray_local`` fixture (2 C
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +242,29 @@ def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selecti
     check_metrics(m, 3)
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
     check_adapter(tmp_path, [2, 3])
+
+
+BUILD_SHM_OP = """
+import importlib, os
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from layercard import training
+assert training.skip_shm_op_build() is False        # a compiler is there: DeepSpeed may build its op
+op = importlib.import_module("deepspeed.comm.torch").build_shm_op()
+assert op is not None and hasattr(op, "initialize")
+"""
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (the other runs cover the no-compiler path)")
+def test_with_a_compiler_deepspeed_ops_build_once_and_load_from_the_cache(tmp_path):
+    """The compiler path: DeepSpeed JIT-builds its shm comm op into TORCH_EXTENSIONS_DIR, and a
+    second process loads the cached build instead of compiling again."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run = lambda: subprocess.run([sys.executable, "-c", BUILD_SHM_OP], env=env, capture_output=True,  # noqa: E731
+                                 text=True, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    built = {p: p.stat().st_mtime_ns for p in (tmp_path / "ext").rglob("*.so")}
+    assert built, "no compiled op in TORCH_EXTENSIONS_DIR"
+    second = run()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ext").rglob("*.so")} == built   # not rebuilt
