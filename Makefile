@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: venv dev demo fetch test clean
+.PHONY: venv dev demo demo-tiny fetch test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,12 +23,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
-# The whole product on a tiny random model (profile → report → select → train ×3 → table).
-# The SmolLM2 demo of issue 8 will replace it; `make fetch` already prepares its model and data.
-demo: $(VENV)/.installed
+# The whole product on SmolLM2-135M and the sentiment task: fetch (once, cached) → profile on Ray →
+# card + report → select (max-quality k=5, min-cost 0.95) → LoRA on each and on all layers → table.
+# `make demo-tiny` runs the same path on a tiny random model in ~2 minutes (what CI smoke-tests).
+demo: fetch
 	rm -rf $(OUT)
-	$(BIN)/python -m pipelines.demo --config configs/demo-tiny.yaml --out $(OUT)
+	$(BIN)/python -m pipelines.demo --config configs/demo-smollm2.yaml --out $(OUT)
 	$(BIN)/layercard show $(OUT)/card
+
+demo-tiny: $(VENV)/.installed
+	rm -rf $(OUT)-tiny
+	$(BIN)/python -m pipelines.demo --config configs/demo-tiny.yaml --out $(OUT)-tiny
+	$(BIN)/layercard show $(OUT)-tiny/card
 
 fetch: $(VENV)/.installed
 	$(BIN)/layercard fetch --prepare sentiment,headline
