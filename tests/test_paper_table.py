@@ -1,0 +1,83 @@
+"""benchmarks/paper_table.py's bookkeeping on a synthetic finished search: label parsing, gain
+fractions and ratios against the same seed's all-layer run, the table and the frontier plot."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "benchmarks" / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("label, want", [
+    ("max-quality k=5", ("card", 5)), ("min-cost target=0.95", ("min-cost@0.95", 7)), ("top k=3", ("top", 3)),
+    ("random k=8 seed=0", ("random", 8)), ("grad-norm k=5", ("grad-norm", 5)),
+    ("block-influence k=3", ("block-influence", 3)), ("all", ("all", 7)), ("max-quality k=5 budget=0.5x", None),
+])
+def test_strategy_of(paper, label, want):
+    assert paper.strategy_of(label, 7) == want
+
+
+def _search_dir(tmp_path: Path) -> Path:
+    cands = pd.DataFrame([
+        {"candidate": "c00", "layers": [5, 6], "labels": ["max-quality k=2", "top k=2"], "predicted_gain_fraction": 0.8},
+        {"candidate": "c01", "layers": [0, 1], "labels": ["bottom k=2"], "predicted_gain_fraction": 0.3},
+        {"candidate": "c02", "layers": list(range(8)), "labels": ["all"], "predicted_gain_fraction": 1.0},
+    ])
+    trials = []
+    # base quality 0.7 for every trial; all-layer quality 0.3 (seed 0) and 0.4 (seed 1)
+    for seed, (q_card, q_bottom, q_all) in enumerate([(0.4, 0.6, 0.3), (0.5, 0.65, 0.4)]):
+        for cand, q, step, mem in (("c00", q_card, 1.0, 2e8), ("c01", q_bottom, 3.0, 3e8), ("c02", q_all, 4.0, 4e8)):
+            trials.append({"trial": f"{cand}-s{seed}", "candidate": cand, "seed": seed, "status": "trained",
+                           "initial_quality": 0.7, "quality": q, "quality_name": "label_loss", "metric": 0.8,
+                           "metric_name": "label_accuracy", "step_seconds": step, "peak_memory_bytes": mem})
+    trials.append({**trials[0], "trial": "c01-s9", "candidate": "c01", "seed": 9, "status": "failed"})
+    out = tmp_path / "search"
+    out.mkdir()
+    cands.to_parquet(out / "results.parquet", index=False)
+    pd.DataFrame(trials).to_parquet(out / "trials.parquet", index=False)
+    return out
+
+
+def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path):
+    rows = paper.paper_rows("sentiment", _search_dir(tmp_path))
+    by = {(r["strategy"], r["seed"]): r for r in rows}
+    assert set(by) == {(s, seed) for s in ("card", "top", "bottom", "all") for seed in (0, 1)}   # failed trial dropped
+    card0, card1 = by[("card", 0)], by[("card", 1)]
+    assert card0["gain_fraction"] == pytest.approx((0.7 - 0.4) / (0.7 - 0.3))
+    assert card1["gain_fraction"] == pytest.approx((0.7 - 0.5) / (0.7 - 0.4))
+    assert card0["step_time_ratio"] == pytest.approx(0.25) and card0["peak_mem_ratio"] == pytest.approx(0.5)
+    assert by[("top", 0)]["quality"] == card0["quality"] and by[("top", 0)]["k"] == 2   # one set, two labels
+    assert by[("all", 1)]["gain_fraction"] == pytest.approx(1.0) and by[("all", 1)]["k"] == 8
+    assert card0["accuracy"] == 0.8 and card0["layers"] == [5, 6] and card0["adapted_layers"] == 2
+    keys = {"task", "strategy", "k", "seed", "layers", "quality", "gain_fraction", "accuracy", "step_time_ratio",
+            "peak_mem_ratio", "adapted_layers"}
+    assert all(keys <= set(r) for r in rows)
+    json.dumps(rows)                                   # the JSON the benchmark writes
+
+    g = {(r["strategy"]): r for r in paper.grouped(rows)}
+    assert g["card"]["gain_fraction"] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert g["card"]["gain_fraction_sd"] == pytest.approx(pd.Series([0.75, 2 / 3]).std())
+    text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0})
+    assert "| card | 2 | [5, 6] |" in text and "label loss" in text
+
+
+def test_frontier_plot_decodes(paper, tmp_path):
+    from PIL import Image
+
+    rows = paper.paper_rows("sentiment", _search_dir(tmp_path))
+    paper.plot_frontier(rows, "sentiment", tmp_path / "f.png")
+    with Image.open(tmp_path / "f.png") as img:
+        img.load()
+        assert img.size[0] > 400
