@@ -44,8 +44,8 @@ def main():
     args = p.parse_args()
     from layercard.coupling_pass import coupling_terms, layer_deltas, make_sketch
     from layercard.discovery import discover
-    from layercard.losses import lm_loss_sum
     from layercard.models import ModelConfig, load_model
+    from profile_overhead_gpu import plain_fwd_bwd_seconds   # benchmarks/ is sys.path[0]
     from layercard.profiler import card_from_stats, collect_stats
 
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -58,17 +58,7 @@ def main():
         lm = load_model(ModelConfig(config=arch, dtype=dtype, device="cuda", attn_implementation="sdpa"))
         model = lm.model
         layout = discover(model)
-        block0 = model.get_submodule(layout.block_path)[0]
-        h = block0.register_forward_pre_hook(lambda m, a, k: ((a[0].detach().requires_grad_(True), *a[1:]), k),
-                                             with_kwargs=True)
-
-        def plain():
-            for b in data:
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-                lm_loss_sum(out.logits, b["labels"]).backward()
-        plain()
-        _, t_plain = timed(plain)
-        h.remove()
+        t_plain = plain_fwd_bwd_seconds(model, layout, data, lambda fn: timed(fn)[1])
         torch.cuda.reset_peak_memory_stats()
         stats, t_pass1 = timed(lambda: collect_stats(model, layout, data))
         peak = torch.cuda.max_memory_allocated()

@@ -45,20 +45,11 @@ def make_batches(vocab: int, n: int, bs: int, seq: int) -> list[dict]:
     return out
 
 
-def rel(a: dict, b: dict) -> float:
-    return max(float(torch.linalg.norm(a[k] - b[k]) / torch.linalg.norm(b[k])) for k in a)
-
-
-def run_shape(name: str, dtype: str, data: list[dict], repeats: int) -> dict:
-    from scipy.stats import spearmanr
-
-    from layercard.discovery import discover
+def plain_fwd_bwd_seconds(model, layout, data: list[dict], time_fn) -> float:
+    """``time_fn(fn)`` of one plain forward+backward over ``data`` (after a warm-up pass), the
+    backward stopping at block 0's input as profiling's does: the baseline of every overhead ratio."""
     from layercard.losses import lm_loss_sum
-    from layercard.models import ModelConfig, load_model
-    from layercard.profiler import card_from_stats, collect_stats
 
-    model = load_model(ModelConfig(config=SHAPES[name], dtype=dtype, device="cuda", attn_implementation="sdpa")).model
-    layout = discover(model)
     block0 = model.get_submodule(layout.block_path)[0]
     handle = block0.register_forward_pre_hook(lambda m, a, k: ((a[0].detach().requires_grad_(True), *a[1:]), k),
                                               with_kwargs=True)
@@ -68,9 +59,27 @@ def run_shape(name: str, dtype: str, data: list[dict], repeats: int) -> dict:
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
             lm_loss_sum(out.logits, b["labels"]).backward()
 
-    plain()
-    _, t_plain = timed(plain, repeats)
-    handle.remove()
+    try:
+        plain()
+        return time_fn(plain)
+    finally:
+        handle.remove()
+
+
+def rel(a: dict, b: dict) -> float:
+    return max(float(torch.linalg.norm(a[k] - b[k]) / torch.linalg.norm(b[k])) for k in a)
+
+
+def run_shape(name: str, dtype: str, data: list[dict], repeats: int) -> dict:
+    from scipy.stats import spearmanr
+
+    from layercard.discovery import discover
+    from layercard.models import ModelConfig, load_model
+    from layercard.profiler import card_from_stats, collect_stats
+
+    model = load_model(ModelConfig(config=SHAPES[name], dtype=dtype, device="cuda", attn_implementation="sdpa")).model
+    layout = discover(model)
+    t_plain = plain_fwd_bwd_seconds(model, layout, data, lambda fn: timed(fn, repeats)[1])
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     row = {"model": name, "dtype": dtype, "tokens": tokens, "plain_fwd_bwd_s": t_plain}
     cards = {}
