@@ -23,15 +23,17 @@ from layercard.stats import SufficientStats
 
 
 def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
-                 layers: Iterable[int] | None = None, device: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
+                 layers: Iterable[int] | None = None, device: str | None = None,
+                 eigs: dict | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Δ*_ℓ per layer as tangents in each weight's own shape/dtype/device (Conv1D: transposed).
 
     ``device`` overrides the weights' device (a driver holding a ``meta`` model ships float32 CPU
-    tangents; each actor casts them to its own weights)."""
+    tangents; each actor casts them to its own weights). ``eigs``: eigendecompositions per input
+    group already solved (:func:`layercard.profiler.card_from_stats` fills such a dict)."""
     params = dict(model.named_parameters())
     wanted = set(layout.layers if layers is None else layers)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    eigs = {}
+    eigs = {} if eigs is None else eigs
     for m in layout.modules:
         if m.layer not in wanted:
             continue

@@ -61,8 +61,9 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
     return stats
 
 
-def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: float) -> pd.DataFrame:
-    rows, eigs = [], {}
+def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: float,
+                 eigs: dict | None = None) -> pd.DataFrame:
+    rows, eigs = [], ({} if eigs is None else eigs)
     for m in layout.modules:
         if m.key not in stats.C:
             raise LayercardError(f"no statistics for module '{m.full_name}' (was it reached by the backward pass?)")
@@ -99,15 +100,18 @@ def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
 
 
 def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
-                    meta: dict | None = None) -> LayerCard:
-    """Solve every card quantity from summed statistics (float64)."""
+                    meta: dict | None = None, eigs: dict | None = None) -> LayerCard:
+    """Solve every card quantity from summed statistics (float64).
+
+    ``eigs``: a dict that receives each input group's eigendecomposition (one eigh per shared A),
+    for :func:`layercard.coupling_pass.layer_deltas` to reuse instead of solving them again."""
     if rank < 1:
         raise LayercardError(f"rank must be >= 1, got {rank}")
     if not ridge > 0:
         raise LayercardError(f"ridge must be > 0 (relative ridge λ = ridge·tr(A)/d_in), got {ridge}")
     if stats.n_tokens == 0:
         raise LayercardError("statistics are empty: no calibration token was seen")
-    modules = _module_rows(layout, stats, rank, ridge)
+    modules = _module_rows(layout, stats, rank, ridge, eigs)
     layers = aggregate_layers(modules)
     bi = [stats.bi_sum.get(l, np.nan) / stats.bi_n[l] if stats.bi_n.get(l) else np.nan for l in layers["layer"]]
     layers["block_influence"] = bi

@@ -205,6 +205,12 @@ class DirectionsActor(_SliceActor):
 
 # ----------------------------------------------------------------------------- driver
 SHUFFLE_CPUS = 1.0
+EIG_CACHE_BYTES = 2 * 2**30
+
+
+def _eig_bytes(stats) -> int:
+    """Bytes of every input group's float64 eigenvectors + eigenvalues."""
+    return sum(8 * (a.shape[0] ** 2 + a.shape[0]) for a in stats.A.values())
 
 
 def _check_resources(cfg: ProfileConfig, ray) -> None:
@@ -308,12 +314,17 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     meta = card_meta(cfg, lm, [])
     meta.update({"n_records": n_records, "data_hash": examples_hash(_records(tokenized)),
                  "ray_layout": {"num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards}})
-    card = card_from_stats(layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, meta=meta)
+    # Keep the eigendecompositions for pass 2's Δ* when they are small (SmolLM2: 0.65 GB; a Qwen3-8B
+    # would need ~50 GB, so there each is solved again, one group at a time).
+    eigs = {} if cfg.coupling.enabled and _eig_bytes(stats) <= EIG_CACHE_BYTES else None
+    card = card_from_stats(layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, meta=meta, eigs=eigs)
 
     if cfg.coupling.enabled:
         t0 = time.perf_counter()
         probe = tokenized.limit(cfg.coupling.probe_samples).materialize()
-        deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu")
+        deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu",
+                              eigs=eigs)
+        eigs = None
         sketch = make_sketch(lm.model.config.vocab_size, cfg.coupling.sketch_dim, cfg.coupling.sketch_above_vocab,
                              cfg.coupling.seed)
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None

@@ -359,3 +359,24 @@ def test_output_directions_switch_sdpa_to_eager_and_back():
     assert model.config._attn_implementation == "sdpa"
     eager = _tiny_lm("llama", attn="eager")
     torch.testing.assert_close(output_directions(eager, deltas, batch)[1], u, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_deltas_reuse_the_cards_eigendecompositions():
+    """Δ* from the eigh that card_from_stats already solved equals Δ* solved afresh (and no group is solved twice)."""
+    from layercard.coupling_pass import layer_deltas
+    from layercard.discovery import discover
+    from layercard.profiler import card_from_stats, collect_stats
+
+    model = _tiny_lm("qwen3")
+    layout = discover(model)
+    stats = collect_stats(model, layout, [_lm_batch(13), _lm_batch(14)])
+    eigs: dict = {}
+    card_from_stats(layout, stats, rank=2, ridge=1e-3, eigs=eigs)
+    assert set(eigs) == set(stats.A)
+    solved = {k: id(v) for k, v in eigs.items()}
+    reused = layer_deltas(model, layout, stats, rank=2, ridge=1e-3, eigs=eigs)
+    assert {k: id(v) for k, v in eigs.items()} == solved
+    fresh = layer_deltas(model, layout, stats, rank=2, ridge=1e-3)
+    for layer, tangents in fresh.items():
+        for name, t in tangents.items():
+            assert torch.equal(reused[layer][name], t), name
