@@ -45,17 +45,18 @@ def first_answer_position(labels: torch.Tensor) -> torch.Tensor:
     return supervised[:, 1:].int().argmax(dim=1) + 1
 
 
-def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, V] causal-LM logits and [B, T] labels (-100 off the answer) → [B, V] at the position
-    that predicts each row's first answer token (the last prompt token)."""
-    first = first_answer_position(labels)
+    that predicts each row's first answer token (the last prompt token). ``first``: the
+    :func:`first_answer_position` of ``labels``, when the caller has it already."""
+    first = first_answer_position(labels) if first is None else first
     return logits[torch.arange(logits.shape[0], device=logits.device), first - 1]
 
 
-def label_targets(labels: torch.Tensor, label_token_ids) -> torch.Tensor:
+def label_targets(labels: torch.Tensor, label_token_ids, first: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] labels → [B] index into ``label_token_ids`` of each row's first answer token."""
     rows = torch.arange(labels.shape[0], device=labels.device)
-    first_tokens = labels[rows, first_answer_position(labels)]
+    first_tokens = labels[rows, first_answer_position(labels) if first is None else first]
     ids = torch.as_tensor(label_token_ids, dtype=torch.long, device=labels.device)
     match = first_tokens[:, None] == ids[None, :]
     missing = ~match.any(dim=1)
@@ -68,8 +69,9 @@ def label_targets(labels: torch.Tensor, label_token_ids) -> torch.Tensor:
 
 def label_sums(logits: torch.Tensor, labels: torch.Tensor, label_token_ids) -> dict[str, float]:
     """Summed label loss, correct choices and examples of one batch ([B, T, V] logits, [B, T] labels)."""
-    target = label_targets(labels, label_token_ids)
-    z = label_logits(answer_position_logits(logits, labels), label_token_ids)
+    first = first_answer_position(labels)
+    target = label_targets(labels, label_token_ids, first)
+    z = label_logits(answer_position_logits(logits, labels, first), label_token_ids)
     return {"label_loss_sum": float(F.cross_entropy(z, target, reduction="sum")),
             "label_correct": float((z.argmax(dim=-1) == target).sum()),
             "label_examples": float(target.numel())}

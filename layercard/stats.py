@@ -29,10 +29,7 @@ def cross_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     statistics GEMMs the bulk of pass 1 on a GPU. Elsewhere half inputs are upcast to float32.
     """
     if x.dtype in HALF and x.is_cuda and y.dtype == x.dtype:
-        try:
-            return torch.mm(x.T, y, out_dtype=torch.float32).to(torch.float64)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=) on this GPU
-            pass
+        return torch.mm(x.T, y, out_dtype=torch.float32).to(torch.float64)
     if x.dtype in HALF:
         x, y = x.float(), y.float()
     return (x.T @ y.to(x.dtype)).to(torch.float64)

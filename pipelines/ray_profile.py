@@ -237,12 +237,12 @@ def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
     return [list(map(int, s)) for s in np.array_split(np.asarray(layers), slices)]
 
 
-def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume) -> set:
+def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume) -> None:
     """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently.
 
     Each (slice, shard) result is handed to ``consume(key, row)`` as it arrives, once (a retried
     shard counts once), and then dropped: the driver holds running sums, never every shard's
-    statistics at once (a Qwen3-8B layer's are ~3 GiB). Returns the keys seen."""
+    statistics at once (a Qwen3-8B layer's are ~3 GiB)."""
     import ray.data
 
     r = cfg.ray
@@ -261,7 +261,6 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
         if key not in seen:                      # a retried shard counts once
             seen.add(key)
             consume(key, row)
-    return seen
 
 
 def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
@@ -380,7 +379,6 @@ class DirectionsSum:
         self.K = np.zeros((len(layers), len(layers)))
         self.b = np.zeros(len(layers))
         self.pending: dict[int, dict[int, dict]] = {}
-        self.done: set[int] = set()
 
     def add(self, key: tuple[int, int], row: dict) -> None:
         s, shard = key
@@ -401,7 +399,6 @@ class DirectionsSum:
             raise LayercardError(f"probe shard {shard} is missing directions for some layers")
         if W[0].numel():
             self.K += self.coupling_fn(W).numpy()
-        self.done.add(shard)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         if self.pending:
