@@ -2,9 +2,14 @@
 
     python benchmarks/profile_overhead.py [--layers 8 --hidden 256 --records 256 --repeats 3]
 
-Single process and on a local Ray with 1 and 2 actors, measured side by side in one run (this
-machine is noisy: compare ratios, not seconds). Ray times include actor start-up (model load), which
-is what a user waits for. Writes benchmarks/results/profile_overhead.json and prints a table.
+Single process (one model, built once: the statistics collection, the solve for the card, and the
+coupling pass timed apart) and on a local Ray with 1 and 2 actors (end to end, actor start-up and
+model load included: what a user waits for), side by side in one run (this machine is noisy:
+compare ratios, not seconds). Also the GEMM-FLOP floor of pass 1: the statistics are A = XᵀX per
+input group and C = XᵀG per module (DESIGN §1), i.e. one weight-gradient GEMM per module plus a
+d_in² Gram per input — for an MLP down-projection (d_in = 4·hidden here) the Gram alone is 4× its
+forward GEMM. So pass 1 cannot cost less than (plain + statistics FLOPs) / plain FLOPs times a plain
+forward+backward, however it is implemented. Writes benchmarks/results/profile_overhead.json.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ from layercard.config import load_config
 from layercard.data import batches_of, load_examples
 from layercard.discovery import discover
 from layercard.losses import lm_loss_sum
+from layercard.cost import backprop_flops_from, dims_from_model, forward_flops_per_token
+from layercard.coupling_pass import coupling_pass
 from layercard.models import load_model
 from layercard.profile_config import ProfileConfig
-from pipelines.profile import add_coupling_local, profile_local
+from layercard.profiler import card_from_stats, collect_stats
+from pipelines.profile import probe_batches, sketch_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +72,19 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def flop_floor(lm, layout, batches, stats) -> dict:
+    """GEMM FLOPs of a plain forward + activation backward (padded slots, as the model computes them)
+    and of the statistics (real tokens only), from the shapes; their ratio bounds pass 1 / plain."""
+    dims = dims_from_model(lm.model, layout.block_path)
+    seq = int(batches[0]["input_ids"].shape[1])
+    slots = sum(int(b["input_ids"].numel()) for b in batches)
+    plain = slots * (forward_flops_per_token(dims, seq) + backprop_flops_from(dims, 0, seq))
+    gram = sum(2 * stats.n[g] * a.shape[0] ** 2 for g, a in stats.A.items())
+    cross = sum(2 * stats.n[stats.group_of[k]] * c.shape[0] * c.shape[1] for k, c in stats.C.items())
+    return {"plain_flops": plain, "gram_flops": gram, "cross_flops": cross,
+            "floor_ratio": (plain + gram + cross) / plain}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=8)
@@ -74,15 +95,26 @@ def main() -> None:
     args = p.parse_args()
     base = overrides(args)
     cfg = load_config(ProfileConfig, ROOT / "configs/tiny.yaml", base)
-    rows = {}
+    lm = load_model(cfg.model)
+    examples = load_examples(cfg.data, lm.tokenizer)
+    batches = batches_of(examples, cfg.data.batch_size, lm.tokenizer.pad_id)
+    layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
+    held = {}
 
-    def single(pass2: bool):
-        card, lm, ex = profile_local(cfg, progress=False)
-        if pass2:
-            add_coupling_local(card, cfg, lm, ex, progress=False)
+    def collect():
+        held["stats"] = collect_stats(lm.model, layout, batches)
+
+    def solve():
+        held["eigs"] = {}
+        held["card"] = card_from_stats(layout, held["stats"], rank=cfg.profile.rank, ridge=cfg.profile.ridge,
+                                       eigs=held["eigs"])
+
+    def couple():
+        coupling_pass(lm.model, layout, held["card"], probe_batches(cfg, examples, lm.tokenizer.pad_id),
+                      sketch=sketch_for(cfg, lm.model.config.vocab_size), eigs=held["eigs"])
 
     runs = {"plain fwd+bwd": lambda: plain_forward_backward(cfg),
-            "single: pass 1": lambda: single(False), "single: pass 1+2": lambda: single(True)}
+            "single: pass 1 statistics": collect, "single: pass 1 solve": solve, "single: pass 2": couple}
     if not args.no_ray:
         import ray
 
@@ -94,19 +126,27 @@ def main() -> None:
                 c = load_config(ProfileConfig, ROOT / "configs/tiny.yaml",
                                 base + [f"ray.num_actors={n}", f"coupling.enabled={str(pass2).lower()}"])
                 runs[f"ray {n} actor(s): pass 1{'+2' if pass2 else ''}"] = (lambda c=c: profile_on_ray(c, progress=False))
+    rows: dict[str, list[float]] = {}
     for _ in range(args.repeats):   # interleaved, so drift in machine load hits every row alike
         for name, fn in runs.items():
             rows.setdefault(name, []).append(timed(fn))
-    plain = statistics.median(rows["plain fwd+bwd"])
-    table = [{"run": k, "median_s": statistics.median(v), "ratio_to_plain": statistics.median(v) / plain,
-              "times_s": v} for k, v in rows.items()]
-    print(f"{'run':<28} {'median s':>9} {'× plain':>8}")
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    med["single: pass 1 (statistics + solve)"] = med["single: pass 1 statistics"] + med["single: pass 1 solve"]
+    med["single: pass 1+2"] = med["single: pass 1 (statistics + solve)"] + med["single: pass 2"]
+    plain = med["plain fwd+bwd"]
+    floor = flop_floor(lm, layout, batches, held["stats"])
+    table = [{"run": k, "median_s": v, "ratio_to_plain": v / plain, "times_s": rows.get(k)} for k, v in med.items()]
+    print(f"{'run':<36} {'median s':>9} {'× plain':>8}")
     for r in table:
-        print(f"{r['run']:<28} {r['median_s']:>9.2f} {r['ratio_to_plain']:>8.2f}")
+        print(f"{r['run']:<36} {r['median_s']:>9.2f} {r['ratio_to_plain']:>8.2f}")
+    print(f"GEMM-FLOP floor of pass 1 statistics / plain: {floor['floor_ratio']:.2f}× "
+          f"(Gram {floor['gram_flops'] / floor['plain_flops']:.2f}, XᵀG {floor['cross_flops'] / floor['plain_flops']:.2f} "
+          f"of the plain FLOPs); measured {med['single: pass 1 statistics'] / plain:.2f}×")
     out = ROOT / "benchmarks/results/profile_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-                               "torch": torch.__version__, "rows": table}, indent=2))
+                               "torch": torch.__version__, "n_tokens": held["stats"].n_tokens,
+                               "flop_floor": floor, "rows": table}, indent=2))
     print(f"wrote {out}")
 
 

@@ -121,12 +121,14 @@ def attach_coupling(card, K: np.ndarray, b: np.ndarray, meta: dict | None = None
     card.meta.update(meta or {})
 
 
-def coupling_pass(model: nn.Module, layout: ModelLayout, card, batches: list[dict], *, sketch: Sketch | None) -> None:
-    """Single-process pass 2 on ``card`` (which must carry its statistics)."""
+def coupling_pass(model: nn.Module, layout: ModelLayout, card, batches: list[dict], *, sketch: Sketch | None,
+                  eigs: dict | None = None) -> None:
+    """Single-process pass 2 on ``card`` (which must carry its statistics); ``eigs`` as in
+    :func:`layer_deltas`."""
     if card.stats is None:
         raise LayercardError("the card carries no statistics (stats.safetensors); re-profile to compute coupling")
     rank, ridge = card.meta["rank"], card.meta["ridge"]
-    deltas = layer_deltas(model, layout, card.stats, rank=rank, ridge=ridge)
+    deltas = layer_deltas(model, layout, card.stats, rank=rank, ridge=ridge, eigs=eigs)
     K, b = coupling_terms(model, deltas, batches, list(layout.layers), sketch)
     attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
                                  "coupling_tokens": int(sum(int((x["labels"][:, 1:] != -100).sum()) for x in batches))})

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from layercard.errors import LayercardError
+from layercard.losses import keep_logits_kwargs
 
 __all__ = [
     "IGNORE_INDEX",
@@ -75,13 +76,16 @@ def _model_inputs(model: nn.Module, batch: Mapping) -> tuple[dict, Tensor]:
         raise LayercardError(
             f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(batch['input_ids'].shape)}"
         )
+    extra, _ = keep_logits_kwargs(model, labels)   # the LM head (and its tangent) on supervised rows only
+    kwargs.update(extra)
     return kwargs, supervised_mask(labels)
 
 
 def _select_logits(mask: Tensor) -> Callable[[object], Tensor]:
+    """Logits at the supervised positions (T, V), whether the model already sliced them or not."""
     def select(out) -> Tensor:
         logits = out.logits if hasattr(out, "logits") else out
-        return logits[:, :-1][mask]
+        return logits if logits.dim() == 2 else logits[:, :-1][mask]
 
     return select
 

@@ -15,7 +15,7 @@ from layercard.card import LAYER_COLUMNS, MODULE_COLUMNS, LayerCard, library_ver
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
 from layercard.hooks import StatsCollector
-from layercard.losses import lm_loss_sum, supervised_count
+from layercard.losses import supervised_count, supervised_lm_loss_sum
 from layercard.metrics import eig_psd, module_metrics
 from layercard.stats import SufficientStats
 
@@ -35,30 +35,48 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
 
     ``half_gemm``: on CUDA, bf16/fp16 activations and gradients enter the statistics GEMMs as they
     are (tensor cores, float32 accumulation); False upcasts them to float32 first (slower, the same
-    values up to summation order)."""
+    values up to summation order). A batch with a NaN/Inf anywhere is run once more with every
+    module checked (:func:`diagnose_non_finite`), and the error names where it first appears."""
     device = next(model.parameters()).device
     stats = stats if stats is not None else SufficientStats()
-    seen = 0
+    seen, failed = 0, None
     total = len(batches) if hasattr(batches, "__len__") else None
     with StatsCollector(model, layout, stats, half_gemm=half_gemm) as collector:
         for batch in _progress(batches, "profile: pass 1", progress, total):
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            labels = batch["labels"].to(device)
+            ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             if supervised_count(labels) == 0:
                 continue
             collector.mask = mask.bool()
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-            loss = lm_loss_sum(out.logits, labels)
-            if not torch.isfinite(loss):
-                collector.end_batch()   # names the first module with NaN/Inf, if one has
-                raise LayercardError("non-finite loss on a calibration batch (check the model dtype and data)")
-            loss.backward()
-            collector.end_batch()
-            seen += 1
+            loss = supervised_lm_loss_sum(model, ids, mask, labels, use_cache=False)
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+                if collector.end_batch():
+                    seen += 1
+                    continue
+            failed = (ids, mask, labels)
+            break
+    if failed is not None:
+        raise diagnose_non_finite(model, layout, *failed, half_gemm=half_gemm)
     if seen == 0:
         raise LayercardError("calibration data is empty: no batch had a supervised token")
     return stats
+
+
+def diagnose_non_finite(model: nn.Module, layout: ModelLayout, ids, mask, labels, *,
+                        half_gemm: bool = True) -> LayercardError:
+    """Re-run one batch with every module's input, output and gradient checked; the error names
+    the first module where a NaN/Inf appears (or says the loss itself is non-finite)."""
+    try:
+        with StatsCollector(model, layout, SufficientStats(), block_influence=False, half_gemm=half_gemm,
+                            strict=True) as collector:
+            collector.mask = mask.bool()
+            loss = supervised_lm_loss_sum(model, ids, mask, labels, use_cache=False)
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+            collector.end_batch()
+    except LayercardError as e:
+        return e
+    return LayercardError("non-finite loss or statistics on a calibration batch (check the model dtype and data)")
 
 
 def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: float,

@@ -19,20 +19,29 @@ from layercard.errors import LayercardError
 HALF = (torch.bfloat16, torch.float16)
 
 
-def cross_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """xᵀy (tokens × d_x, tokens × d_y) as float64.
+def accumulate_cross(acc: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``acc + xᵀy`` (tokens × d_x, tokens × d_y), accumulated in place in float32 (float64 when
+    the inputs are float64); ``acc=None`` starts a new sum.
 
-    float32/float64 inputs multiply in their own precision. Half-precision CUDA inputs multiply on
-    tensor cores with float32 accumulation and output (``torch.mm(..., out_dtype=float32)``): a
-    product of two bf16/fp16 numbers is exact in float32, so this is the float32 GEMM of the same
-    values up to summation order — without casting the activations to float32 first, which made the
-    statistics GEMMs the bulk of pass 1 on a GPU. Elsewhere half inputs are upcast to float32.
+    float32/float64 inputs multiply in their own precision, fused with the add (``addmm_``).
+    Half-precision CUDA inputs multiply on tensor cores with float32 accumulation and output
+    (``torch.mm(..., out_dtype=float32)``): a product of two bf16/fp16 numbers is exact in float32,
+    so this is the float32 GEMM of the same values up to summation order — without casting the
+    activations to float32 first, which made the statistics GEMMs the bulk of pass 1 on a GPU.
+    Elsewhere half inputs are upcast to float32.
     """
     if x.dtype in HALF and x.is_cuda and y.dtype == x.dtype:
-        return torch.mm(x.T, y, out_dtype=torch.float32).to(torch.float64)
+        p = torch.mm(x.T, y, out_dtype=torch.float32)
+        return p if acc is None else acc.add_(p)
     if x.dtype in HALF:
         x, y = x.float(), y.float()
-    return (x.T @ y.to(x.dtype)).to(torch.float64)
+    y = y.to(x.dtype)
+    return x.T @ y if acc is None else acc.addmm_(x.T, y)
+
+
+def cross_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """xᵀy as float64, the product per :func:`accumulate_cross`."""
+    return accumulate_cross(None, x, y).to(torch.float64)
 
 
 @dataclass
@@ -70,6 +79,25 @@ class SufficientStats:
         if gg:
             self.gg[key] += float(g.to(torch.float64).pow(2).sum())
         self.group_of[key] = group
+
+    def add_sums(self, A: dict, n: dict, C: dict, gg: dict, group_of: dict) -> None:
+        """Add partial sums (any float dtype, kept on their device: XᵀX per group with its token counts,
+        XᵀG and ‖G‖² per module) into the float64 totals."""
+        for k, a in A.items():
+            a = a.to(torch.float64)
+            if k in self.A:
+                self.A[k] += a
+                self.n[k] += n[k]
+            else:
+                self.A[k], self.n[k] = a, n[k]
+        for k, c in C.items():
+            c = c.to(torch.float64)
+            if k in self.C:
+                self.C[k] += c
+            else:
+                self.C[k] = c
+            self.gg[k] = self.gg.get(k, 0.0) + float(gg[k])
+            self.group_of[k] = group_of[k]
 
     def add_block_influence(self, layer: int, total: float, count: int) -> None:
         self.bi_sum[layer] = self.bi_sum.get(layer, 0.0) + total

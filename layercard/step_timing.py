@@ -37,6 +37,7 @@ from torch import nn
 
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
+from layercard.losses import supervised_lm_loss_sum
 
 STEP_COLUMNS = ["step_seconds", "peak_bytes", "step_measured"]
 
@@ -155,7 +156,8 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
                              f"{list(layout.layers)}")
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-    if int((inputs["labels"][:, 1:] != -100).sum()) == 0:
+    n_supervised = int((inputs["labels"][:, 1:] != -100).sum())
+    if n_supervised == 0:
         raise LayercardError("step timing batch has no supervised token (all labels are -100)")
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]  # PEFT freezes the base; unload does not undo it
@@ -172,10 +174,10 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
         opt = torch.optim.AdamW(params, lr=cfg.lr)
 
         def step():
-            out = peft_model(**inputs, use_cache=False)
-            if not torch.isfinite(out.loss):
+            loss = supervised_lm_loss_sum(peft_model, **inputs, use_cache=False) / n_supervised   # as training does
+            if not torch.isfinite(loss):
                 raise LayercardError("non-finite loss in a step-timing step (check the model dtype and batch)")
-            out.loss.backward()
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

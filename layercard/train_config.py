@@ -67,6 +67,10 @@ class TrainConfig:
     """Where Ray Train keeps checkpoints (shared storage on a multi-node cluster); None: ``OUT/ray``."""
     name: str = "train"
     """Run name under ``storage_path``."""
+    base_eval_cache: str | None = None
+    """A JSON file that keeps the base model's eval numbers (the ``initial_*`` metrics) for runs that
+    share the model, eval data and eval settings: LoRA starts at B = 0, so every layer set starts
+    from exactly the base model, and only the first run pays for that evaluation."""
 
     def __post_init__(self):
         if (self.selection is None) == (self.strategy is None):

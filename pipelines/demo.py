@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, extra in runs:
         run_dir = out / "train" / name.replace(" ", "_").replace("=", "")
-        tcfg = load_config(TrainConfig, cfg.train_config, [*tcfg_base, *extra, f"name={run_dir.name}"])
+        tcfg = load_config(TrainConfig, cfg.train_config, [f"base_eval_cache={out / 'train' / 'base_eval.json'}",
+                                                          *tcfg_base, *extra, f"name={run_dir.name}"])
         print(f"== training: {name}", flush=True)
         metrics = train_cmd.run(tcfg, run_dir)
         layers = metrics.get("selection_layers") or list(range(len(card.layers)))

@@ -144,6 +144,24 @@ class _SliceActor:
         return batches_of(_examples(batch), self.batch_size, self.lm.tokenizer.pad_id)
 
 
+def _shard_rows(batch) -> dict:
+    """A probe-shard row (``shard_input_ids``/``shard_labels`` hold the shard's records) → the
+    per-record columns the actors read; per-record batches pass through."""
+    if "shard_input_ids" not in batch:
+        return batch
+    if len(batch["shard"]) != 1:
+        raise LayercardError(f"a probe call got {len(batch['shard'])} shards at once (expected 1)")
+    ids, labels = list(batch["shard_input_ids"][0]), list(batch["shard_labels"][0])
+    return {"input_ids": ids, "labels": labels, "shard": np.full(len(ids), int(batch["shard"][0]))}
+
+
+def probe_shards(records: list[dict], n: int) -> list[dict]:
+    """The probe records dealt round-robin into ``n`` shards of (nearly) equal size, one row each."""
+    n = max(1, min(n, len(records)))
+    return [{"shard": s, "shard_input_ids": [np.asarray(r["input_ids"], dtype=np.int64) for r in records[s::n]],
+             "shard_labels": [np.asarray(r["labels"], dtype=np.int64) for r in records[s::n]]} for s in range(n)]
+
+
 class StatsActor(_SliceActor):
     """Pass 1: one call per (slice, shard) → the shard's summed statistics for the slice."""
 
@@ -185,6 +203,7 @@ class DirectionsActor(_SliceActor):
     def __call__(self, batch):
         from layercard.coupling_pass import full_precision, probe_terms
 
+        batch = _shard_rows(batch)
         shard = int(batch["shard"][0])
         layers = sorted(self.deltas)
         W_all = {l: [] for l in layers}
@@ -237,8 +256,12 @@ def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
     return [list(map(int, s)) for s in np.array_split(np.asarray(layers), slices)]
 
 
-def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume) -> None:
+def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume,
+              presharded: bool = False) -> None:
     """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently.
+    ``presharded``: ``ds`` has one row per shard in its own block (the small probe set, see
+    :func:`probe_shards`), mapped one row per call — no hash shuffle, so no two shards share a
+    partition and every actor gets one (a groupby on 2 shard keys put both in one partition).
 
     Each (slice, shard) result is handed to ``consume(key, row)`` as it arrives, once (a retried
     shard counts once), and then dropped: the driver holds running sums, never every shard's
@@ -249,11 +272,14 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
     size = r.num_actors // r.layer_slices
     stages = []
     for s, layers in enumerate(slices):
-        stages.append(ds.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(
-            actor_cls, compute=ray.data.ActorPoolStrategy(size=size), batch_format="numpy",
-            fn_constructor_args=(cfg.model, cfg.profile, cfg.data.batch_size, layers, s),
-            fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
-            num_gpus=r.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1))
+        args = dict(compute=ray.data.ActorPoolStrategy(size=size), batch_format="numpy",
+                    fn_constructor_args=(cfg.model, cfg.profile, cfg.data.batch_size, layers, s),
+                    fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
+                    num_gpus=r.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)
+        if presharded:
+            stages.append(ds.map_batches(actor_cls, batch_size=1, **args))
+        else:
+            stages.append(ds.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(actor_cls, **args))
     out = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
     seen = set()
     for row in out.iter_rows():
@@ -320,7 +346,11 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
 
     if cfg.coupling.enabled:
         t0 = time.perf_counter()
-        probe = tokenized.limit(cfg.coupling.probe_samples).materialize()
+        import ray.data
+
+        probe_records = list(_records(tokenized.limit(cfg.coupling.probe_samples)))
+        shards = probe_shards(probe_records, replicas)
+        probe = ray.data.from_items(shards, override_num_blocks=len(shards))
         deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu",
                               eigs=eigs)
         eigs = None
@@ -330,13 +360,14 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
         agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)
         _run_pool(probe, DirectionsActor, cfg, slices,
-                  lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, num_shards, agg.add)
+                  lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, len(shards), agg.add,
+                  presharded=True)
         K, b = agg.result()
         attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})
         if progress:
             dt = time.perf_counter() - t0
-            print(f"pass 2: {len(layout.layers)} layers × {probe.count()} probe records in {dt:.1f}s "
-                  f"({len(layout.layers) * probe.count() / dt:.1f} layer-records/s)")
+            print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(shards)} shards "
+                  f"in {dt:.1f}s ({len(layout.layers) * len(probe_records) / dt:.1f} layer-records/s)")
     _cost_on_actor(card, cfg, tokenized, ray, lm)
     return card, lm, None
 

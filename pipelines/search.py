@@ -136,13 +136,14 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import FAULT_MARKER, train_func
+    from pipelines.train import FAULT_MARKER, read_base_eval, train_func, write_base_eval
 
     key = config["trial"]
     trial = trials[key]
     nw = run["num_workers"]
     loop = {**base, "lora": trial["lora"], "layers": trial["layers"], "seed": trial["seed"],
-            "fault_marker": f"{run['train_storage']}/{key}/{FAULT_MARKER}"}
+            "fault_marker": f"{run['train_storage']}/{key}/{FAULT_MARKER}",
+            "initial_eval": read_base_eval(run["base_eval_cache"], run["base_eval_key"])}
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def dataset(rows):
@@ -161,7 +162,9 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"])},
     )
-    trainer.fit()   # raises when training fails: Tune marks the trial ERROR
+    result = trainer.fit()   # raises when training fails: Tune marks the trial ERROR
+    if result.metrics:
+        write_base_eval(run["base_eval_cache"], run["base_eval_key"], result.metrics)
 
 
 # --------------------------------------------------------------------------- the driver's trial log
@@ -282,13 +285,15 @@ def _check_trial_fits(cfg: SearchConfig) -> None:
 def _trainable(s: Setup):
     from ray import tune
 
-    from pipelines.train import worker_config
+    from pipelines.train import base_eval_key, worker_config
 
     t = s.cfg.train_config
     train_storage = f"{s.experiment}/train_runs"
     base = worker_config(t, s.plan, Path(tempfile.gettempdir()))   # fault_marker is replaced per trial
     run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
-           "max_failures": t.max_failures, "train_storage": train_storage}
+           "max_failures": t.max_failures, "train_storage": train_storage,
+           "base_eval_cache": t.base_eval_cache or str(Path(s.out) / "base_eval.json"),
+           "base_eval_key": base_eval_key(t, s.plan)}
     fn = tune.with_parameters(trial_function, trials=s.trials, base=base,
                               data={"train": s.plan.train, "eval": s.plan.eval}, run=run)
     return tune.with_resources(fn, {"CPU": s.cfg.trial_cpus})

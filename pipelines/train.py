@@ -126,7 +126,46 @@ def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
         "label_token_ids": plan.label_token_ids,
         "fail_at_step": cfg.fail_at_step,
         "fault_marker": str(storage_dir / cfg.name / FAULT_MARKER),
+        "initial_eval": None,                  # the base model's eval numbers, when already known
     }
+
+
+# --------------------------------------------------------------------------- the base model's eval, once
+INITIAL_KEYS = ("eval_loss", "label_loss", "metric", "quality")
+
+
+def base_eval_key(cfg: TrainConfig, plan: Plan) -> str:
+    """What the base model's eval numbers depend on: weights, eval examples and how they are batched,
+    the label answers, dtype and device kind, workers (each sums its own eval shard)."""
+    import hashlib
+
+    from layercard.data import examples_hash
+
+    ident = {"weights": plan.weights_hash, "eval": examples_hash(plan.eval), "labels": plan.label_token_ids,
+             "accuracy": plan.with_accuracy, "dtype": cfg.model.dtype, "gpu": cfg.use_gpu,
+             "workers": cfg.num_workers, "batch": cfg.batch_size}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_base_eval(path: str | Path | None, key: str) -> dict | None:
+    """The cached ``initial_*`` metrics when ``path`` holds them for ``key`` (else None)."""
+    try:
+        data = json.loads(Path(path).read_text()) if path else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data["initial"] if isinstance(data, dict) and data.get("key") == key else None
+
+
+def write_base_eval(path: str | Path | None, key: str, metrics: dict) -> None:
+    """Keep a finished run's ``initial_*`` metrics (atomically; the first writer wins, later ones agree)."""
+    initial = {f"initial_{k}": metrics.get(f"initial_{k}") for k in INITIAL_KEYS}
+    if not path or initial["initial_eval_loss"] is None or read_base_eval(path, key) is not None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "initial": initial}, indent=2))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the Ray Train worker
@@ -216,11 +255,10 @@ def _train_step(engine, batch: dict, device) -> tuple[float, int]:
     """One optimizer step on one micro-batch: (mean loss over supervised tokens, non-pad tokens)."""
     import torch
 
-    from layercard.losses import lm_loss_sum, supervised_count
+    from layercard.losses import supervised_count, supervised_lm_loss_sum
 
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    logits = engine(input_ids=ids, attention_mask=mask).logits
-    loss = lm_loss_sum(logits, labels) / max(supervised_count(labels), 1)
+    loss = supervised_lm_loss_sum(engine, ids, mask, labels) / max(supervised_count(labels), 1)
     engine.backward(loss)
     engine.step()  # clips, steps AdamW and the warm-up/decay schedule
     if device.type == "cuda":
@@ -270,7 +308,7 @@ def train_func(config: dict) -> None:
         return training.eval_metrics(_all_sum(sums, device), config["with_accuracy"])
 
     # The base model's eval loss: the gain of this layer set is measured against it.
-    initial = client["initial_eval"] if checkpoint else _initial_metrics(run_eval())
+    initial = client["initial_eval"] if checkpoint else (config.get("initial_eval") or _initial_metrics(run_eval()))
 
     def report(metrics: dict, step: int, extra_files=None, suffix: str = "") -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -321,13 +359,13 @@ def train_func(config: dict) -> None:
     metrics = {**_summary(stats, start, steps), **final, **info, **initial,
                "step": steps, "num_adapter_layers": len(info["adapter_layers"]),
                "lowest_adapted_layer": info["adapter_layers"][0], "zero_stage": config["zero_stage"],
-               "num_workers": world, "device": device.type}
+               "num_workers": world, "device": device.type, "initial_from_cache": bool(config.get("initial_eval"))}
     report(metrics, steps, extra_files=save_adapter, suffix="_final")
 
 
 def _initial_metrics(evaluated: dict) -> dict:
     """The base model's eval numbers (before any step): the gain of a layer set is measured against them."""
-    return {f"initial_{k}": evaluated[k] for k in ("eval_loss", "label_loss", "metric", "quality")}
+    return {f"initial_{k}": evaluated[k] for k in INITIAL_KEYS}
 
 
 def _summary(stats: list[dict], start: int, steps: int) -> dict:
@@ -384,9 +422,11 @@ def fit(cfg: TrainConfig, plan: Plan, storage_dir: Path):
     def dataset(rows: list[dict]):
         return ray.data.from_items(rows, override_num_blocks=max(cfg.num_workers, min(len(rows), 4 * cfg.num_workers)))
 
+    key = base_eval_key(cfg, plan)
+    loop = {**worker_config(cfg, plan, storage_dir), "initial_eval": read_base_eval(cfg.base_eval_cache, key)}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=worker_config(cfg, plan, storage_dir),
+        train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
@@ -395,7 +435,10 @@ def fit(cfg: TrainConfig, plan: Plan, storage_dir: Path):
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset(plan.train), "eval": dataset(plan.eval)},
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if not result.error and result.metrics:
+        write_base_eval(cfg.base_eval_cache, key, result.metrics)
+    return result
 
 
 # --------------------------------------------------------------------------- the pipeline
