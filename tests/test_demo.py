@@ -46,5 +46,7 @@ def test_base_eval_cache_is_keyed(tmp_path):
     write_base_eval(path, "k1", m)
     assert read_base_eval(path, "k1") == m
     assert read_base_eval(path, "k2") is None                       # other model / data / settings: recompute
-    write_base_eval(path, "k2", {**m, "initial_eval_loss": 9.0})    # the first writer wins
+    write_base_eval(path, "k1", {**m, "initial_eval_loss": 9.0})    # the first writer of a key wins
     assert read_base_eval(path, "k1") == m
+    write_base_eval(path, "k2", {**m, "initial_eval_loss": 9.0})    # new settings replace the entry
+    assert read_base_eval(path, "k2")["initial_eval_loss"] == 9.0 and read_base_eval(path, "k1") is None
