@@ -30,18 +30,19 @@ def _progress(iterable, desc: str, enabled: bool, total=None):
 
 def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict], *,
                   progress: bool = False, stats: SufficientStats | None = None,
-                  half_gemm: bool = True) -> SufficientStats:
+                  half_gemm: bool = True, flush_every: int = 16) -> SufficientStats:
     """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens.
 
     ``half_gemm``: on CUDA, bf16/fp16 activations and gradients enter the statistics GEMMs as they
     are (tensor cores, float32 accumulation); False upcasts them to float32 first (slower, the same
-    values up to summation order). A batch with a NaN/Inf anywhere is run once more with every
+    values up to summation order). ``flush_every``: batches summed on the device (float32 for
+    float32/half models) between additions into the float64 totals. A batch with a NaN/Inf anywhere is run once more with every
     module checked (:func:`diagnose_non_finite`), and the error names where it first appears."""
     device = next(model.parameters()).device
     stats = stats if stats is not None else SufficientStats()
     seen, failed = 0, None
     total = len(batches) if hasattr(batches, "__len__") else None
-    with StatsCollector(model, layout, stats, half_gemm=half_gemm) as collector:
+    with StatsCollector(model, layout, stats, half_gemm=half_gemm, flush_every=flush_every) as collector:
         for batch in _progress(batches, "profile: pass 1", progress, total):
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             if supervised_count(labels) == 0:

@@ -193,8 +193,12 @@ class DirectionsActor(_SliceActor):
 
     def __init__(self, *args, deltas=None, sketch_args=None, **kwargs):
         super().__init__(*args, **kwargs)
+        import ray
+
         from layercard.coupling import Sketch
 
+        if isinstance(deltas, ray.ObjectRef):   # fetched from the object store, not pickled into the UDF
+            deltas = ray.get(deltas)
         params = dict(self.lm.model.named_parameters())
         self.deltas = {l: {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in d.items()}
                        for l, d in deltas.items()}
@@ -360,7 +364,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
         agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)
         _run_pool(probe, DirectionsActor, cfg, slices,
-                  lambda s, layers: {"deltas": ray.get(refs[s]), "sketch_args": sketch_args}, len(shards), agg.add,
+                  lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args}, len(shards), agg.add,
                   presharded=True)
         K, b = agg.result()
         attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})

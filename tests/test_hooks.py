@@ -191,6 +191,18 @@ def test_three_batches_sum_to_concatenation(arch, request, float64_softmax):
 
 
 # ----------------------------------------------------------------------------------- input groups
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-12), ("float32", 1e-5)])
+def test_flush_interval_does_not_change_statistics(dtype, rel):
+    """Device-side partial sums added into float64 after every batch or after several: the same."""
+    model = _model(QWEN3, dtype=dtype)
+    layout = discover(model)
+    batches = [_right_pad(_batch(s, rows=2, width=9, prompt=3), extra=s % 3) for s in range(5)]
+    every = collect_stats(model, layout, batches, flush_every=1)
+    for k in (2, 16):
+        _assert_stats_equal(every, collect_stats(model, layout, batches, flush_every=k), rel=rel)
+    assert every.A[next(iter(every.A))].dtype == torch.float64
+
+
 def test_input_groups_qwen3(qwen3):
     stats = collect_stats(qwen3, discover(qwen3), [_batch(4, rows=2, width=12)])
     for layer in range(4):
