@@ -170,7 +170,8 @@ def plot_frontier(rows: list[dict], task: str, path: Path) -> None:
     y = np.array([r["gain_fraction"] for r in g])
     front = pareto_mask(x, y)
     order = np.argsort(x[front])
-    ax.plot(x[front][order], y[front][order], "--", color="tab:red", alpha=0.6, label="measured Pareto front")
+    ax.plot(x[front][order], y[front][order], "--o", color="tab:red", alpha=0.6, markersize=16, markerfacecolor="none",
+            label="measured Pareto front")   # circled points: visible even when one set dominates all others
     ax.set_xlabel("step-time ratio vs all layers (lower is cheaper)")
     ax.set_ylabel("gain fraction (1 = all layers)")
     ax.set_title(f"{task}: measured quality vs cost (mean ± sd over seeds)")

@@ -279,7 +279,7 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
         args = dict(compute=ray.data.ActorPoolStrategy(size=size), batch_format="numpy",
                     fn_constructor_args=(cfg.model, cfg.profile, cfg.data.batch_size, layers, s),
                     fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
-                    num_gpus=r.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)
+                    num_gpus=r.num_gpus_per_actor or None)   # Ray Data's actor pools restart and retry (-1) by default
         if presharded:
             stages.append(ds.map_batches(actor_cls, batch_size=1, **args))
         else:
