@@ -14,6 +14,7 @@ the layer-subset search reuses it per trial and may vary ``layers``, ``lr``, ``z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -157,15 +158,21 @@ def read_base_eval(path: str | Path | None, key: str) -> dict | None:
 
 
 def write_base_eval(path: str | Path | None, key: str, metrics: dict) -> None:
-    """Keep a finished run's ``initial_*`` metrics (atomically; the first writer wins, later ones agree)."""
+    """Keep a finished run's ``initial_*`` metrics (atomically; the first writer wins, later ones agree).
+    Best effort: a path this process cannot write (a trial on another node of a cluster, a read-only
+    directory) only means the next run evaluates the base model again."""
     initial = {f"initial_{k}": metrics.get(f"initial_{k}") for k in INITIAL_KEYS}
     if not path or initial["initial_eval_loss"] is None or read_base_eval(path, key) is not None:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "initial": initial}, indent=2))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": key, "initial": initial}, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the Ray Train worker

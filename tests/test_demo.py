@@ -50,3 +50,7 @@ def test_base_eval_cache_is_keyed(tmp_path):
     assert read_base_eval(path, "k1") == m
     write_base_eval(path, "k2", {**m, "initial_eval_loss": 9.0})    # new settings replace the entry
     assert read_base_eval(path, "k2")["initial_eval_loss"] == 9.0 and read_base_eval(path, "k1") is None
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    write_base_eval(blocked / "base_eval.json", "k1", m)             # unwritable: no cache, no error
+    assert read_base_eval(blocked / "base_eval.json", "k1") is None
