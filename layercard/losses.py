@@ -7,6 +7,7 @@ a SmolLM2 training step — and gives the same loss (rows without a label have z
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -54,8 +55,13 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the (unwrapped) model's forward takes ``logits_to_keep``."""
+    return _forward_takes_logits_to_keep(type(_hf_model(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:   # once per class, not per batch
     try:
-        return "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 

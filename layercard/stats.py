@@ -58,44 +58,22 @@ class SufficientStats:
     def n_tokens(self) -> int:
         return max(self.n.values(), default=0)
 
-    def add_group(self, key: str, x: torch.Tensor) -> None:
-        """Accumulate XᵀX of x (tokens × d_in); the product per :func:`cross_product`, the sum in float64."""
-        a = cross_product(x, x)
-        if key in self.A:
-            self.A[key] += a
-            self.n[key] += x.shape[0]
-        else:
-            self.A[key] = a
-            self.n[key] = x.shape[0]
-
-    def add_module(self, key: str, group: str, x: torch.Tensor, g: torch.Tensor, gg: bool = True) -> None:
-        """Accumulate XᵀG (and ‖G‖², unless the caller accumulates it on device: ``gg=False``)."""
-        c = cross_product(x, g)
-        if key in self.C:
-            self.C[key] += c
-        else:
-            self.C[key] = c
-            self.gg.setdefault(key, 0.0)
-        if gg:
-            self.gg[key] += float(g.to(torch.float64).pow(2).sum())
-        self.group_of[key] = group
-
     def add_sums(self, A: dict, n: dict, C: dict, gg: dict, group_of: dict) -> None:
-        """Add partial sums (any float dtype, kept on their device: XᵀX per group with its token counts,
-        XᵀG and ‖G‖² per module) into the float64 totals."""
+        """Add sums (any float dtype, kept on their device: XᵀX per group with its token counts,
+        XᵀG and ‖G‖² per module) into the float64 totals; new keys get float64 copies."""
         for k, a in A.items():
-            a = a.to(torch.float64)
             if k in self.A:
-                self.A[k] += a
+                if self.A[k].shape != a.shape:
+                    raise LayercardError(f"statistics for group '{k}' have shapes {tuple(self.A[k].shape)} and {tuple(a.shape)}")
+                self.A[k] += a.to(torch.float64)
                 self.n[k] += n[k]
             else:
-                self.A[k], self.n[k] = a, n[k]
+                self.A[k], self.n[k] = a.to(torch.float64, copy=True), n[k]
         for k, c in C.items():
-            c = c.to(torch.float64)
             if k in self.C:
-                self.C[k] += c
+                self.C[k] += c.to(torch.float64)
             else:
-                self.C[k] = c
+                self.C[k] = c.to(torch.float64, copy=True)
             self.gg[k] = self.gg.get(k, 0.0) + float(gg[k])
             self.group_of[k] = group_of[k]
 
@@ -109,21 +87,7 @@ class SufficientStats:
         return out
 
     def __iadd__(self, other: "SufficientStats") -> "SufficientStats":
-        for k, a in other.A.items():
-            if k in self.A:
-                if self.A[k].shape != a.shape:
-                    raise LayercardError(f"statistics for group '{k}' have shapes {tuple(self.A[k].shape)} and {tuple(a.shape)}")
-                self.A[k] = self.A[k] + a
-                self.n[k] += other.n[k]
-            else:
-                self.A[k], self.n[k] = a.clone(), other.n[k]
-        for k, c in other.C.items():
-            if k in self.C:
-                self.C[k] = self.C[k] + c
-                self.gg[k] += other.gg[k]
-            else:
-                self.C[k], self.gg[k] = c.clone(), other.gg[k]
-            self.group_of[k] = other.group_of[k]
+        self.add_sums(other.A, other.n, other.C, other.gg, other.group_of)
         for layer, v in other.bi_sum.items():
             self.add_block_influence(layer, v, other.bi_n[layer])
         return self

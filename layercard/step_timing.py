@@ -37,7 +37,7 @@ from torch import nn
 
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
-from layercard.losses import supervised_lm_loss_sum
+from layercard.losses import supervised_count, supervised_lm_loss_sum
 
 STEP_COLUMNS = ["step_seconds", "peak_bytes", "step_measured"]
 
@@ -156,7 +156,7 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
                              f"{list(layout.layers)}")
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-    n_supervised = int((inputs["labels"][:, 1:] != -100).sum())
+    n_supervised = supervised_count(inputs["labels"])
     if n_supervised == 0:
         raise LayercardError("step timing batch has no supervised token (all labels are -100)")
     was_training = model.training
