@@ -35,10 +35,11 @@ TASKS = {
     # mean eval loss per title token; prompts are ~80 words, so longer sequences
     "headline": {
         "profile": ["data.path=cache:tasks/headline/calibration.jsonl", "data.max_seq_len=160",
-                    "data.num_samples=128"],
+                    "data.num_samples=128", "profile.loss=lm", "profile.label_answers=null"],
         "train": ["train.data.path=cache:tasks/headline/train.jsonl", "train.data.max_seq_len=160",
                   "train.eval_data.path=cache:tasks/headline/eval.jsonl", "train.eval_data.max_seq_len=160",
-                  "train.eval_data.num_samples=200", "train.label_answers=null", "train.batch_size=4"],
+                  "train.eval_data.num_samples=200", "train.label_answers=null", "train.loss=lm",
+                  "train.batch_size=4"],
     },
 }
 LABEL = re.compile(r"^(?P<name>[\w-]+)(?: k=(?P<k>\d+))?(?: target=(?P<target>[\d.]+))?")

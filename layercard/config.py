@@ -162,3 +162,13 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
     """Read YAML ``path`` (optional), apply dotted ``key=value`` overrides, validate into ``cls``."""
     data = read_yaml(path) if path else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def check_loss_keys(prefix: str, loss: str, label_answers) -> None:
+    """``loss`` is lm or label; ``label`` needs ≥ 2 ``label_answers`` (shared by profile and train)."""
+    if loss not in ("lm", "label"):
+        raise LayercardError(f"config key '{prefix}loss' must be 'lm' or 'label', got {loss!r}")
+    if loss == "label" and (label_answers is None or len(label_answers) < 2):
+        raise LayercardError(f"config key '{prefix}loss: label' needs '{prefix}label_answers' "
+                             f"with at least 2 answers, got {label_answers!r}")
+

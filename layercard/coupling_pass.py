@@ -18,6 +18,7 @@ from layercard.coupling import (Sketch, ce_logit_grad, centered_softmax_weights,
 from layercard.directions import layer_directions, supervised_targets
 from layercard.discovery import ModelLayout
 from layercard.errors import LayercardError
+from layercard.losses import loss_count
 from layercard.metrics import best_rank_r_update, eig_psd
 from layercard.stats import SufficientStats
 
@@ -57,11 +58,14 @@ def make_sketch(vocab: int, dim: int, above_vocab: int, seed: int) -> Sketch | N
 
 
 def probe_terms(model: nn.Module, deltas_by_layer: dict[int, dict[str, torch.Tensor]], batch: dict,
-                sketch: Sketch | None) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-    """Per layer: the metric-embedded (and sketched) directions W_ℓ (T × D) and b_ℓ on one batch."""
-    logits, us = layer_directions(model, deltas_by_layer, batch)
+                sketch: Sketch | None, label_ids=None) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per layer: the metric-embedded (and sketched) directions W_ℓ (T × D) and b_ℓ on one batch.
+
+    With ``label_ids`` the loss is the label loss: T = one row per example and the softmax, its
+    metric and ∇_z L are over the answer tokens only (D = C, so no sketch)."""
+    logits, us = layer_directions(model, deltas_by_layer, batch, label_ids)
     p, _ = centered_softmax_weights(logits)
-    grad = ce_logit_grad(p, supervised_targets(batch).to(p.device))
+    grad = ce_logit_grad(p, supervised_targets(batch, label_ids).to(p.device))
     W, b = {}, {}
     for layer, u in us.items():
         w = metric_embed(u, p)
@@ -90,20 +94,20 @@ def full_precision(model: nn.Module, deltas_by_layer: dict):
 
 
 def coupling_terms(model: nn.Module, deltas_by_layer: dict, batches: Iterable[dict], layers: list[int],
-                   sketch: Sketch | None) -> tuple[np.ndarray, np.ndarray]:
+                   sketch: Sketch | None, label_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """K (L × L) and b (L,) summed over probe batches, layers in the given order (float32 or wider)."""
     with full_precision(model, deltas_by_layer) as deltas:
-        return _coupling_terms(model, deltas, batches, layers, sketch)
+        return _coupling_terms(model, deltas, batches, layers, sketch, label_ids)
 
 
-def _coupling_terms(model, deltas_by_layer, batches, layers, sketch):
+def _coupling_terms(model, deltas_by_layer, batches, layers, sketch, label_ids=None):
     K = np.zeros((len(layers), len(layers)))
     b = np.zeros(len(layers))
     seen = 0
     for batch in batches:
         if not bool((batch["labels"][:, 1:] != -100).any()):
             continue
-        W, bb = probe_terms(model, deltas_by_layer, batch, sketch)
+        W, bb = probe_terms(model, deltas_by_layer, batch, sketch, label_ids)
         K += coupling_from_embeddings([W[l] for l in layers]).numpy()
         b += np.array([bb[l] for l in layers])
         seen += 1
@@ -122,13 +126,13 @@ def attach_coupling(card, K: np.ndarray, b: np.ndarray, meta: dict | None = None
 
 
 def coupling_pass(model: nn.Module, layout: ModelLayout, card, batches: list[dict], *, sketch: Sketch | None,
-                  eigs: dict | None = None) -> None:
+                  eigs: dict | None = None, label_ids=None) -> None:
     """Single-process pass 2 on ``card`` (which must carry its statistics); ``eigs`` as in
-    :func:`layer_deltas`."""
+    :func:`layer_deltas`; ``label_ids``: the label loss (as pass 1 used)."""
     if card.stats is None:
         raise LayercardError("the card carries no statistics (stats.safetensors); re-profile to compute coupling")
     rank, ridge = card.meta["rank"], card.meta["ridge"]
     deltas = layer_deltas(model, layout, card.stats, rank=rank, ridge=ridge, eigs=eigs)
-    K, b = coupling_terms(model, deltas, batches, list(layout.layers), sketch)
+    K, b = coupling_terms(model, deltas, batches, list(layout.layers), sketch, label_ids)
     attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
-                                 "coupling_tokens": int(sum(int((x["labels"][:, 1:] != -100).sum()) for x in batches))})
+                                 "coupling_tokens": sum(loss_count(x["labels"], label_ids) for x in batches)})

@@ -10,7 +10,9 @@ afterwards.
 
 Supervised positions follow the Hugging Face causal-LM shift: ``logits[:, t]`` predicts
 ``labels[:, t + 1]``; positions whose shifted label is -100 are dropped. Rows come out in
-row-major (batch, position) order, the same order as :func:`supervised_targets`.
+row-major (batch, position) order, the same order as :func:`supervised_targets`. With
+``label_ids`` (the label loss) there is one row per example — the position that predicts its first
+answer token — and the columns are the answer tokens' logits only (:func:`layercard.losses.loss_positions`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from layercard.errors import LayercardError
-from layercard.losses import keep_logits_kwargs
+from layercard.losses import keep_logits_kwargs, loss_logits, loss_positions
 
 __all__ = [
     "IGNORE_INDEX",
@@ -49,10 +51,11 @@ def supervised_mask(labels: Tensor) -> Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def supervised_targets(batch: Mapping) -> Tensor:
-    """(T,) next-token targets at the supervised positions, aligned with the rows of the directions."""
-    labels = batch["labels"]
-    return labels[:, 1:][supervised_mask(labels)]
+def supervised_targets(batch: Mapping, label_ids=None) -> Tensor:
+    """(T,) targets aligned with the rows of the directions: next-token ids at the supervised
+    positions, or with ``label_ids`` each example's index into ``label_ids``."""
+    supervised_mask(batch["labels"])   # shape check
+    return loss_positions(batch["labels"], label_ids)[1]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -61,7 +64,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_inputs(model: nn.Module, batch: Mapping) -> tuple[dict, Tensor]:
+def _model_inputs(model: nn.Module, batch: Mapping, label_ids=None) -> tuple[dict, Tensor]:
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise LayercardError(f"batch has no '{key}'; output directions need input_ids, attention_mask and labels")
@@ -76,16 +79,19 @@ def _model_inputs(model: nn.Module, batch: Mapping) -> tuple[dict, Tensor]:
         raise LayercardError(
             f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(batch['input_ids'].shape)}"
         )
-    extra, _ = keep_logits_kwargs(model, labels)   # the LM head (and its tangent) on supervised rows only
+    supervised_mask(labels)   # shape check
+    extra, keep, _ = keep_logits_kwargs(model, labels, label_ids)   # the LM head (and its tangent) on the loss's rows only
     kwargs.update(extra)
-    return kwargs, supervised_mask(labels)
+    return kwargs, keep
 
 
-def _select_logits(mask: Tensor) -> Callable[[object], Tensor]:
-    """Logits at the supervised positions (T, V), whether the model already sliced them or not."""
+def _select_logits(keep: Tensor, label_ids=None) -> Callable[[object], Tensor]:
+    """Logits at the loss's rows (T, V), whether the model already sliced them or not; with
+    ``label_ids`` only the answer tokens' columns (T, C)."""
     def select(out) -> Tensor:
         logits = out.logits if hasattr(out, "logits") else out
-        return logits if logits.dim() == 2 else logits[:, :-1][mask]
+        logits = logits if logits.dim() == 2 else logits[keep]
+        return logits if label_ids is None else loss_logits(logits, label_ids)
 
     return select
 
@@ -221,6 +227,7 @@ def output_directions(
     *,
     eps_check: float | None = None,
     check_rtol: float = 1e-2,
+    label_ids=None,
 ) -> tuple[Tensor, Tensor]:
     """(logits, u) at the supervised positions, both (T, V); u = J·Δ for the tangents ``deltas``.
 
@@ -230,8 +237,8 @@ def output_directions(
     ‖u_fd − u‖ / ‖u‖ > ``check_rtol``.
     """
     _prepare(model)
-    kwargs, mask = _model_inputs(model, batch)
-    select = _select_logits(mask)
+    kwargs, keep = _model_inputs(model, batch, label_ids)
+    select = _select_logits(keep, label_ids)
     with eager_attention(model):
         logits, u = module_jvp(model, deltas, (), kwargs, select)
         _check_finite(logits)
@@ -263,11 +270,13 @@ def layer_directions(
     model: nn.Module,
     deltas_by_layer: Mapping[int, Mapping[str, Tensor]],
     batch: Mapping,
+    label_ids=None,
 ) -> tuple[Tensor, dict[int, Tensor]]:
-    """Logits (T, V) once and u (T, V) per layer: one JVP per layer with all its modules perturbed."""
+    """Logits (T, V) once and u (T, V) per layer: one JVP per layer with all its modules perturbed
+    (with ``label_ids``: one row per example, the answer tokens' columns)."""
     _prepare(model)
-    kwargs, mask = _model_inputs(model, batch)
-    select = _select_logits(mask)
+    kwargs, keep = _model_inputs(model, batch, label_ids)
+    select = _select_logits(keep, label_ids)
     logits = None
     us: dict[int, Tensor] = {}
     with eager_attention(model):
@@ -284,10 +293,10 @@ def layer_directions(
 
 
 def finite_difference_directions(
-    model: nn.Module, deltas: Mapping[str, Tensor], batch: Mapping, step: float
+    model: nn.Module, deltas: Mapping[str, Tensor], batch: Mapping, step: float, label_ids=None
 ) -> Tensor:
     """u (T, V) by a central difference; parameters are perturbed in place and restored exactly."""
     _prepare(model)
-    kwargs, mask = _model_inputs(model, batch)
+    kwargs, keep = _model_inputs(model, batch, label_ids)
     with eager_attention(model):
-        return module_finite_difference(model, deltas, step, (), kwargs, _select_logits(mask))
+        return module_finite_difference(model, deltas, step, (), kwargs, _select_logits(keep, label_ids))

@@ -88,3 +88,15 @@ def answer_token_ids(tokenizer, answers) -> list[int]:
     if len(set(ids)) != len(ids):
         raise LayercardError(f"answers {list(answers)} share a first token ({ids}): no label loss can separate them")
     return ids
+
+
+def check_answer_tokens(answers, tokenizer, examples: list[dict], what: str) -> list[int]:
+    """The answers' first tokens (:func:`answer_token_ids`); every example must start its answer
+    with one of them, or the label loss is undefined for it. ``what`` names the data in the error."""
+    ids = answer_token_ids(tokenizer, answers)
+    for i, e in enumerate(examples):
+        first = next((t for t in e["labels"] if t != -100), None)
+        if first not in ids:
+            raise LayercardError(f"{what} example {i} answers with token {first}, none of label_answers "
+                                 f"{list(answers)} (tokens {ids})")
+    return ids

@@ -1,9 +1,16 @@
 """Losses on causal-LM logits. Sums, not means, so statistics add exactly across batches.
 
-:func:`supervised_lm_loss_sum` runs the LM head only where a logit predicts a supervised token
-(``logits_to_keep`` with a boolean mask, transformers ≥ 5): for prompt/answer data (a sentiment
-answer is one token of ~40) that skips most of the head's forward and backward — about a fifth of
-a SmolLM2 training step — and gives the same loss (rows without a label have zero gradient anyway).
+Two losses, one code path (:func:`supervised_loss_sum`; profiling, pass 2 and training all use it):
+
+* the **LM loss** — next-token cross-entropy over the supervised (answer) tokens;
+* the **label loss** (``label_ids``, :mod:`layercard.label_loss`) — cross-entropy of the log-softmax
+  restricted to the answer tokens, at the one position per example that predicts the first answer
+  token: how well the model tells the classes apart, not how well it emits the answer format.
+
+Either way the LM head runs only on the rows the loss reads (``logits_to_keep`` with a boolean
+mask, transformers ≥ 5): for prompt/answer data (a sentiment answer is one token of ~40) that skips
+most of the head's forward and backward — about a fifth of a SmolLM2 training step — and gives the
+same loss (rows the loss does not read have zero gradient anyway).
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from layercard.label_loss import first_answer_position, label_logits, label_targets
 
 
 def shift_for_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +75,46 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:   # once per class, not pe
         return False
 
 
-def keep_logits_kwargs(model: nn.Module, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """(forward kwargs, keep): ``keep`` (B, T) bool marks the positions whose logits predict a
-    supervised token; the kwargs ask the model for those rows only, when it can."""
-    keep = next_token_labels(labels) != -100
-    return ({"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}), keep
+def loss_positions(labels: torch.Tensor, label_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): ``keep`` (B, T) bool marks the positions whose logits the loss reads;
+    ``targets`` (N,) their targets in row-major (batch, position) order.
+
+    * ``label_ids`` None — the LM loss: every position that predicts a supervised token; the
+      target is that token id.
+    * ``label_ids`` given — the label loss (:mod:`layercard.label_loss`): one position per row, the
+      one that predicts its first answer token; the target is the index of that token in
+      ``label_ids`` (the logits are then restricted to those columns, :func:`loss_logits`).
+    """
+    if label_ids is None:
+        nxt = next_token_labels(labels)
+        keep = nxt != -100
+        return keep, nxt[keep]
+    first = first_answer_position(labels)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[torch.arange(labels.shape[0], device=labels.device), first - 1] = True
+    return keep, label_targets(labels, label_ids, first)
+
+
+def loss_logits(z: torch.Tensor, label_ids=None) -> torch.Tensor:
+    """The kept logits (N, V) as the loss sees them: all columns (LM loss) or the answer tokens'
+    (label loss); half precision upcast to float32."""
+    if label_ids is not None:
+        return label_logits(z, label_ids)
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def loss_count(labels: torch.Tensor, label_ids=None) -> int:
+    """Terms in the summed loss: supervised tokens (LM loss) or examples (label loss)."""
+    if label_ids is None:
+        return supervised_count(labels)
+    return int((labels[:, 1:] != -100).any(dim=1).sum())
+
+
+def keep_logits_kwargs(model: nn.Module, labels: torch.Tensor, label_ids=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(forward kwargs, keep, targets) with ``keep``/``targets`` from :func:`loss_positions`; the
+    kwargs ask the model for the kept rows only, when it can."""
+    keep, targets = loss_positions(labels, label_ids)
+    return ({"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}), keep, targets
 
 
 def kept_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -78,11 +122,12 @@ def kept_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return logits if logits.dim() == 2 else logits[keep]
 
 
-def supervised_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           labels: torch.Tensor, **kwargs) -> torch.Tensor:
-    """:func:`lm_loss_sum` of ``model``'s logits, with the LM head run only on supervised rows."""
-    extra, keep = keep_logits_kwargs(model, labels)
+def supervised_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor, label_ids=None, **kwargs) -> torch.Tensor:
+    """Σ of the LM loss over supervised tokens (:func:`lm_loss_sum`), or with ``label_ids`` Σ of the
+    label loss over examples, from ``model``'s logits with the LM head run only on the rows the
+    loss reads."""
+    extra, keep, targets = keep_logits_kwargs(model, labels, label_ids)
     out = model(input_ids=input_ids, attention_mask=attention_mask, **extra, **kwargs)
-    z = kept_logits(out.logits, keep)
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    return F.cross_entropy(z, next_token_labels(labels)[keep], reduction="sum")
+    z = loss_logits(kept_logits(out.logits, keep), label_ids)
+    return F.cross_entropy(z, targets, reduction="sum")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from layercard.config import check_loss_keys
 from layercard.data import DataConfig
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig
@@ -20,12 +21,20 @@ class ProbeSettings:
     """The LoRA rank the card is made for (``res2_rank_r``, the rank-r update Δ*)."""
     ridge: float = 1e-3
     """Relative ridge: λ = ridge · tr(A) / d_in. Must be > 0."""
+    loss: str = "lm"
+    """The loss L the card is made for. ``lm``: next-token cross-entropy over the answer (supervised)
+    tokens. ``label``: the label loss — cross-entropy of the log-softmax restricted to the first
+    tokens of ``label_answers``, at the position that predicts the answer (classification tasks,
+    where the quality that matters is telling the classes apart, not learning the answer format)."""
+    label_answers: list[str] | None = None
+    """The answer strings for ``loss: label``, e.g. [" negative", " positive"]."""
 
     def __post_init__(self):
         if self.rank < 1:
             raise LayercardError(f"config key 'profile.rank' must be >= 1, got {self.rank}")
         if not self.ridge > 0:
             raise LayercardError(f"config key 'profile.ridge' must be > 0, got {self.ridge}")
+        check_loss_keys("profile.", self.loss, self.label_answers)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from layercard.card import LAYER_COLUMNS, MODULE_COLUMNS, LayerCard, library_ver
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
 from layercard.hooks import StatsCollector
-from layercard.losses import supervised_count, supervised_lm_loss_sum
+from layercard.losses import supervised_count, supervised_loss_sum
 from layercard.metrics import eig_psd, module_metrics
 from layercard.stats import SufficientStats
 
@@ -30,8 +30,9 @@ def _progress(iterable, desc: str, enabled: bool, total=None):
 
 def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict], *,
                   progress: bool = False, stats: SufficientStats | None = None,
-                  half_gemm: bool = True, flush_every: int = 16) -> SufficientStats:
-    """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens.
+                  half_gemm: bool = True, flush_every: int = 16, label_ids=None) -> SufficientStats:
+    """One forward+backward per batch; the loss is Σ of next-token CE over supervised tokens, or with
+    ``label_ids`` Σ over examples of the label loss (:func:`layercard.losses.supervised_loss_sum`).
 
     ``half_gemm``: on CUDA, bf16/fp16 activations and gradients enter the statistics GEMMs as they
     are (tensor cores, float32 accumulation); False upcasts them to float32 first (slower, the same
@@ -48,7 +49,7 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
             if supervised_count(labels) == 0:
                 continue
             collector.mask = mask.bool()
-            loss = supervised_lm_loss_sum(model, ids, mask, labels, use_cache=False)
+            loss = supervised_loss_sum(model, ids, mask, labels, label_ids, use_cache=False)
             if bool(torch.isfinite(loss)):
                 loss.backward()
                 if collector.end_batch():
@@ -57,21 +58,21 @@ def collect_stats(model: nn.Module, layout: ModelLayout, batches: Iterable[dict]
             failed = (ids, mask, labels)
             break
     if failed is not None:
-        raise diagnose_non_finite(model, layout, *failed, half_gemm=half_gemm)
+        raise diagnose_non_finite(model, layout, *failed, half_gemm=half_gemm, label_ids=label_ids)
     if seen == 0:
         raise LayercardError("calibration data is empty: no batch had a supervised token")
     return stats
 
 
 def diagnose_non_finite(model: nn.Module, layout: ModelLayout, ids, mask, labels, *,
-                        half_gemm: bool = True) -> LayercardError:
+                        half_gemm: bool = True, label_ids=None) -> LayercardError:
     """Re-run one batch with every module's input, output and gradient checked; the error names
     the first module where a NaN/Inf appears (or says the loss itself is non-finite)."""
     try:
         with StatsCollector(model, layout, SufficientStats(), block_influence=False, half_gemm=half_gemm,
                             strict=True) as collector:
             collector.mask = mask.bool()
-            loss = supervised_lm_loss_sum(model, ids, mask, labels, use_cache=False)
+            loss = supervised_loss_sum(model, ids, mask, labels, label_ids, use_cache=False)
             if bool(torch.isfinite(loss)):
                 loss.backward()
             collector.end_batch()
@@ -147,10 +148,11 @@ def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, r
 
 def profile_model(model: nn.Module, batches: Iterable[dict], *, target_modules=None, layers=None,
                   rank: int = 8, ridge: float = 1e-3, block_path: str | None = None,
-                  progress: bool = False, meta: dict | None = None) -> LayerCard:
-    """Profile ``model`` (frozen) on ``batches`` of input_ids / attention_mask / labels into a card."""
+                  progress: bool = False, meta: dict | None = None, label_ids=None) -> LayerCard:
+    """Profile ``model`` (frozen) on ``batches`` of input_ids / attention_mask / labels into a card;
+    ``label_ids``: profile the label loss over these answer tokens instead of the LM loss."""
     if not ridge > 0:
         raise LayercardError(f"ridge must be > 0 (relative ridge λ = ridge·tr(A)/d_in), got {ridge}")
     layout = discover(model, target_modules, layers, block_path)
-    stats = collect_stats(model, layout, batches, progress=progress)
+    stats = collect_stats(model, layout, batches, progress=progress, label_ids=label_ids)
     return card_from_stats(layout, stats, rank=rank, ridge=ridge, meta=meta)

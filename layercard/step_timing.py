@@ -37,7 +37,7 @@ from torch import nn
 
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
-from layercard.losses import supervised_count, supervised_lm_loss_sum
+from layercard.losses import supervised_count, supervised_loss_sum
 
 STEP_COLUMNS = ["step_seconds", "peak_bytes", "step_measured"]
 
@@ -174,7 +174,7 @@ def measure_step(model: nn.Module, layout: ModelLayout, batch: dict, layers: lis
         opt = torch.optim.AdamW(params, lr=cfg.lr)
 
         def step():
-            loss = supervised_lm_loss_sum(peft_model, **inputs, use_cache=False) / n_supervised   # as training does
+            loss = supervised_loss_sum(peft_model, **inputs, use_cache=False) / n_supervised   # as training does
             if not torch.isfinite(loss):
                 raise LayercardError("non-finite loss in a step-timing step (check the model dtype and batch)")
             loss.backward()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from layercard.config import check_loss_keys
 from layercard.data import DataConfig
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig
@@ -21,6 +22,9 @@ class TrainConfig:
     label_answers: list[str] | None = None
     """Classification as generation, e.g. [" negative", " positive"]: eval also reports the label loss
     (log-softmax over these answers' first tokens only) and the label accuracy."""
+    loss: str = "lm"
+    """Training loss. ``lm``: next-token cross-entropy over the answer tokens. ``label``: the label
+    loss over ``label_answers`` (the quality the eval reports), at the answer position."""
     selection: str | None = None
     """A selection dir: ``adapter_config.json`` (PEFT LoraConfig) + ``selection.json`` (layers, weights_hash)."""
     strategy: str | None = None
@@ -100,5 +104,6 @@ class TrainConfig:
             raise LayercardError(f"config key 'label_answers' needs at least 2 answers, got {self.label_answers!r}")
         if self.label_answers is not None and (self.eval_data or self.data).prompt_column is None:
             raise LayercardError("config key 'label_answers' needs prompt/answer data (data.prompt_column, data.answer_column)")
+        check_loss_keys("", self.loss, self.label_answers)
         if self.fail_at_step is not None and not 1 <= self.fail_at_step <= self.steps:
             raise LayercardError(f"config key 'fail_at_step' must be in 1..steps ({self.steps}), got {self.fail_at_step}")

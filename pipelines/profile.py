@@ -15,14 +15,24 @@ from layercard.coupling_pass import coupling_pass, make_sketch
 from layercard.discovery import discover
 from layercard.data import batches_of, examples_hash, load_examples
 from layercard.errors import LayercardError
+from layercard.label_loss import check_answer_tokens
 from layercard.models import load_model
 from layercard.profile_config import ProfileConfig
 from layercard.profiler import profile_model
 from pipelines.common import parse_config, run_main
 
 
-def card_meta(cfg: ProfileConfig, lm, examples) -> dict:
+def profile_label_ids(cfg: ProfileConfig, tokenizer, examples) -> list[int] | None:
+    """The answer tokens of ``profile.loss: label`` (None for the LM loss); every calibration
+    example must start its answer with one of them."""
+    if cfg.profile.loss != "label":
+        return None
+    return check_answer_tokens(cfg.profile.label_answers, tokenizer, examples, "calibration")
+
+
+def card_meta(cfg: ProfileConfig, lm, examples, label_ids=None) -> dict:
     return {
+        "loss": cfg.profile.loss, "label_token_ids": label_ids,
         "model_id": lm.model_id, "weights_hash": lm.weights_hash, "model_type": lm.model.config.model_type,
         "data_id": str(cfg.data.path), "data_hash": examples_hash(examples), "n_records": len(examples),
         "tokenizer": lm.tokenizer.name, "seq_len": cfg.data.max_seq_len, "dtype": cfg.model.dtype,
@@ -34,11 +44,12 @@ def profile_local(cfg: ProfileConfig, progress: bool = True):
     """Single-process profile: the reference every distributed layout must reproduce."""
     lm = load_model(cfg.model)
     examples = load_examples(cfg.data, lm.tokenizer)
+    label_ids = profile_label_ids(cfg, lm.tokenizer, examples)
     batches = batches_of(examples, cfg.data.batch_size, lm.tokenizer.pad_id)
     t0 = time.perf_counter()
     card = profile_model(lm.model, batches, target_modules=cfg.profile.target_modules, layers=cfg.profile.layers,
                          rank=cfg.profile.rank, ridge=cfg.profile.ridge, block_path=cfg.model.block_path,
-                         progress=progress, meta=card_meta(cfg, lm, examples))
+                         progress=progress, meta=card_meta(cfg, lm, examples, label_ids), label_ids=label_ids)
     if progress:
         dt = time.perf_counter() - t0
         print(f"pass 1: {card.meta['n_tokens']} tokens in {dt:.1f}s ({card.meta['n_tokens'] / dt:.0f} tokens/s)")
@@ -51,15 +62,18 @@ def probe_batches(cfg: ProfileConfig, examples: list[dict], pad_id: int) -> list
 
 
 def sketch_for(cfg: ProfileConfig, vocab: int):
+    """The JL sketch of pass 2's directions, or None: exact below ``sketch_above_vocab`` and always
+    for the label loss (its softmax has one column per answer)."""
     c = cfg.coupling
-    return make_sketch(vocab, c.sketch_dim, c.sketch_above_vocab, c.seed)
+    return None if cfg.profile.loss == "label" else make_sketch(vocab, c.sketch_dim, c.sketch_above_vocab, c.seed)
 
 
 def add_coupling_local(card, cfg: ProfileConfig, lm, examples, progress: bool = True) -> None:
     layout = discover(lm.model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
     t0 = time.perf_counter()
     probe = probe_batches(cfg, examples, lm.tokenizer.pad_id)
-    coupling_pass(lm.model, layout, card, probe, sketch=sketch_for(cfg, lm.model.config.vocab_size))
+    coupling_pass(lm.model, layout, card, probe, sketch=sketch_for(cfg, lm.model.config.vocab_size),
+                  label_ids=card.meta.get("label_token_ids"))
     if progress:
         dt = time.perf_counter() - t0
         print(f"pass 2: {card.meta['coupling_tokens']} probe tokens × {len(layout.layers)} layers in {dt:.1f}s")

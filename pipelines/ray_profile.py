@@ -137,6 +137,11 @@ class _SliceActor:
         self.lm = load_model(model_cfg)
         self.layout = discover(self.lm.model, profile_cfg.target_modules, layers, model_cfg.block_path)
         self.batch_size, self.slice_id = batch_size, slice_id
+        self.label_ids = None   # the LM loss; profile.loss: label → the answer tokens (checked by the driver)
+        if profile_cfg.loss == "label":
+            from layercard.label_loss import answer_token_ids
+
+            self.label_ids = answer_token_ids(self.lm.tokenizer, profile_cfg.label_answers)
 
     def _batches(self, batch):
         from layercard.data import batches_of
@@ -183,7 +188,7 @@ class StatsActor(_SliceActor):
 
         shard = int(batch["shard"][0])
         self._maybe_fail(shard)
-        stats = collect_stats(self.lm.model, self.layout, self._batches(batch))
+        stats = collect_stats(self.lm.model, self.layout, self._batches(batch), label_ids=self.label_ids)
         return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
                 "stats": np.asarray([_stats_to_bytes(stats)], dtype=object)}
 
@@ -216,7 +221,7 @@ class DirectionsActor(_SliceActor):
             for mb in self._batches(batch):
                 if not bool((mb["labels"][:, 1:] != -100).any()):
                     continue
-                W, bb = probe_terms(self.lm.model, deltas, mb, self.sketch)
+                W, bb = probe_terms(self.lm.model, deltas, mb, self.sketch, self.label_ids)
                 for l in layers:
                     W_all[l].append(W[l].numpy())
                 b += np.array([bb[l] for l in layers])
@@ -297,7 +302,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     """Pass 1 (+ pass 2 when coupling is enabled) on Ray; returns (card, loaded model, probe examples)."""
     import tempfile
 
-    from layercard.coupling_pass import attach_coupling, layer_deltas, make_sketch
+    from layercard.coupling_pass import attach_coupling, layer_deltas
     from layercard.coupling import coupling_from_embeddings
     from layercard.discovery import discover
     from layercard.models import describe_model
@@ -320,6 +325,13 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     n_records = tokenized.count()
     if n_records == 0:
         raise LayercardError(f"data '{cfg.data.path}' is empty")
+    from layercard.data import examples_hash
+    from pipelines.profile import card_meta, profile_label_ids, sketch_for
+
+    records = list(_records(tokenized))   # token ids only: small next to the statistics
+    label_ids = profile_label_ids(cfg, lm.tokenizer, records)   # fails here, before any actor starts
+    data_hash = examples_hash(records)
+    del records
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,11 +349,8 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         print(f"pass 1: {stats.n_tokens} tokens on {cfg.ray.num_actors} actors × {len(slices)} slices, "
               f"{num_shards} shards in {dt:.1f}s ({stats.n_tokens / dt:.0f} tokens/s)")
 
-    from layercard.data import examples_hash
-    from pipelines.profile import card_meta
-
-    meta = card_meta(cfg, lm, [])
-    meta.update({"n_records": n_records, "data_hash": examples_hash(_records(tokenized)),
+    meta = card_meta(cfg, lm, [], label_ids)
+    meta.update({"n_records": n_records, "data_hash": data_hash,
                  "ray_layout": {"num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards}})
     # Keep the eigendecompositions for pass 2's Δ* when they are small (SmolLM2: 0.65 GB; a Qwen3-8B
     # would need ~50 GB, so there each is solved again, one group at a time).
@@ -358,8 +367,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu",
                               eigs=eigs)
         eigs = None
-        sketch = make_sketch(lm.model.config.vocab_size, cfg.coupling.sketch_dim, cfg.coupling.sketch_above_vocab,
-                             cfg.coupling.seed)
+        sketch = sketch_for(cfg, lm.model.config.vocab_size)
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
         refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
         agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from layercard.config import load_config
 from layercard.errors import LayercardError
+from layercard.label_loss import check_answer_tokens
 from layercard.train_config import TrainConfig
 
 FAULT_MARKER = ".fault_injected"
@@ -82,22 +83,11 @@ def prepare(cfg: TrainConfig) -> Plan:
     if len(train) < cfg.num_workers:
         raise LayercardError(f"data has {len(train)} training examples, fewer than num_workers={cfg.num_workers}")
     eval_cfg = cfg.eval_data or cfg.data
-    label_ids = check_label_answers(cfg.label_answers, tokenizer, evals) if cfg.label_answers else None
+    label_ids = check_answer_tokens(cfg.label_answers, tokenizer, evals, "eval") if cfg.label_answers else None
+    if cfg.loss == "label":
+        check_answer_tokens(cfg.label_answers, tokenizer, train, "training")
     return Plan(model_id, weights_hash, int(tokenizer.pad_id), lora, layers, card_id, train, evals,
                 with_accuracy=eval_cfg.prompt_column is not None, label_token_ids=label_ids)
-
-
-def check_label_answers(answers: list[str], tokenizer, evals: list[dict]) -> list[int]:
-    """The answers' first tokens; every eval example must start its answer with one of them."""
-    from layercard.label_loss import answer_token_ids
-
-    ids = answer_token_ids(tokenizer, answers)
-    for i, e in enumerate(evals):
-        first = next((t for t in e["labels"] if t != -100), None)
-        if first not in ids:
-            raise LayercardError(f"eval example {i} answers with token {first}, none of label_answers "
-                                 f"{answers} (tokens {ids})")
-    return ids
 
 
 def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
@@ -125,6 +115,7 @@ def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
         "pad_id": plan.pad_id,
         "with_accuracy": plan.with_accuracy,
         "label_token_ids": plan.label_token_ids,
+        "loss": cfg.loss,                      # lm | label (the label loss over label_token_ids)
         "fail_at_step": cfg.fail_at_step,
         "fault_marker": str(storage_dir / cfg.name / FAULT_MARKER),
         "initial_eval": None,                  # the base model's eval numbers, when already known
@@ -258,14 +249,15 @@ def _build_engine(config: dict, device, world: int):
     return engine, info
 
 
-def _train_step(engine, batch: dict, device) -> tuple[float, int]:
-    """One optimizer step on one micro-batch: (mean loss over supervised tokens, non-pad tokens)."""
+def _train_step(engine, batch: dict, device, label_ids=None) -> tuple[float, int]:
+    """One optimizer step on one micro-batch: (mean loss over supervised tokens — or, with
+    ``label_ids``, the mean label loss over examples —, non-pad tokens)."""
     import torch
 
-    from layercard.losses import supervised_count, supervised_lm_loss_sum
+    from layercard.losses import loss_count, supervised_loss_sum
 
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    loss = supervised_lm_loss_sum(engine, ids, mask, labels) / max(supervised_count(labels), 1)
+    loss = supervised_loss_sum(engine, ids, mask, labels, label_ids) / max(loss_count(labels, label_ids), 1)
     engine.backward(loss)
     engine.step()  # clips, steps AdamW and the warm-up/decay schedule
     if device.type == "cuda":
@@ -297,6 +289,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(config["seed"])
     engine, info = _build_engine(config, device, world)
     steps, bs, pad = config["steps"], config["batch_size"], config["pad_id"]
+    train_label_ids = config["label_token_ids"] if config.get("loss", "lm") == "label" else None
 
     start, client = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -332,7 +325,7 @@ def train_func(config: dict) -> None:
         batch = next(batches)
         _maybe_fail(config, step, rank)
         t0 = time.perf_counter()
-        loss, n_tokens = _train_step(engine, batch, device)
+        loss, n_tokens = _train_step(engine, batch, device, train_label_ids)
         step_s.append(time.perf_counter() - t0)
         losses.append(loss)
         window.append(loss)

@@ -380,3 +380,64 @@ def test_layer_deltas_reuse_the_cards_eigendecompositions():
     for layer, tangents in fresh.items():
         for name, t in tangents.items():
             assert torch.equal(reused[layer][name], t), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The label loss (profile.loss: label): one row per example, the answer tokens' columns only
+# ---------------------------------------------------------------------------------------------
+LABEL_IDS = [5, 9]
+
+
+def _answer_lm_batch(seed: int = 13):
+    """_lm_batch with each row's first answer token (t = 4) one of LABEL_IDS."""
+    batch = _lm_batch(seed)
+    first = torch.tensor([LABEL_IDS[1], LABEL_IDS[0]])
+    batch["input_ids"][:, 4] = first
+    batch["labels"][:, 4] = first
+    return batch
+
+
+def test_label_loss_K_and_b_match_brute_force_on_tiny_lm():
+    """b_ℓ = −dL/dα of the summed label loss along Δ_ℓ (central difference of the real loss, float64),
+    and K_ℓm = Σ_rows Σ_i p_i (u_ℓi − ū_ℓ)(u_mi − ū_m) with p the softmax over the answer tokens at
+    the answer position and u from a finite difference of the full logits — written out by hand.
+    (Differences at step 1e-3, tolerance 1e-3: the models' RMSNorm computes in float32 even for a
+    float64 model, so smaller steps drown in its rounding.)"""
+    from layercard.coupling_pass import probe_terms
+    from layercard.directions import _perturbed
+
+    model = _tiny_lm("qwen3")
+    batch = _answer_lm_batch()
+    deltas = {layer: _layer_deltas(model, layer, 40 + layer) for layer in range(2)}
+    W, b = probe_terms(model, deltas, batch, None, LABEL_IDS)
+    assert all(w.shape == (2, 2) for w in W.values())                 # 2 examples × 2 answer tokens
+    K = coupling_from_embeddings([W[0], W[1]]).numpy()
+    assert torch.equal(supervised_targets(batch, LABEL_IDS), torch.tensor([1, 0]))
+
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    pick = lambda out: out.logits[:, 3][:, LABEL_IDS]             # noqa: E731  position 3 predicts token 4
+    targets = torch.tensor([1, 0])
+
+    def label_loss_sum() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(pick(model(**kwargs)), targets, reduction="sum"))
+
+    with torch.no_grad():
+        z = pick(model(**kwargs))
+    p = torch.softmax(z, dim=-1)
+    us = [module_finite_difference(model, deltas[l], 1e-3, (), kwargs, pick) for l in range(2)]
+    for l in range(2):
+        h = 1e-3
+        with _perturbed(model, deltas[l], +h):
+            plus = label_loss_sum()
+        with _perturbed(model, deltas[l], -h):
+            minus = label_loss_sum()
+        assert b[l] == pytest.approx(-(plus - minus) / (2 * h), rel=1e-3)
+        for m in range(2):
+            ref = 0.0
+            for r in range(2):
+                ul, um = us[l][r], us[m][r]
+                ubar_l, ubar_m = float((p[r] * ul).sum()), float((p[r] * um).sum())
+                ref += sum(float(p[r, i]) * (float(ul[i]) - ubar_l) * (float(um[i]) - ubar_m) for i in range(2))
+            assert K[l, m] == pytest.approx(ref, rel=1e-3)
+    assert b[0] != 0 and K[0, 0] > 0

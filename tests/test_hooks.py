@@ -71,8 +71,9 @@ def _assert_stats_equal(s1, s2, keys_C=None, rel=1e-10):
         assert s2.n[grp] == s1.n[grp], grp
 
 
-def _autograd_reference(model, layout, batch):
-    """Independent reference on a copy: weight grads by autograd, X and ∂L/∂Y by plain hooks."""
+def _autograd_reference(model, layout, batch, loss_fn=lm_loss_sum):
+    """Independent reference on a copy: weight grads by autograd, X and ∂L/∂Y by plain hooks;
+    ``loss_fn(full logits, labels)`` is the summed loss."""
     ref = copy.deepcopy(model)
     _, blocks = find_blocks(ref, layout.block_path)
     mask = batch["attention_mask"].bool().reshape(-1)
@@ -88,7 +89,7 @@ def _autograd_reference(model, layout, batch):
 
         handles.append(module.register_forward_hook(hook))
     out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    lm_loss_sum(out.logits, batch["labels"]).backward()
+    loss_fn(out.logits, batch["labels"]).backward()
     for h in handles:
         h.remove()
     res = {}
@@ -122,6 +123,55 @@ def test_stats_match_autograd(arch, request):
         assert stats.gg[m.key] == pytest.approx(r["gg"], rel=1e-8), m.key
         assert stats.n[stats.group_of[m.key]] == r["n"] == 3 * 24
         assert float(C.norm()) > 0 and stats.gg[m.key] > 0
+
+
+LABEL_IDS = [7, 11]   # the answer tokens of the label-loss tests
+
+
+def _answer_batch(seed: int, rows: int, width: int, prompt: int) -> dict:
+    """Prompt of ``prompt`` tokens, then an answer whose first token is one of LABEL_IDS, then more answer tokens."""
+    batch = _batch(seed, rows, width, prompt)
+    g = torch.Generator().manual_seed(seed + 100)
+    first = torch.tensor(LABEL_IDS)[torch.randint(0, 2, (rows,), generator=g)]
+    batch["input_ids"][:, prompt] = first
+    batch["labels"][:, prompt] = first
+    return batch
+
+
+def _label_loss_sum(logits, labels):
+    """Brute force: for each row, −log softmax over LABEL_IDS of the logits one position before its first answer token."""
+    total = logits.new_zeros(())
+    for r in range(labels.shape[0]):
+        t = int((labels[r] != -100).nonzero()[0])
+        z = logits[r, t - 1, LABEL_IDS]
+        total = total - torch.log_softmax(z, dim=0)[LABEL_IDS.index(int(labels[r, t]))]
+    return total
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_label_loss_stats_match_autograd(arch, request):
+    """``label_ids``: C, gg are those of the label loss (one answer position per row, two columns of
+    the softmax), checked against autograd of a per-row brute-force loss on the full logits."""
+    model = request.getfixturevalue(arch)
+    layout = discover(model)
+    batch = _answer_batch(2, rows=3, width=20, prompt=6)
+    stats = collect_stats(model, layout, [batch], label_ids=LABEL_IDS)
+    ref = _autograd_reference(model, layout, batch, loss_fn=_label_loss_sum)
+    lm = collect_stats(model, layout, [batch])
+    for m in layout.modules:
+        r = ref[m.key]
+        expected = r["grad"] if m.transposed else r["grad"].T
+        assert _rel(stats.C[m.key], expected) < 1e-8, m.key
+        assert stats.gg[m.key] == pytest.approx(r["gg"], rel=1e-8), m.key
+        assert _rel(stats.A[stats.group_of[m.key]], r["A"]) < 1e-8, m.key
+        assert _rel(lm.C[m.key], stats.C[m.key]) > 0.1, m.key   # a different loss, not the LM loss again
+
+
+def test_label_loss_rejects_an_answer_outside_the_labels(qwen3):
+    batch = _answer_batch(3, rows=2, width=12, prompt=4)
+    batch["labels"][1, 4] = 5
+    with pytest.raises(LayercardError, match="row 1 starts its answer with token 5"):
+        collect_stats(qwen3, discover(qwen3), [batch], label_ids=LABEL_IDS)
 
 
 # ---------------------------------------------------------------------------------------- padding

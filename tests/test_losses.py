@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from layercard.losses import accepts_logits_to_keep, lm_loss_sum, next_token_labels, supervised_lm_loss_sum
+from layercard.losses import (accepts_logits_to_keep, lm_loss_sum, loss_count, loss_positions, next_token_labels,
+                              supervised_loss_sum)
 from layercard.models import ModelConfig, load_model
 
 V = 96
@@ -49,7 +50,7 @@ def test_kept_rows_give_the_full_loss_and_gradients(arch):
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
 
-    fast = supervised_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], use_cache=False)
+    fast = supervised_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], use_cache=False)
     fast.backward()
     g_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -72,7 +73,7 @@ def test_peft_wrapped_model_takes_the_fast_path():
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert accepts_logits_to_keep(peft)
     batch = _prompt_answer_batch(3)
-    fast = supervised_lm_loss_sum(peft, **batch)
+    fast = supervised_loss_sum(peft, **batch)
     full = lm_loss_sum(peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                        batch["labels"])
     assert torch.allclose(fast, full, rtol=1e-5)
@@ -94,6 +95,68 @@ def test_models_without_logits_to_keep_fall_back():
     model = _NoKeep()
     assert not accepts_logits_to_keep(model)
     batch = _prompt_answer_batch(4)
-    fast = supervised_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    fast = supervised_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     full = lm_loss_sum(model(batch["input_ids"]).logits, batch["labels"])
     assert torch.allclose(fast, full, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ label loss
+LABELS = [4, 17]
+
+
+def _answer_batch(seed: int = 5) -> dict:
+    """_prompt_answer_batch with every row's first answer token one of LABELS."""
+    batch = _prompt_answer_batch(seed)
+    for i in range(batch["labels"].shape[0]):
+        t = int((batch["labels"][i] != -100).nonzero()[0])
+        batch["input_ids"][i, t] = batch["labels"][i, t] = LABELS[i % 2]
+    return batch
+
+
+def _brute_label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    total = logits.new_zeros(())
+    for i in range(labels.shape[0]):
+        t = int((labels[i] != -100).nonzero()[0])
+        total = total - torch.log_softmax(logits[i, t - 1, LABELS], dim=0)[LABELS.index(int(labels[i, t]))]
+    return total
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_label_loss_sum_and_gradients_equal_brute_force(arch):
+    """``label_ids``: Σ over rows of −log softmax(answer tokens' logits)[target] at the answer
+    position — the head runs on one row per example — with the full-logits gradients (float64)."""
+    model = load_model(ModelConfig(config=CONFIGS[arch], dtype="float64", seed=3)).model.requires_grad_(True)
+    batch = _answer_batch()
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    fast = supervised_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], LABELS)
+    fast.backward()
+    g_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    full = _brute_label_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"])
+    full.backward()
+    hook.remove()
+    assert seen[0][:-1].numel() == 4                    # one row per example
+    assert torch.allclose(fast, full, rtol=1e-12, atol=0)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_fast[n], p.grad, rtol=1e-9, atol=1e-12), n
+
+
+def test_label_loss_falls_back_without_logits_to_keep():
+    model = _NoKeep()
+    batch = _answer_batch(6)
+    fast = supervised_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], LABELS)
+    assert torch.allclose(fast, _brute_label_loss_sum(model(batch["input_ids"]).logits, batch["labels"]), rtol=1e-6)
+
+
+def test_loss_count_and_positions():
+    labels = torch.tensor([[-100, -100, 4, 9, -100], [-100, 17, 3, -100, -100]])
+    assert loss_count(labels) == 4 and loss_count(labels, LABELS) == 2
+    keep, targets = loss_positions(labels, LABELS)
+    assert keep.tolist() == [[False, True, False, False, False], [True, False, False, False, False]]
+    assert targets.tolist() == [0, 1]
+    keep, targets = loss_positions(labels)
+    assert keep.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+    assert targets.tolist() == [4, 9, 17, 3]

@@ -76,6 +76,12 @@ BAD = {
     "unknown config key": (lambda tmp: ["profile.rnk=4"], "profile.rnk"),
     "ill-typed value": (lambda tmp: ["profile.rank=x"], "profile.rank"),
     "missing data file": (lambda tmp: ["data.path=/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    "unknown loss": (lambda tmp: ["profile.loss=mse"], "profile.loss"),
+    "label loss without answers": (lambda tmp: ["profile.loss=label"], "profile.label_answers"),
+    "label answers sharing a first token": (lambda tmp: ["profile.loss=label", "profile.label_answers=[' no', ' yes']"],
+                                            "share a first token"),
+    "calibration answer outside the labels": (lambda tmp: ["profile.loss=label", "profile.label_answers=[a, b]"],
+                                              "calibration example 0 answers with token"),
 }
 
 

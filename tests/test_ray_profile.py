@@ -1,6 +1,7 @@
 """Distributed profiling on a real local Ray: every layout reproduces the single-process card."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,26 @@ def cfg_with(*overrides) -> ProfileConfig:
     return load_config(ProfileConfig, TINY, [*BASE, *overrides])
 
 
-@pytest.fixture(scope="module")
-def reference():
-    cfg = cfg_with()
+def _reference(*overrides) -> LayerCard:
+    cfg = cfg_with(*overrides)
     card, lm, examples = profile_local(cfg, progress=False)
     add_coupling_local(card, cfg, lm, examples, progress=False)
     return card
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _reference()
+
+
+@pytest.fixture(scope="module")
+def label_overrides(tmp_path_factory) -> list[str]:
+    """The label loss on the tiny data, answers without their leading space (the byte tokenizer's
+    first answer tokens are then 'n' and 'p')."""
+    path = tmp_path_factory.mktemp("label") / "tiny-label.jsonl"
+    rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny.jsonl").read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
+    return [f"data.path={path}", "profile.loss=label", "profile.label_answers=[negative, positive]"]
 
 
 def assert_same_card(card: LayerCard, ref: LayerCard, rtol=1e-6):
@@ -50,11 +65,21 @@ def assert_same_card(card: LayerCard, ref: LayerCard, rtol=1e-6):
     assert card.meta["weights_hash"] == ref.meta["weights_hash"]
 
 
-@pytest.mark.parametrize("actors,slices", [(1, 1), (2, 1), (2, 2)])
-def test_layouts_equal_single_process(ray_local, reference, actors, slices):
-    card, _, _ = profile_on_ray(cfg_with(f"ray.num_actors={actors}", f"ray.layer_slices={slices}"), progress=False)
+@pytest.mark.parametrize("actors,slices,loss", [(1, 1, "lm"), (2, 1, "lm"), (2, 2, "label")])
+def test_layouts_equal_single_process(ray_local, reference, label_overrides, actors, slices, loss):
+    extra = label_overrides if loss == "label" else []
+    card, _, _ = profile_on_ray(cfg_with(f"ray.num_actors={actors}", f"ray.layer_slices={slices}", *extra),
+                                progress=False)
     assert card.meta["ray_layout"]["layer_slices"] == slices
-    assert_same_card(card, reference)
+    assert card.meta["loss"] == loss
+    if loss == "label":   # the label loss: a card of its own, not the LM-loss one
+        ref = _reference(*extra)
+        assert ref.meta["label_token_ids"] == card.meta["label_token_ids"] == [3 + ord("n"), 3 + ord("p")]   # ByteTokenizer: 3 + byte
+        assert ref.meta["coupling_tokens"] == 8   # one row per probe example
+        assert not np.allclose(ref.layers["res2"], reference.layers["res2"])
+        assert_same_card(card, ref)
+    else:
+        assert_same_card(card, reference)
 
 
 def test_killed_actor_gives_identical_card(ray_local, reference, tmp_path):

@@ -155,6 +155,22 @@ def test_bad_label_answers_are_refused(answers, message):
     assert "\n" not in str(exc.value)
 
 
+def test_bad_loss_settings_are_refused(tmp_path):
+    from pipelines import train
+
+    with pytest.raises(LayercardError, match="config key 'loss' must be 'lm' or 'label', got 'mse'"):
+        train_cfg("strategy=all", "loss=mse")
+    with pytest.raises(LayercardError, match="'loss: label' needs 'label_answers'"):
+        train_cfg("strategy=all", "loss=label")
+    # eval answers are labels, training answers (with their leading space) are not: named, one line
+    evals = tmp_path / "eval.jsonl"
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    evals.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
+    with pytest.raises(LayercardError, match=r"^training example 0 answers with token \d+, none of label_answers"):
+        train.prepare(train_cfg("strategy=all", "loss=label", "label_answers=[negative, positive]",
+                                f"eval_data={{path: {evals}, prompt_column: prompt, answer_column: answer}}"))
+
+
 def test_cli_rejects_zero_stage_1(tmp_path, capsys):
     from pipelines import train
 
@@ -201,7 +217,7 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     data = tmp_path / "labelled.jsonl"
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     data.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
-    labelled = [f"data.path={data}", "label_answers=[negative, positive]"]
+    labelled = [f"data.path={data}", "label_answers=[negative, positive]", "loss=label"]   # trained on the label loss
     rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), *FAST, f"selection={selection}", "zero_stage=2",
                      *labelled])
     assert rc == 0
