@@ -1,7 +1,7 @@
 """The paper-style table: card-guided layer sets vs baselines, trained and measured on SmolLM2-135M.
 
     python benchmarks/paper_table.py                      # both tasks, k ∈ {3, 5, 8}, 3 seeds (hours)
-    python benchmarks/paper_table.py --quick              # sentiment, k = 5, 2 seeds, 4 baselines, 40 steps
+    python benchmarks/paper_table.py --quick              # sentiment, k = 5, 3 seeds, 5 baselines, 60 steps
     python benchmarks/paper_table.py --tasks sentiment --seeds 0 1 2 --ks 3 5 8
 
 For each task: profile SmolLM2 on the task's calibration split (a Layer Card; reused when present),
@@ -225,16 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the search config's)")
     p.add_argument("--quick", action="store_true",
-                   help="sentiment, k=5, target 0.95, seeds 0 1, baselines top/bottom/mid/all, 40 steps, 100 eval items")
+                   help="sentiment, k=5, target 0.95, seeds 0 1 2, baselines top/bottom/mid/uniform/all, "
+                        "the search config's steps and eval items")
     p.add_argument("--work", default=str(ROOT / "runs" / "paper"), help="cards and searches (reused when present)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks, args.ks, args.targets, args.seeds = ["sentiment"], [5], [0.95], [0, 1]
-        args.steps = args.steps or 40
-        args.overrides = ["strategies=[top, bottom, mid, all]", "train.eval_data.num_samples=100", *args.overrides]
+        args.tasks, args.ks, args.targets, args.seeds = ["sentiment"], [5], [0.95], [0, 1, 2]
+        args.overrides = ["strategies=[top, bottom, mid, uniform, all]", *args.overrides]
     from layercard.fetch import verify
 
     verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])

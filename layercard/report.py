@@ -231,8 +231,9 @@ def _img(b64: str | None, alt: str, missing: str) -> str:
 def _meta_rows(card) -> list[tuple[str, str]]:
     m = card.meta
     keys = ["model_id", "weights_hash", "data_id", "data_hash", "tokenizer", "seq_len", "n_tokens", "rank",
-            "ridge", "target_modules", "num_layers", "card_id", "created_at", "schema_version"]
-    rows = [(k, _fmt(m[k]) if not isinstance(m[k], (list, dict)) else ", ".join(map(str, m[k]))) for k in keys if k in m]
+            "ridge", "loss", "label_token_ids", "target_modules", "num_layers", "card_id", "created_at", "schema_version"]
+    rows = [(k, _fmt(m[k]) if not isinstance(m[k], (list, dict)) else ", ".join(map(str, m[k])))
+            for k in keys if m.get(k) is not None]
     if "cost_r2" in m:
         rows.append(("step-time R² (predicted vs measured)", _fmt(m["cost_r2"])))
     return rows

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     card = LayerCard.load(args.card, with_stats=False)
     m = card.meta
     print(f"card {card.card_id}  model {m.get('model_id')}  weights {m.get('weights_hash')}  "
-          f"tokens {m.get('n_tokens')}  rank {m.get('rank')}  ridge {m.get('ridge')}")
+          f"tokens {m.get('n_tokens')}  rank {m.get('rank')}  ridge {m.get('ridge')}  loss {m.get('loss', 'lm')}")
     cols = [c for c in SHOWN if c in card.layers.columns]
     print(card.layers[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.modules:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,24 +111,3 @@ def test_actors_holding_every_cpu_fail_fast(ray_local):
 def test_gpus_requested_on_cpu_cluster_fails_fast(ray_local):
     with pytest.raises(LayercardError, match="needs 1 GPUs; the cluster has 0"):
         profile_on_ray(cfg_with("ray.num_actors=1", "ray.num_gpus_per_actor=1"), progress=False)
-
-
-@pytest.mark.slow
-def test_ray_job_submit(tmp_path):
-    """A real head on free ports (token auth on); `ray job submit` runs the profile pipeline."""
-    from ray_head import start_head, stop_head, submit_job
-
-    head = start_head(tmp_path / "head")
-    out = tmp_path / "card"
-    try:
-        cmd = ["--working-dir", str(ROOT), "--", sys.executable, "-m", "pipelines.profile", "--config", "configs/tiny.yaml", "--out", str(out),
-               "data.num_samples=16", "coupling.probe_samples=8", "cost.measure=false", "ray.num_actors=1",
-               "ray.num_cpus_per_actor=0.5"]
-        proc = submit_job(head, cmd)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in (proc.stdout + proc.stderr).lower()
-        card = LayerCard.load(out)
-        assert card.meta["ray_layout"]["num_actors"] == 1
-        assert len(card.layers) == 4 and np.isfinite(card.coupling_k).all()
-    finally:
-        stop_head(head.temp_dir)

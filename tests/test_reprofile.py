@@ -1,7 +1,7 @@
 """Scheduled re-profiling end to end: a local head (127.0.0.1, token auth, started and stopped by
 the test), a baseline version, then `ray job submit` of `pipelines.reprofile` twice — same data on
 Ray actors (exit 0) and a perturbed checkpoint (exit 3, changed layers named) — and the store
-listing all versions."""
+listing all versions; a `pipelines.profile` job on a Ray actor runs on the same head meanwhile."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from layercard.card import LayerCard
 from layercard.store import CardStore
 from pipelines import cards as cards_cli
 from pipelines import reprofile
@@ -23,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.num_samples=16", "coupling.probe_samples=8", "cost.measure=false", "model.dtype=float64"]
 
 
-def submit(head, log: Path, *args: str) -> subprocess.Popen:
-    """`ray job submit` (waits for the job and streams its logs to ``log``), started in the background."""
-    cmd = [ray_bin(), "job", "submit", "--address", head.dashboard, "--submission-id", f"reprofile-{uuid.uuid4().hex[:8]}",
-           "--working-dir", str(ROOT), "--", sys.executable, "-m", "pipelines.reprofile", "--config", "configs/tiny.yaml",
-           *args]
+def submit(head, log: Path, *args: str, module: str = "pipelines.reprofile") -> subprocess.Popen:
+    """`ray job submit` of ``module`` (waits for the job and streams its logs to ``log``), started in
+    the background."""
+    cmd = [ray_bin(), "job", "submit", "--address", head.dashboard, "--submission-id", f"job-{uuid.uuid4().hex[:8]}",
+           "--working-dir", str(ROOT), "--", sys.executable, "-m", module, "--config", "configs/tiny.yaml", *args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=head.env, stdout=f, stderr=subprocess.STDOUT, text=True)
     proc.log = log
@@ -66,7 +68,10 @@ def test_reprofile_job_submit(tmp_path, capsys):
                       *FAST, "ray.num_actors=1", "ray.num_cpus_per_actor=0.5")
         drift = submit(head, tmp_path / "drift.log", "--store", str(store), "--out", str(tmp_path / "r2"),
                        "--against", base.version, *FAST, "model.seed=1")
-        jobs = [same, drift]
+        # And a plain `layercard profile` job on a Ray actor, on the same head at the same time.
+        profile = submit(head, tmp_path / "profile.log", "--out", str(tmp_path / "card"), *FAST, "ray.num_actors=1",
+                         "ray.num_cpus_per_actor=0.5", module="pipelines.profile")
+        jobs = [same, drift, profile]
         rc, out = finish(same)
         assert rc == 0 and f"no drift against {base.version}" in out, out[-4000:]
         r1 = json.loads((tmp_path / "r1" / "drift.json").read_text())
@@ -79,6 +84,12 @@ def test_reprofile_job_submit(tmp_path, capsys):
         assert r2["drift"] and r2["exit_code"] == 3 and r2["changes"]["weights"] and r2["changed_layers"]
         assert f"changed layers: {', '.join(map(str, r2['changed_layers']))}" in out
         assert "# Drift report" in (tmp_path / "r2" / "drift.md").read_text()
+
+        rc, out = finish(profile)
+        assert rc == 0 and "succeeded" in out.lower(), out[-4000:]
+        card = LayerCard.load(tmp_path / "card")
+        assert card.meta["ray_layout"]["num_actors"] == 1
+        assert len(card.layers) == 4 and np.isfinite(card.coupling_k).all()
     finally:
         for job in jobs:
             if job.poll() is None:
