@@ -189,7 +189,7 @@ class StatsActor(_SliceActor):
         shard = int(batch["shard"][0])
         self._maybe_fail(shard)
         stats = collect_stats(self.lm.model, self.layout, self._batches(batch), label_ids=self.label_ids)
-        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
+        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]), "actor": np.asarray([os.getpid()]),
                 "stats": np.asarray([_stats_to_bytes(stats)], dtype=object)}
 
 
@@ -226,7 +226,7 @@ class DirectionsActor(_SliceActor):
                     W_all[l].append(W[l].numpy())
                 b += np.array([bb[l] for l in layers])
         W_cat = np.stack([np.concatenate(W_all[l]) if W_all[l] else np.zeros((0, 0)) for l in layers])
-        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]),
+        return {"slice": np.asarray([self.slice_id]), "shard": np.asarray([shard]), "actor": np.asarray([os.getpid()]),
                 "layers": np.asarray([_array_bytes(np.asarray(layers))], dtype=object),
                 "W": np.asarray([_array_bytes(W_cat)], dtype=object), "b": np.asarray([_array_bytes(b)], dtype=object)}
 
@@ -266,7 +266,7 @@ def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
 
 
 def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_shards: int, consume,
-              presharded: bool = False) -> None:
+              presharded: bool = False) -> int:
     """One map_groups stage per slice (its own actor pool), unioned so slices run concurrently.
     ``presharded``: ``ds`` has one row per shard in its own block (the small probe set, see
     :func:`probe_shards`), mapped one row per call — no hash shuffle, so no two shards share a
@@ -274,14 +274,18 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
 
     Each (slice, shard) result is handed to ``consume(key, row)`` as it arrives, once (a retried
     shard counts once), and then dropped: the driver holds running sums, never every shard's
-    statistics at once (a Qwen3-8B layer's are ~3 GiB)."""
+    statistics at once (a Qwen3-8B layer's are ~3 GiB). Returns how many actor processes did work.
+    """
     import ray.data
 
     r = cfg.ray
     size = r.num_actors // r.layer_slices
     stages = []
     for s, layers in enumerate(slices):
-        args = dict(compute=ray.data.ActorPoolStrategy(size=size), batch_format="numpy",
+        # One call in flight per actor: with Ray Data's default (several), every shard was queued on
+        # the first actor to come up while the others sat idle — 2 actors ran as 1 (seen on SmolLM2).
+        pool = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+        args = dict(compute=pool, batch_format="numpy",
                     fn_constructor_args=(cfg.model, cfg.profile, cfg.data.batch_size, layers, s),
                     fn_constructor_kwargs=per_slice_kwargs(s, layers), num_cpus=r.num_cpus_per_actor,
                     num_gpus=r.num_gpus_per_actor or None)   # Ray Data's actor pools restart and retry (-1) by default
@@ -290,12 +294,14 @@ def _run_pool(ds, actor_cls, cfg: ProfileConfig, slices, per_slice_kwargs, num_s
         else:
             stages.append(ds.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(actor_cls, **args))
     out = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
-    seen = set()
+    seen, workers = set(), set()
     for row in out.iter_rows():
         key = (int(row["slice"]), int(row["shard"]))
         if key not in seen:                      # a retried shard counts once
             seen.add(key)
+            workers.add(int(row["actor"]))
             consume(key, row)
+    return len(workers)
 
 
 def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
@@ -342,16 +348,17 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
             nonlocal stats
             stats += _stats_from_bytes(row["stats"])
 
-        _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
+        used1 = _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
             "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir}, num_shards, add)
     dt = time.perf_counter() - t0
     if progress:
-        print(f"pass 1: {stats.n_tokens} tokens on {cfg.ray.num_actors} actors × {len(slices)} slices, "
+        print(f"pass 1: {stats.n_tokens} tokens on {used1} of {cfg.ray.num_actors} actors × {len(slices)} slices, "
               f"{num_shards} shards in {dt:.1f}s ({stats.n_tokens / dt:.0f} tokens/s)")
 
     meta = card_meta(cfg, lm, [], label_ids)
     meta.update({"n_records": n_records, "data_hash": data_hash,
-                 "ray_layout": {"num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards}})
+                 "ray_layout": {"num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards,
+                                "pass1_actors_used": used1}})
     # Keep the eigendecompositions for pass 2's Δ* when they are small (SmolLM2: 0.65 GB; a Qwen3-8B
     # would need ~50 GB, so there each is solved again, one group at a time).
     eigs = {} if cfg.coupling.enabled and _eig_bytes(stats) <= EIG_CACHE_BYTES else None
@@ -371,14 +378,16 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
         refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
         agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)
-        _run_pool(probe, DirectionsActor, cfg, slices,
-                  lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args}, len(shards), agg.add,
-                  presharded=True)
+        used2 = _run_pool(probe, DirectionsActor, cfg, slices,
+                          lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args}, len(shards), agg.add,
+                          presharded=True)
+        card.meta["ray_layout"]["pass2_actors_used"] = used2
         K, b = agg.result()
         attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})
         if progress:
             dt = time.perf_counter() - t0
             print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(shards)} shards "
+                  f"on {used2} actors "
                   f"in {dt:.1f}s ({len(layout.layers) * len(probe_records) / dt:.1f} layer-records/s)")
     _cost_on_actor(card, cfg, tokenized, ray, lm)
     return card, lm, None
