@@ -116,7 +116,8 @@ def grouped(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if (r["task"], r["strategy"], r["k"]) == (task, strategy, k)]
         g = {"task": task, "strategy": strategy, "k": k, "n_seeds": len(rs), "layers": rs[0]["layers"],
              "quality_name": rs[0]["quality_name"]}
-        for col in ("quality", "gain_fraction", "accuracy", "step_time_ratio", "peak_mem_ratio"):
+        for col in ("quality", "gain_fraction", "accuracy", "step_time_ratio", "peak_mem_ratio",
+                    "predicted_gain_fraction", "base_quality"):
             g[col], g[f"{col}_sd"] = _mean_sd(r[col] for r in rs)
         out.append(g)
     return out
@@ -134,13 +135,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         g = [r for r in grouped(rows) if r["task"] == task]
         qname = g[0]["quality_name"].replace("_", " ")
         seed_spread = next((r["quality_sd"] for r in g if r["strategy"] == "all"), None)
-        lines += [f"## {task} (quality = {qname}, lower is better; all-layer seed sd "
-                  f"{_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'})", "",
-                  "| strategy | k | layers | quality | gain fraction | accuracy | step-time ratio | peak-mem ratio | seeds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {task} (quality = {qname}, lower is better; base model {_fmt(g[0]['base_quality'], None, '.4f')}; "
+                  f"all-layer seed sd {_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'})", "",
+                  "| strategy | k | layers | quality | gain fraction | predicted gain fraction | accuracy | "
+                  "step-time ratio | peak-mem ratio | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in g:
             lines.append(f"| {r['strategy']} | {r['k']} | {r['layers']} | {_fmt(r['quality'], r['quality_sd'], '.4f')} | "
-                         f"{_fmt(r['gain_fraction'], r['gain_fraction_sd'])} | {_fmt(r['accuracy'], r['accuracy_sd'])} | "
+                         f"{_fmt(r['gain_fraction'], r['gain_fraction_sd'])} | {_fmt(r['predicted_gain_fraction'], None)} | "
+                         f"{_fmt(r['accuracy'], r['accuracy_sd'])} | "
                          f"{_fmt(r['step_time_ratio'], r['step_time_ratio_sd'], '.2f')} | "
                          f"{_fmt(r['peak_mem_ratio'], r['peak_mem_ratio_sd'], '.2f')} | {r['n_seeds']} |")
         lines.append("")

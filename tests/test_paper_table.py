@@ -71,6 +71,7 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
     assert g["card"]["gain_fraction_sd"] == pytest.approx(pd.Series([0.75, 2 / 3]).std())
     text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0})
     assert "| card | 2 | [5, 6] |" in text and "label loss" in text
+    assert "| 0.800 |" in text                         # the card's predicted gain fraction beside the measured one
 
 
 def test_frontier_plot_decodes(paper, tmp_path):
