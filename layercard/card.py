@@ -22,8 +22,9 @@ import pandas as pd
 from layercard.errors import LayercardError
 from layercard.stats import SufficientStats
 
-SCHEMA_VERSION = 1
-STAT_COLUMNS = ["res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank", "d_eff", "gain_adj"]
+SCHEMA_VERSION = 2                # 2: gain_adj_rank_r (derived on load from a schema-1 card's module table)
+STAT_COLUMNS = ["res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank", "d_eff", "gain_adj",
+                "gain_adj_rank_r"]
 LAYER_COLUMNS = ["layer", "n_tokens", *STAT_COLUMNS]
 MODULE_COLUMNS = ["layer", "module", "target", "d_in", "d_out", "n_tokens", *STAT_COLUMNS]
 COUPLING_COLUMNS = ["layer_i", "layer_j", "rho", "k"]
@@ -50,6 +51,24 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _add_rank_r_gain(tables: dict, meta: dict, path: Path) -> None:
+    """Schema-1 cards predate ``gain_adj_rank_r``; it is a function of columns their module table
+    carries (res2_rank_r, res2, gg, n_tokens, d_out, d_eff) and meta ``rank``. Layer value = the sum
+    over the layer's modules, as :func:`layercard.profiler.aggregate_layers` does."""
+    from layercard.metrics import gain_adj_rank_r
+
+    mods, layers = tables.get("modules.parquet"), tables.get("layers.parquet")
+    need = ["layer", "res2_rank_r", "res2", "gg", "n_tokens", "d_out", "d_eff"]
+    rank = meta.get("rank")
+    if mods is None or layers is None or any(c not in mods.columns for c in need) or not isinstance(rank, int):
+        raise LayercardError(f"card '{path}' has schema version 1 and lacks what gain_adj_rank_r is derived from "
+                             f"(module columns {need[1:]} and meta 'rank'); re-profile it")
+    mods["gain_adj_rank_r"] = [gain_adj_rank_r(m.res2_rank_r, m.res2, m.gg, m.n_tokens, m.d_out, m.d_eff, rank)
+                               for m in mods.itertuples()]
+    per_layer = mods.groupby("layer")["gain_adj_rank_r"].sum()
+    layers["gain_adj_rank_r"] = layers["layer"].map(per_layer).to_numpy(np.float64)
 
 
 @dataclass
@@ -158,10 +177,14 @@ class LayerCard:
             if name not in meta.get("files", {}):
                 raise LayercardError(f"card '{path}': card.json does not list '{name}'")
             df = pd.read_parquet(path / name)
+            tables[name] = df
+        if version < 2:
+            _add_rank_r_gain(tables, meta, path)
+        for name, columns in TABLES.items():
+            df = tables[name]
             missing = [c for c in columns if c not in df.columns]
             if missing:
                 raise LayercardError(f"card '{path}': '{name}' lacks columns {missing}")
-            tables[name] = df
         layers = tables["layers.parquet"]
         L = len(layers)
         cp = tables["coupling.parquet"]

@@ -194,7 +194,7 @@ def card_selections(card, settings: DriftSettings) -> tuple[dict[str, list[int]]
     except LayercardError:
         has_cost = False
         notes.append("no cost columns: max-quality uses uniform cost (ties only), min-cost not compared")
-        weight = sel.reliability(t["res2"].to_numpy(), t["gain_adj"].to_numpy(), t["kappa"].to_numpy())
+        weight = sel.card_reliability(card)
         ones = np.ones(len(t))
         arrays = sel.CardArrays(np.asarray(card.layer_ids), card.coupling_k, t["b"].to_numpy(np.float64), weight,
                                 ones, ones)

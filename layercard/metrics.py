@@ -30,7 +30,10 @@ __all__ = [
     "resnorm",
     "best_rank_r_update",
     "spectrum",
+    "noise_variance",
     "gain_adj",
+    "rank_r_noise",
+    "gain_adj_rank_r",
     "module_metrics",
 ]
 
@@ -168,8 +171,14 @@ def spectrum(A: Tensor, n: int, ridge: float, eig=None) -> dict:
             "erank": erank, "d_eff": d_eff}
 
 
+def noise_variance(res2: float, gg: float, n: int, d_out: int, d_eff: float) -> float:
+    """Per-entry noise variance of G, s² = (gg − res2) / max(d_out · (n − d_eff), 1), clipped at 0:
+    the unfit residual over its degrees of freedom (see :func:`gain_adj`)."""
+    return max(float(gg) - float(res2), 0.0) / max(d_out * (n - d_eff), 1.0)
+
+
 def gain_adj(res2: float, gg: float, n: int, d_out: int, d_eff: float) -> float:
-    """Noise-adjusted gain (units of loss, like ½res2).
+    """Noise-adjusted gain of the full-rank ridge update (units of loss, like ½res2).
 
         s²       = (gg − res2) / max(d_out · (n − d_eff), 1)
         gain_adj = ½ · max(res2 − s² · d_out · d_eff, 0)
@@ -183,19 +192,42 @@ def gain_adj(res2: float, gg: float, n: int, d_out: int, d_eff: float) -> float:
     noise share from res2 leaves the signal part; ½ turns it into a local-loss decrease, and
     the outer max clips estimates that noise alone explains to 0. s² is clipped at >= 0.
     """
-    dof = max(d_out * (n - d_eff), 1.0)
-    s2 = max(float(gg) - float(res2), 0.0) / dof
+    s2 = noise_variance(res2, gg, n, d_out, d_eff)
     return 0.5 * max(float(res2) - s2 * d_out * d_eff, 0.0)
+
+
+def rank_r_noise(s2: float, d_out: int, d_eff: float, rank: int) -> float:
+    """Noise a rank-r fit captures: r · s² · (√d_eff + √d_out)², at most the full s² · d_out · d_eff.
+
+    The noise part of M = (A+λI)^{-1/2} C behaves like a d_eff × d_out matrix of i.i.d. entries of
+    variance s² (its squared Frobenius norm is s²·d_out·d_eff, the full-rank noise of
+    :func:`gain_adj`). A rank-r truncation keeps its r largest squared singular values, each at the
+    bulk edge s²(√d_eff + √d_out)² (Bai–Yin / Marchenko–Pastur); r = min(d_out, d_eff) recovers the
+    full-rank figure."""
+    return min(rank * s2 * (math.sqrt(max(d_eff, 0.0)) + math.sqrt(d_out)) ** 2, s2 * d_out * d_eff)
+
+
+def gain_adj_rank_r(res2_rank_r: float, res2: float, gg: float, n: int, d_out: int, d_eff: float,
+                    rank: int) -> float:
+    """Noise-adjusted gain of the best *rank-r* update, the adapter actually trained (DESIGN §1's
+    Res²_r "matches the LoRA rank"):  ½ · max(res2_rank_r − rank_r_noise(s², d_out, d_eff, r), 0),
+    with s² from :func:`noise_variance`. A full-rank fit of n tokens in d_eff dimensions absorbs
+    s²·d_out·d_eff of noise; a rank-r adapter only the noise along its r directions, about
+    r·(√d_eff+√d_out)² / (d_eff·d_out) of it (≈ 7 % for r = 8 on a 576 × 576 module)."""
+    s2 = noise_variance(res2, gg, n, d_out, d_eff)
+    return 0.5 * max(float(res2_rank_r) - rank_r_noise(s2, d_out, d_eff, rank), 0.0)
 
 
 def module_metrics(A: Tensor, C: Tensor, gg: float, n: int, ridge: float, rank: int,
                    d_out: int, eig=None) -> dict:
     """All per-module card numbers with ONE eigh of A: the union of :func:`resnorm`,
-    :func:`spectrum` and ``gain_adj`` (keys res2, res2_rank_r, res_frac, grad_norm, energy,
-    mu_max, mu_min, kappa, erank, d_eff, gain_adj). Shapes: A d_in×d_in, C d_in×d_out.
+    :func:`spectrum`, ``gain_adj`` and ``gain_adj_rank_r`` (keys res2, res2_rank_r, res_frac,
+    grad_norm, energy, mu_max, mu_min, kappa, erank, d_eff, gain_adj, gain_adj_rank_r).
+    Shapes: A d_in×d_in, C d_in×d_out.
     """
     eig = eig if eig is not None else eig_psd(A)
     out = resnorm(A, C, gg, ridge, rank, eig)
     out.update(spectrum(A, n, ridge, eig))
     out["gain_adj"] = gain_adj(out["res2"], gg, n, d_out, out["d_eff"])
+    out["gain_adj_rank_r"] = gain_adj_rank_r(out["res2_rank_r"], out["res2"], gg, n, d_out, out["d_eff"], rank)
     return out

@@ -99,7 +99,7 @@ def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: 
 
 
 def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer view. Additive quantities (res2, res2_rank_r, gain_adj, energy, gg) are summed over the
+    """Per-layer view. Additive quantities (res2, res2_rank_r, gain_adj, gain_adj_rank_r, energy, gg) are summed over the
     layer's modules / input groups; grad_norm = sqrt(Σ‖C‖²); res_frac = Σres2 / Σgg; kappa is the worst
     (largest) of the layer's input groups; erank and d_eff are averaged over its input groups."""
     out = []
@@ -114,7 +114,7 @@ def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
             "grad_norm": float(np.sqrt((g["grad_norm"] ** 2).sum())),
             "energy": groups["energy"].sum(), "kappa": groups["kappa"].max(),
             "erank": groups["erank"].mean(), "d_eff": groups["d_eff"].mean(),
-            "gain_adj": g["gain_adj"].sum(),
+            "gain_adj": g["gain_adj"].sum(), "gain_adj_rank_r": g["gain_adj_rank_r"].sum(),
         })
     return pd.DataFrame(out)[LAYER_COLUMNS]
 

@@ -24,7 +24,7 @@ MD_COLUMNS = [("res_frac", "res_frac"), ("gain_adj", "gain_adj"), ("kappa", "κ"
               ("block_influence", "BI"), ("backprop_flops_per_token", "backprop FLOPs/tok"),
               ("step_seconds", "step s")]
 HTML_COLUMNS = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa",
-                "erank", "d_eff", "gain_adj", "block_influence", "b", "k_diag", "adapter_params",
+                "erank", "d_eff", "gain_adj", "gain_adj_rank_r", "block_influence", "b", "k_diag", "adapter_params",
                 "adapter_flops_per_token", "backprop_flops_per_token", "act_bytes_per_token",
                 "step_seconds", "peak_bytes", "step_measured"]
 

@@ -7,6 +7,7 @@ import sys
 from layercard.card import LayerCard
 
 SHOWN = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "kappa", "d_eff", "gain_adj",
+         "gain_adj_rank_r",
          "block_influence", "b", "k_diag", "step_seconds"]
 
 

@@ -22,6 +22,7 @@ def make_card(n_layers: int = 4, *, seed: int = 0, model_id: str = "config:test-
     layers["n_tokens"] = 1000
     layers["gain_adj"] = gain
     layers["res2"] = 2.5 * gain
+    layers["gain_adj_rank_r"], layers["res2_rank_r"] = 0.8 * gain, 2.0 * gain
     layers["kappa"] = kappa
     modules = pd.DataFrame({c: rng.uniform(1, 2, L) for c in MODULE_COLUMNS})
     modules["layer"] = np.arange(L)

@@ -17,7 +17,7 @@ from layercard.profile_config import ProfileConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_COLUMNS = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank",
-                 "d_eff", "gain_adj"]
+                 "d_eff", "gain_adj", "gain_adj_rank_r"]
 MODULE_COLUMNS = ["layer", "module", "d_in", "d_out"]
 
 
@@ -268,3 +268,35 @@ def test_edited_checksum_list_cannot_hide_a_table(saved, tmp_path):
     (card / "card.json").write_text(json.dumps(meta))
     with pytest.raises(LayercardError, match="layers.parquet"):
         LayerCard.load(card)
+
+
+def _as_schema_1(saved: Path, card: Path, drop_module_columns=()) -> None:
+    """Rewrite a saved card as schema 1 wrote it: no gain_adj_rank_r column (checksums updated)."""
+    from layercard.card import sha256_file
+
+    shutil.copytree(saved, card)
+    meta = json.loads((card / "card.json").read_text())
+    for name, extra in (("layers.parquet", ()), ("modules.parquet", tuple(drop_module_columns))):
+        df = pd.read_parquet(card / name).drop(columns=["gain_adj_rank_r", *extra])
+        df.to_parquet(card / name, index=False)
+        meta["files"][name] = sha256_file(card / name)
+    meta["schema_version"] = 1
+    (card / "card.json").write_text(json.dumps(meta))
+
+
+def test_schema_1_card_gets_gain_adj_rank_r_from_its_module_table(profiled, saved, tmp_path):
+    card = tmp_path / "card"
+    _as_schema_1(saved, card)
+    loaded = LayerCard.load(card)
+    # derived on load = what profiling computes (same formula on the same float64 module numbers)
+    np.testing.assert_allclose(loaded.modules["gain_adj_rank_r"], profiled.modules["gain_adj_rank_r"], rtol=1e-12)
+    np.testing.assert_allclose(loaded.layers["gain_adj_rank_r"], profiled.layers["gain_adj_rank_r"], rtol=1e-12)
+    assert (profiled.layers["gain_adj_rank_r"] > 0).any()
+
+
+def test_schema_1_card_without_module_gg_is_refused(saved, tmp_path):
+    card = tmp_path / "card"
+    _as_schema_1(saved, card, drop_module_columns=["gg"])
+    with pytest.raises(LayercardError, match=r"schema version 1 .*gg.*re-profile") as err:
+        LayerCard.load(card)
+    assert "\n" not in str(err.value)

@@ -201,10 +201,12 @@ def test_eig_passthrough_and_dtypes():
     # module_metrics = union of the three
     mm = lm.module_metrics(A, C, gg, X.shape[0], 0.1, 3, G.shape[1])
     sp = lm.spectrum(A, X.shape[0], 0.1)
-    assert set(mm) == set(a) | set(sp) | {"gain_adj"}
+    assert set(mm) == set(a) | set(sp) | {"gain_adj", "gain_adj_rank_r"}
     for k in list(a) + list(sp):
         assert mm[k] == pytest.approx({**a, **sp}[k], rel=1e-12)
     assert mm["gain_adj"] == lm.gain_adj(a["res2"], gg, X.shape[0], G.shape[1], sp["d_eff"])
+    assert mm["gain_adj_rank_r"] == lm.gain_adj_rank_r(a["res2_rank_r"], a["res2"], gg, X.shape[0], G.shape[1],
+                                                       sp["d_eff"], 3)
 
 
 # ---------------------------------------------------------------- spectrum
@@ -278,6 +280,51 @@ def test_gain_adj_noise_vs_signal():
         signal_ratio.append(m2["gain_adj"] / (0.5 * m2["res2"]))
     assert np.mean(noise_ratio) < 0.2
     assert min(signal_ratio) > 0.98 and max(signal_ratio) <= 1.0
+
+
+def test_gain_adj_rank_r_formula():
+    # s² = (100 − 40) / (20·(1000 − 30)); rank-1 noise = s²(√30 + √20)², below the full s²·20·30 cap
+    s2 = 60.0 / (20 * 970)
+    edge = (math.sqrt(30) + math.sqrt(20)) ** 2
+    assert lm.noise_variance(40.0, 100.0, 1000, 20, 30.0) == pytest.approx(s2)
+    assert lm.rank_r_noise(s2, 20, 30.0, 1) == pytest.approx(s2 * edge)
+    assert lm.gain_adj_rank_r(30.0, 40.0, 100.0, 1000, 20, 30.0, 1) == pytest.approx(0.5 * (30 - s2 * edge))
+    assert lm.gain_adj_rank_r(30.0, 40.0, 100.0, 1000, 20, 30.0, 4) == pytest.approx(0.5 * (30 - 4 * s2 * edge))
+    # a rank whose edge figure passes the full-rank noise is capped there: it recovers gain_adj
+    assert lm.rank_r_noise(s2, 20, 30.0, 7) == pytest.approx(s2 * 600)
+    assert lm.gain_adj_rank_r(40.0, 40.0, 100.0, 1000, 20, 30.0, 20) == pytest.approx(
+        lm.gain_adj(40.0, 100.0, 1000, 20, 30.0))
+    assert lm.gain_adj_rank_r(0.01, 4.0, 100.0, 10, 2, 3.0, 1) == 0.0          # noise explains it: clipped
+    assert lm.gain_adj_rank_r(0.0, 0.0, 0.0, 10, 3, 0.0, 4) == 0.0
+
+
+@pytest.mark.parametrize("n, d_in, d_out, rank", [(4000, 64, 48, 4), (300, 128, 128, 1), (3000, 96, 64, 8)])
+def test_gain_adj_rank_r_noise_level_and_planted_signal(n, d_in, d_out, rank):
+    """Float64 Monte Carlo. Pure noise: the best rank-r fit captures at most the bulk-edge figure
+    r·s²(√d_eff + √d_out)², and not much less (the r largest squared singular values of a
+    d_eff × d_out noise matrix sit at or just below the edge). A planted rank-1 signal of known
+    energy: gain_adj_rank_r recovers most of it, and the rank-r noise share of res2_rank_r is far
+    below the full-rank one (the case the selection's reliability depends on: n not ≫ d_eff)."""
+    noise, recovered, f_rank_r, f_full = [], [], [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((n, d_in)) * np.logspace(0, -1, d_in)[None, :]
+        E = rng.standard_normal((n, d_out))
+        A, C, gg = stats(X, E)
+        m = lm.module_metrics(A, C, gg, n, 1e-3, rank, d_out)
+        s2 = lm.noise_variance(m["res2"], gg, n, d_out, m["d_eff"])
+        noise.append(m["res2_rank_r"] / lm.rank_r_noise(s2, d_out, m["d_eff"], rank))
+        u = X @ rng.standard_normal(d_in)
+        v = rng.standard_normal(d_out)
+        S = np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v)) * math.sqrt(8) * (math.sqrt(d_in) + math.sqrt(d_out))
+        A2, C2, gg2 = stats(X, S + E)
+        m2 = lm.module_metrics(A2, C2, gg2, n, 1e-3, rank, d_out)
+        recovered.append(m2["gain_adj_rank_r"] / (0.5 * (S**2).sum()))
+        f_rank_r.append(2 * m2["gain_adj_rank_r"] / m2["res2_rank_r"])
+        f_full.append(2 * m2["gain_adj"] / m2["res2"])
+    assert 0.7 < min(noise) and max(noise) <= 1.02
+    assert 0.75 < np.mean(recovered) <= 1.05
+    assert np.mean(f_rank_r) > 1.2 * np.mean(f_full)
 
 
 # ---------------------------------------------------------------- degenerate

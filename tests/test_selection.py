@@ -50,6 +50,7 @@ def make_card(b, K, *, res2=None, gain_adj=None, kappa=None, cost=True, layers=N
     t["res2"] = res2
     t["res2_rank_r"] = 0.6 * res2
     t["gain_adj"] = 0.5 * res2 if gain_adj is None else gain_adj
+    t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]                 # the reliability reads the rank-r pair
     t["kappa"] = 100.0 if kappa is None else kappa
     t["grad_norm"] = np.linspace(2.0, 1.0, L)
     t["block_influence"] = np.linspace(0.1, 0.3, L)
