@@ -64,8 +64,20 @@ def strategy_of(label: str, n_layers: int) -> tuple[str, int] | None:
     return name, int(m["k"])
 
 
-def paper_rows(task: str, search_dir: Path) -> list[dict]:
-    """One row per (strategy, k, seed) from a finished search's trials and candidates."""
+def card_predictor(card_dir: Path):
+    """layers → the card's predicted gain fraction Q(S)/Q(all layers) under the *current* selection
+    formula (so a table rebuilt after a formula change shows what the code now predicts)."""
+    from layercard import selection as sel
+    from layercard.card import LayerCard
+
+    arrays = sel.arrays_from_card(LayerCard.load(card_dir, with_stats=False))
+    full = sel.set_quality(arrays, arrays.layers)
+    return lambda layers: sel.set_quality(arrays, layers) / full if full > 0 else None
+
+
+def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
+    """One row per (strategy, k, seed) from a finished search's trials and candidates; the predicted
+    gain fraction from ``predict(layers)`` (see :func:`card_predictor`), else as the search recorded it."""
     import pandas as pd
 
     cands = pd.read_parquet(search_dir / "results.parquet").set_index("candidate")
@@ -80,6 +92,8 @@ def paper_rows(task: str, search_dir: Path) -> list[dict]:
         if seed not in ref:
             continue
         a = ref[seed]
+        layers = [int(x) for x in c["layers"]]
+        predicted = predict(layers) if predict is not None else c["predicted_gain_fraction"]
         base, q, q_all = float(t["initial_quality"]), float(t["quality"]), float(a["quality"])
         for label in c["labels"]:
             parsed = strategy_of(label, len(c["layers"]))
@@ -88,15 +102,14 @@ def paper_rows(task: str, search_dir: Path) -> list[dict]:
             strategy, k = parsed
             rows.append({
                 "task": task, "strategy": strategy, "k": k if not strategy.startswith("min-cost") else len(c["layers"]),
-                "seed": seed, "layers": [int(x) for x in c["layers"]], "quality": q,
+                "seed": seed, "layers": layers, "quality": q,
                 "quality_name": t["quality_name"], "base_quality": base,
                 "gain_fraction": (base - q) / (base - q_all) if base != q_all else None,
                 "accuracy": float(t["metric"]) if t["metric_name"] in ("accuracy", "label_accuracy") else None,
                 "step_time_ratio": float(t["step_seconds"]) / float(a["step_seconds"]),
                 "peak_mem_ratio": float(t["peak_memory_bytes"]) / float(a["peak_memory_bytes"]),
                 "adapted_layers": len(c["layers"]), "step_seconds": float(t["step_seconds"]),
-                "predicted_gain_fraction": None if c["predicted_gain_fraction"] is None
-                else float(c["predicted_gain_fraction"]),
+                "predicted_gain_fraction": None if predicted is None else float(predicted),
             })
     return rows
 
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for task in args.tasks:
         card = ensure_card(task, work, args.profile_overrides)
-        rows += paper_rows(task, run_search(task, card, work, args))
+        rows += paper_rows(task, run_search(task, card, work, args), card_predictor(card))
     meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
             "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick}

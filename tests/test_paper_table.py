@@ -72,6 +72,26 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
     text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0})
     assert "| card | 2 | [5, 6] |" in text and "label loss" in text
     assert "| 0.800 |" in text                         # the card's predicted gain fraction beside the measured one
+    # a predictor (the current card formula) replaces the fraction the search recorded
+    rows = paper.paper_rows("sentiment", tmp_path / "search", predict=lambda layers: len(layers) / 8)
+    assert {r["strategy"]: r["predicted_gain_fraction"] for r in rows}["bottom"] == 0.25
+
+
+def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
+    import numpy as np
+
+    from layercard.selection import arrays_from_card, set_quality
+    from tests.test_selection import make_card
+
+    rng = np.random.default_rng(0)
+    U = rng.normal(size=(5, 9))
+    card = make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 5), kappa=rng.uniform(10, 1e3, 5))
+    card.save(tmp_path / "card")
+    predict = paper.card_predictor(tmp_path / "card")
+    A = arrays_from_card(card)
+    for S in ([0], [1, 3], [0, 2, 4]):
+        assert predict(S) == pytest.approx(set_quality(A, S) / set_quality(A, range(5)), rel=1e-12)
+    assert predict(list(range(5))) == pytest.approx(1.0)
 
 
 def test_frontier_plot_decodes(paper, tmp_path):
