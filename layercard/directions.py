@@ -28,7 +28,6 @@ from layercard.losses import keep_logits_kwargs, loss_logits, loss_positions
 
 __all__ = [
     "IGNORE_INDEX",
-    "supervised_mask",
     "supervised_targets",
     "module_jvp",
     "module_finite_difference",
@@ -44,17 +43,9 @@ IGNORE_INDEX = -100
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
-def supervised_mask(labels: Tensor) -> Tensor:
-    """(B, S-1) bool: which ``logits[:, :-1]`` positions have a supervised next-token label."""
-    if labels.dim() != 2:
-        raise LayercardError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
-    return labels[:, 1:] != IGNORE_INDEX
-
-
 def supervised_targets(batch: Mapping, label_ids=None) -> Tensor:
     """(T,) targets aligned with the rows of the directions: next-token ids at the supervised
     positions, or with ``label_ids`` each example's index into ``label_ids``."""
-    supervised_mask(batch["labels"])   # shape check
     return loss_positions(batch["labels"], label_ids)[1]
 
 
@@ -79,7 +70,6 @@ def _model_inputs(model: nn.Module, batch: Mapping, label_ids=None) -> tuple[dic
         raise LayercardError(
             f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(batch['input_ids'].shape)}"
         )
-    supervised_mask(labels)   # shape check
     extra, keep, _ = keep_logits_kwargs(model, labels, label_ids)   # the LM head (and its tangent) on the loss's rows only
     kwargs.update(extra)
     return kwargs, keep

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layercard.errors import LayercardError
 from layercard.label_loss import first_answer_position, label_logits, label_targets
 
 
@@ -85,6 +86,8 @@ def loss_positions(labels: torch.Tensor, label_ids=None) -> tuple[torch.Tensor, 
       one that predicts its first answer token; the target is the index of that token in
       ``label_ids`` (the logits are then restricted to those columns, :func:`loss_logits`).
     """
+    if labels.dim() != 2:
+        raise LayercardError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
     if label_ids is None:
         nxt = next_token_labels(labels)
         keep = nxt != -100

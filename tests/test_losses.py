@@ -160,3 +160,11 @@ def test_loss_count_and_positions():
     keep, targets = loss_positions(labels)
     assert keep.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
     assert targets.tolist() == [4, 9, 17, 3]
+
+
+def test_loss_positions_refuses_labels_that_are_not_batch_by_seq():
+    from layercard.errors import LayercardError
+    from layercard.losses import loss_positions
+
+    with pytest.raises(LayercardError, match=r"labels must be \(batch, seq\), got shape \(5,\)"):
+        loss_positions(torch.full((5,), -100))
