@@ -67,16 +67,6 @@ def label_targets(labels: torch.Tensor, label_token_ids, first: torch.Tensor | N
     return match.int().argmax(dim=1)
 
 
-def label_sums(logits: torch.Tensor, labels: torch.Tensor, label_token_ids) -> dict[str, float]:
-    """Summed label loss, correct choices and examples of one batch ([B, T, V] logits, [B, T] labels)."""
-    first = first_answer_position(labels)
-    target = label_targets(labels, label_token_ids, first)
-    z = label_logits(answer_position_logits(logits, labels, first), label_token_ids)
-    return {"label_loss_sum": float(F.cross_entropy(z, target, reduction="sum")),
-            "label_correct": float((z.argmax(dim=-1) == target).sum()),
-            "label_examples": float(target.numel())}
-
-
 def answer_token_ids(tokenizer, answers) -> list[int]:
     """First token of each answer string (``tokenizer.encode``); they must differ, or the loss is blind."""
     ids = []

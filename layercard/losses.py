@@ -113,6 +113,16 @@ def loss_count(labels: torch.Tensor, label_ids=None) -> int:
     return int((labels[:, 1:] != -100).any(dim=1).sum())
 
 
+def label_sums(logits: torch.Tensor, labels: torch.Tensor, label_ids) -> dict[str, float]:
+    """Summed label loss, correct choices and examples of one batch of full ([B, T, V]) logits, read
+    at the rows and columns :func:`loss_positions` / :func:`loss_logits` give training and profiling."""
+    keep, target = loss_positions(labels, label_ids)
+    z = loss_logits(logits[keep], label_ids)
+    return {"label_loss_sum": float(F.cross_entropy(z, target, reduction="sum")),
+            "label_correct": float((z.argmax(dim=-1) == target).sum()),
+            "label_examples": float(target.numel())}
+
+
 def keep_logits_kwargs(model: nn.Module, labels: torch.Tensor, label_ids=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(forward kwargs, keep, targets) with ``keep``/``targets`` from :func:`loss_positions`; the
     kwargs ask the model for the kept rows only, when it can."""

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from layercard.errors import LayercardError
-from layercard.losses import lm_loss_sum, shift_for_lm
-from layercard.label_loss import label_sums
+from layercard.losses import label_sums, lm_loss_sum, shift_for_lm
 from layercard.models import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -79,7 +79,7 @@ def _sequence_batch():
 
 
 def test_label_sums_equal_the_hand_computation():
-    from layercard.label_loss import label_sums
+    from layercard.losses import label_sums
 
     logits, labels = _sequence_batch()
     sums = label_sums(logits, labels, LABEL_IDS)
