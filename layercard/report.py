@@ -34,20 +34,37 @@ def default_top_k(num_layers: int) -> int:
     return max(1, min(num_layers, round(num_layers / 6)))
 
 
-def recommended_layers(card, selection: Sequence[int] | None = None, top_k: int | None = None) -> list[int]:
-    """``selection`` if given (validated), else the top-k layers by noise-adjusted gain, sorted."""
+def recommendation(card, selection: Sequence[int] | None = None, top_k: int | None = None) -> tuple[list[int], str]:
+    """(layers, how): ``selection`` if given (validated); else, when the card has its coupling and
+    cost columns, the card-guided max-quality set of k layers (what ``layercard select`` picks);
+    else the top-k layers by noise-adjusted gain. Layers sorted."""
     if selection is not None:
         layers = sorted({int(l) for l in selection})
         if not layers:
             raise LayercardError("selection is empty: give at least one layer")
         card.positions(layers)
-        return layers
+        return layers, "the given selection"
     card.require_columns(["gain_adj"], "profiling")
     k = default_top_k(len(card.layers)) if top_k is None else int(top_k)
     if not 1 <= k <= len(card.layers):
         raise LayercardError(f"top_k must be in 1..{len(card.layers)}, got {k}")
+    from layercard import selection as sel
+
+    try:
+        arrays = sel.arrays_from_card(card)
+    except LayercardError:
+        arrays = None                  # no coupling pass or no cost columns: card-guided selection needs both
+    if arrays is not None:
+        return sorted(sel.select_max_quality(arrays, k=k).layers), \
+            f"card-guided max-quality set of {k} layers, as `layercard select` picks it"
     order = card.layers.sort_values("gain_adj", ascending=False, kind="stable")
-    return sorted(int(l) for l in order["layer"].head(k))
+    return sorted(int(l) for l in order["layer"].head(k)), \
+        f"top {k} by noise-adjusted gain gain_adj (the card lacks the coupling or cost that selection needs)"
+
+
+def recommended_layers(card, selection: Sequence[int] | None = None, top_k: int | None = None) -> list[int]:
+    """The layers of :func:`recommendation`."""
+    return recommendation(card, selection, top_k)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +328,8 @@ def write_report(card, out_dir: str | Path, *, selection: Sequence[int] | None =
     if out.exists() and not out.is_dir():
         raise LayercardError(f"report output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    layers = recommended_layers(card, selection, top_k)
+    layers, how = recommendation(card, selection, top_k)
     k = len(layers)
-    how = "the given selection" if selection is not None else f"top {k} by noise-adjusted gain gain_adj"
     paths = {"html": out / "report.html", "markdown": out / "card.md"}
     _write_atomic(paths["html"], render_html(card, layers, how, k))
     _write_atomic(paths["markdown"], render_markdown(card, layers, how))

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("card_dir", metavar="CARD_DIR", help="a card directory written by `layercard profile`")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: CARD_DIR)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="recommend the top-k layers by gain_adj (default: about one layer in six)")
+                   help="recommend k layers: the card-guided max-quality set (as `layercard select` picks it), "
+                        "or the top k by gain_adj on a card without coupling or cost (default: about one layer in six)")
     p.add_argument("--layers", type=_layer_list, default=None,
                    help="recommend this selection instead, e.g. 3,7,12")
     return p

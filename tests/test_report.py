@@ -45,8 +45,12 @@ def full_card():
     points = [StepMeasurement([l], s, 1e6 * (5 - l)) for l, s in secs.items()]
     points += [StepMeasurement([2, 3], 0.015, 3e6), StepMeasurement([0, 1, 2, 3], 0.024, 6e6)]
     add_step_columns(card, points)
-    x = np.random.default_rng(0).standard_normal((4, 12))
-    card.coupling = np.corrcoef(x)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 12))
+    card.coupling_k = x @ x.T / 12                     # a (synthetic) coupling pass: K, ρ, b
+    d = np.sqrt(np.diag(card.coupling_k))
+    card.coupling = card.coupling_k / np.outer(d, d)
+    card.layers["b"], card.layers["k_diag"] = x @ rng.standard_normal(12), np.diag(card.coupling_k)
     card.meta["model_id"] = "tiny <qwen3> & co"  # must come out escaped
     return card
 
@@ -76,11 +80,13 @@ def test_report_files_and_images(card, tmp_path):
     assert "tiny &lt;qwen3&gt; &amp; co" in html and "<qwen3>" not in html
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     assert "R²" in html
-    # the Markdown section: a row per layer and the top-k by gain_adj
+    # the Markdown section: a row per layer and the card-guided max-quality set (coupling + cost present)
+    from layercard.selection import arrays_from_card, select_max_quality
+
     md = paths["markdown"].read_text()
     k = default_top_k(len(card.layers))
-    top = sorted(card.layers.sort_values("gain_adj", ascending=False)["layer"].head(k).tolist())
-    assert f"**Recommended `layers_to_transform`**: `{top}`" in md
+    top = sorted(select_max_quality(arrays_from_card(card), k=k).layers)
+    assert f"**Recommended `layers_to_transform`**: `{top}` (card-guided max-quality set of {k} layers" in md
     assert f"layers_to_transform={top}" in md and "layers_pattern='layers'" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(card.layers)
@@ -95,6 +101,9 @@ def test_report_without_coupling_or_cost(full_card, tmp_path):
     html = write_report(bare, tmp_path)["html"].read_text()
     assert "coupling not computed" in html and "cost not computed" in html
     assert len(decoded_images(html)) == 3
+    k = default_top_k(len(bare.layers))
+    top = sorted(bare.layers.sort_values("gain_adj", ascending=False)["layer"].head(k).tolist())
+    assert f"layers_to_transform = {top}</code>" in html and "lacks the coupling or cost" in html
 
 
 def test_selection_and_top_k(card, tmp_path):
