@@ -114,6 +114,16 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     return rows
 
 
+def search_minutes(search_dir: Path) -> float | None:
+    """Wall time of a search's trials (first start to last completion in trial_events.jsonl), so a
+    table rebuilt from finished searches still says how long they took."""
+    path = search_dir / "trial_events.jsonl"
+    if not path.is_file():
+        return None
+    times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
+    return (max(times) - min(times)) / 60 if times else None
+
+
 def _mean_sd(values) -> tuple[float | None, float | None]:
     v = np.array([x for x in values if x is not None], dtype=np.float64)
     if not len(v):
@@ -146,13 +156,15 @@ def _fmt(mean, sd, spec=".3f") -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Paper table ({meta['machine']}, {meta['runtime_min']:.0f} min)", ""]
+    lines = [f"# Paper table ({meta['machine']}, {meta['runtime_min']:.0f} min this run)", ""]
     for task in sorted({r["task"] for r in rows}):
         g = [r for r in grouped(rows) if r["task"] == task]
         qname = g[0]["quality_name"].replace("_", " ")
         seed_spread = next((r["quality_sd"] for r in g if r["strategy"] == "all"), None)
+        trained = meta.get("search_minutes", {}).get(task)
         lines += [f"## {task} (quality = {qname}, lower is better; base model {_fmt(g[0]['base_quality'], None, '.4f')}; "
-                  f"all-layer seed sd {_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'})", "",
+                  f"all-layer seed sd {_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'}"
+                  + (f"; trials took {trained:.0f} min" if trained is not None else "") + ")", "",
                   "| strategy | k | layers | quality | gain fraction | predicted gain fraction | accuracy | "
                   "step-time ratio | peak-mem ratio | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -267,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         prepare_task(task)
     started = time.time()
     work = Path(args.work)
-    rows = []
+    rows, minutes = [], {}
     for task in args.tasks:
         card = ensure_card(task, work, args.profile_overrides)
-        rows += paper_rows(task, run_search(task, card, work, args), card_predictor(card))
+        search_dir = run_search(task, card, work, args)
+        rows += paper_rows(task, search_dir, card_predictor(card))
+        minutes[task] = search_minutes(search_dir)
     meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
             "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
-            "targets": args.targets, "quick": args.quick}
+            "targets": args.targets, "quick": args.quick,
+            "search_minutes": minutes}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -69,7 +69,12 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
     g = {(r["strategy"]): r for r in paper.grouped(rows)}
     assert g["card"]["gain_fraction"] == pytest.approx((0.75 + 2 / 3) / 2)
     assert g["card"]["gain_fraction_sd"] == pytest.approx(pd.Series([0.75, 2 / 3]).std())
-    text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0})
+    (tmp_path / "search" / "trial_events.jsonl").write_text(
+        '{"time": 100.0, "event": "start"}\n{"time": 400.0, "event": "complete"}\n')
+    minutes = paper.search_minutes(tmp_path / "search")
+    assert minutes == pytest.approx(5.0)
+    text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0, "search_minutes": {"sentiment": minutes}})
+    assert "trials took 5 min" in text
     assert "| card | 2 | [5, 6] |" in text and "label loss" in text
     assert "| 0.800 |" in text                         # the card's predicted gain fraction beside the measured one
     # a predictor (the current card formula) replaces the fraction the search recorded
