@@ -5,7 +5,7 @@
     Q(S) = ½ · b̂_Sᵀ (K̂_SS + E_SS)⁺ b̂_S
     b̂_ℓ  = √r_ℓ · b_ℓ,   K̂_ℓm = √(r_ℓ r_m) · K_ℓm,   E = diag((1 − r_ℓ) · K_ℓℓ)
     r_ℓ  = f_ℓ² · g_ℓ ∈ [0, 1]                                      (the layer's reliability)
-    f_ℓ  = clip(2 · gain_adj_rank_r_ℓ / res2_rank_r_ℓ, 0, 1)         (0 when res2_rank_r_ℓ = 0)
+    f_ℓ  = clip(2 · gain_adj_ℓ / res2_ℓ, 0, 1)                       (0 when res2_ℓ = 0)
     g_ℓ  = min(1, sqrt(κ_ref / κ_ℓ)),  κ_ref = median_ℓ κ_ℓ          (0 when κ_ℓ = ∞)
 
 With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled layers it is
@@ -25,15 +25,16 @@ With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled
   b̂, giving the formula. Unlike scaling b alone, this keeps b̂ consistent with the metric: two
   near-duplicate layers of unequal reliability cannot buy a huge spurious gain along their tiny
   difference direction; Q(S) is at most the unweighted gain (r ≡ 1) and stays monotone in S.
-* f_ℓ², the noise-surviving share (DESIGN §1, noise amplification), for the rank-r adapter that
-  is trained: ``gain_adj_rank_r`` = ½(res2_rank_r − r·s²·(√d_eff + √d_out)²) removes the noise the
-  best rank-r fit absorbs (:func:`layercard.metrics.gain_adj_rank_r`). Δ*_ℓ is that rank-r fit on
-  the calibration tokens the probe set is drawn from, so its direction holds signal S and fitted
-  noise N; on new data the linear term along it keeps only ⟨S, S + N⟩ ≈ ‖S‖² = f_ℓ·‖M_r‖² while
-  the curvature stays: the gain falls by f_ℓ². (Up to schema 1 the card used the full-rank
-  ``gain_adj``/``res2``, whose noise s²·d_out·d_eff is ~15× the rank-8 figure on SmolLM2: with
-  3,943 calibration tokens it rated layers 0–16 at f ≤ 0.07, yet 5-layer LoRA on layers 0–4 or
-  12–16 trained best — README, paper table.)
+* f_ℓ², the noise-surviving share (DESIGN §1, noise amplification). ``gain_adj`` = ½(res2 −
+  s²·d_out·d_eff) removes the noise an ill-conditioned / high-d_eff module fits
+  (:func:`layercard.metrics.gain_adj`). Δ*_ℓ is fitted on the calibration tokens the probe set is
+  drawn from, so its direction holds signal S and fitted noise N; on new data the linear term along
+  it keeps only ⟨S, S + N⟩ ≈ ‖S‖² = f_ℓ·‖M‖² while the curvature stays: the gain falls by f_ℓ².
+  Measured alternative, not used: f from the rank-r pair ``gain_adj_rank_r``/``res2_rank_r`` (the
+  noise a rank-r fit absorbs, ~15× less on SmolLM2). It fixed the full-rank f's near-zero rating
+  of sentiment layers 0–16 (which train well), but its own k = 5 pick trained worse (81 % of the
+  all-layer gain against 98 %) and it ranked the headline sets worse (Spearman 0.2 against 0.8) —
+  README, paper table. The card carries both columns.
 * g_ℓ, slow to fit (DESIGN §1). Momentum/Adam-type training needs ~√κ steps for the slowest
   feature direction, so within a step budget sized for a typical layer (κ_ref, the card's median κ)
   a layer with κ_ℓ > κ_ref reaches ~√(κ_ref/κ_ℓ) of its gain; better-conditioned layers gain no
@@ -183,8 +184,7 @@ class Selection:
 # Quality and cost
 # ---------------------------------------------------------------------------------------------
 def reliability(res2, gain_adj, kappa) -> np.ndarray:
-    """Per-layer reliability r_ℓ = f_ℓ² · g_ℓ ∈ [0, 1] (formula and reasons in the module docstring).
-    ``res2`` / ``gain_adj``: the card's rank-r columns res2_rank_r / gain_adj_rank_r."""
+    """Per-layer reliability r_ℓ = f_ℓ² · g_ℓ ∈ [0, 1] (formula and reasons in the module docstring)."""
     res2 = np.asarray(res2, dtype=np.float64)
     gain_adj = np.asarray(gain_adj, dtype=np.float64)
     kappa = np.asarray(kappa, dtype=np.float64)
@@ -506,9 +506,10 @@ def card_cost(card, layers, unit: str = "flops") -> float:
 
 
 def card_reliability(card) -> np.ndarray:
-    """:func:`reliability` of every card layer, from its rank-r columns and κ."""
+    """:func:`reliability` of every card layer, from res2, gain_adj and κ (the rank-r variant is
+    documented in the module docstring and was measured worse)."""
     t = card.layers
-    return reliability(t["res2_rank_r"].to_numpy(), t["gain_adj_rank_r"].to_numpy(), t["kappa"].to_numpy())
+    return reliability(t["res2"].to_numpy(), t["gain_adj"].to_numpy(), t["kappa"].to_numpy())
 
 
 def arrays_from_card(card, cost_unit: str = "flops") -> CardArrays:

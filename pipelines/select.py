@@ -43,7 +43,7 @@ from layercard.selection import (
 
 OBJECTIVES = ("max-quality", "min-cost", "pareto")
 QUALITY_FORMULA = ("Q(S) = ½ b̂_Sᵀ (K̂_SS + E_SS)⁺ b̂_S; b̂ = √r ⊙ b, K̂ = (√r √rᵀ) ⊙ K, E = diag((1 − r) ⊙ diag K), "
-                   "r = f²·min(1, √(κ_ref/κ)), f = 2·gain_adj_rank_r/res2_rank_r (layercard.selection)")
+                   "r = f²·min(1, √(κ_ref/κ)), f = 2·gain_adj/res2 (layercard.selection)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -50,7 +50,7 @@ def make_card(b, K, *, res2=None, gain_adj=None, kappa=None, cost=True, layers=N
     t["res2"] = res2
     t["res2_rank_r"] = 0.6 * res2
     t["gain_adj"] = 0.5 * res2 if gain_adj is None else gain_adj
-    t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]                 # the reliability reads the rank-r pair
+    t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]
     t["kappa"] = 100.0 if kappa is None else kappa
     t["grad_norm"] = np.linspace(2.0, 1.0, L)
     t["block_influence"] = np.linspace(0.1, 0.3, L)
@@ -366,3 +366,14 @@ def test_cli_errors(card_dir, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(LayercardError, match="already exists"):
         main([str(card_dir), "--out", str(tmp_path / "exists"), "--k", "1"])
+
+
+def test_card_reliability_reads_the_full_rank_noise_pair():
+    # f from gain_adj/res2 (0.25), not from the rank-r pair (1.0): the rank-r variant measured worse
+    b, K = np.ones(3), np.eye(3)
+    card = make_card(b, K, res2=np.full(3, 4.0), gain_adj=np.full(3, 0.5))
+    card.layers["gain_adj_rank_r"] = 0.5 * card.layers["res2_rank_r"]
+    from layercard.selection import card_reliability
+
+    np.testing.assert_allclose(card_reliability(card), 0.25**2)
+    np.testing.assert_allclose(arrays_from_card(card).weight, 0.25**2)
