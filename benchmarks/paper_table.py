@@ -6,10 +6,12 @@
     python benchmarks/paper_table.py --tasks sentiment --seeds 0 1 2 --ks 3 5 8
 
 For each task: profile SmolLM2 on the task's calibration split (a Layer Card; reused when present),
-then one ``layercard search`` over card-guided sets (max-quality at each k, min-cost at each
+then one ``layercard search`` (into ``WORK/TASK/SEARCH_NAME``) over card-guided sets (max-quality at each k, min-cost at each
 target) and every baseline at matching k plus all layers, each trained once per seed with the
 same data order across strategies (the seed sets the order). Every number in the table comes from
-those runs: nothing here trains or measures on its own.
+those runs: nothing here trains or measures on its own. The table merges every finished search of a
+task (``--search-name`` runs another scope beside them, e.g. more baselines), provided they share the
+card and the training recipe; each search trains its own all-layer reference.
 
 Writes ``benchmarks/results/paper_table.json`` (one row per strategy, k and seed), ``paper_table.md``
 (means ± sd over seeds) and ``frontier_<task>.png``; the searches and cards stay under ``--work``.
@@ -117,6 +119,53 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     return rows
 
 
+# train keys that change how a trial is scheduled or checkpointed, not what it learns
+SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures")
+
+
+def finished_searches(task_dir: Path) -> list[Path]:
+    """The task's finished searches (``search``, then ``search-*`` by name) that the table merges.
+
+    Every one must come from the same card and the same training recipe: training is deterministic per
+    seed, so their rows compare directly (each search trains its own all-layer reference, so ratios
+    stay side by side within one run). A search that has not finished (no results.parquet) is skipped
+    with a note; a different card or recipe is an error naming the search and the key."""
+    dirs = sorted((d for d in task_dir.glob("search*") if (d / "search.json").is_file()),
+                  key=lambda d: (d.name != "search", d.name))
+    done = [d for d in dirs if (d / "results.parquet").is_file()]
+    for d in dirs:
+        if d not in done:
+            print(f"note: {d} has not finished (no results.parquet); the table leaves it out", flush=True)
+    if not done:
+        raise SystemExit(f"error: no finished search under {task_dir}")
+    first = json.loads((done[0] / "search.json").read_text())
+    recipe = {k: v for k, v in first["config"]["train"].items() if k not in SCHEDULING_KEYS}
+    for d in done[1:]:
+        doc = json.loads((d / "search.json").read_text())
+        if doc["card_id"] != first["card_id"]:
+            raise SystemExit(f"error: {d} searched card {doc['card_id']}, {done[0]} card {first['card_id']}: "
+                             "one table needs one card")
+        other = {k: v for k, v in doc["config"]["train"].items() if k not in SCHEDULING_KEYS}
+        diff = sorted(k for k in recipe.keys() | other.keys() if recipe.get(k) != other.get(k))
+        if diff:
+            raise SystemExit(f"error: {d} trained with train.{diff[0]}={other.get(diff[0])!r}, {done[0]} with "
+                             f"{recipe.get(diff[0])!r}: one table needs one recipe")
+    return done
+
+
+def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
+    """:func:`paper_rows` of every search, each row tagged with its search; a (strategy, k, seed)
+    found in more than one search keeps the first (the same deterministic training run again)."""
+    rows, seen = [], set()
+    for d in searches:
+        for r in paper_rows(task, d, predict):
+            key = (r["strategy"], r["k"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append({**r, "search": d.name})
+    return rows
+
+
 def search_minutes(search_dir: Path) -> float | None:
     """Wall time of a search's trials (first start to last completion in trial_events.jsonl), so a
     table rebuilt from finished searches still says how long they took."""
@@ -167,7 +216,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         trained = meta.get("search_minutes", {}).get(task)
         lines += [f"## {task} (quality = {qname}, lower is better; base model {_fmt(g[0]['base_quality'], None, '.4f')}; "
                   f"all-layer seed sd {_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'}"
-                  + (f"; trials took {trained:.0f} min" if trained is not None else "") + ")", "",
+                  + (f"; trials took {trained:.0f} min" if trained is not None else "")
+                  + (f" in {n} searches" if (n := len(meta.get("searches", {}).get(task, []))) > 1 else "") + ")", "",
                   "| strategy | k | layers | quality | gain fraction | predicted gain fraction | accuracy | "
                   "step-time ratio | peak-mem ratio | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -230,25 +280,86 @@ def ensure_card(task: str, work: Path, extra: list[str]) -> Path:
     return card_dir
 
 
-def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
+SCOPE_KEYS = ("mode", "ks", "targets", "strategies", "random_seeds", "seeds", "budget", "budget_fractions")
+
+
+def scope_of(config: dict) -> dict:
+    """What a search trains: its candidates' scope and its recipe (scheduling keys aside)."""
+    return {**{k: config.get(k) for k in SCOPE_KEYS},
+            "train": {k: v for k, v in config["train"].items() if k not in SCHEDULING_KEYS}}
+
+
+def search_config(task: str, card_dir: Path, args):
+    """The SearchConfig of this scope: configs/search-smollm2.yaml + the task's and the command's overrides."""
     from layercard.config import load_config
     from layercard.search_config import SearchConfig
-    from pipelines import search
 
-    out = work / task / "search"
-    if (out / "results.parquet").exists():
-        return out
-    if (out / search.SEARCH_FILE).exists():
-        search.resume(out)
-        return out
     overrides = [f"card={card_dir}", f"ks={json.dumps(args.ks)}", f"targets={json.dumps(args.targets)}",
                  f"seeds={json.dumps(args.seeds)}", *TASKS[task]["train"], *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
-    cfg = load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
+    return load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
+
+
+def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple[str, int], list[int]], int]:
+    """((strategy, k) → the seeds this scope asks for that no finished search has trained yet, rows the scope asks for)."""
+    from layercard.candidates import build_candidates
+    from layercard.card import LayerCard
+
+    card = LayerCard.load(card_dir, with_stats=False)
+    have = {(r["strategy"], r["k"], r["seed"]) for r in rows}
+    out: dict[tuple[str, int], list[int]] = {}
+    wanted = set()
+    for c in build_candidates(card, ks=cfg.ks, targets=cfg.targets, strategies=cfg.strategies,
+                              random_seeds=cfg.random_seeds, budget_fractions=cfg.budget_fractions):
+        for label in c.labels:
+            parsed = strategy_of(label, len(c.layers))
+            if parsed is None:
+                continue
+            wanted |= {(*parsed, seed) for seed in cfg.seeds}
+            seeds = [seed for seed in cfg.seeds if (*parsed, seed) not in have]
+            if seeds:
+                out[parsed] = seeds
+    return out, len(wanted)
+
+
+def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
+    """Run (or resume) this scope's search in WORK/TASK/SEARCH_NAME; a finished one there is reused
+    only if it ran the same scope, else the error says to pick another ``--search-name``."""
+    from pipelines import search
+
+    out = work / task / args.search_name
+    cfg = search_config(task, card_dir, args)
+    if (out / search.SEARCH_FILE).exists():
+        saved = scope_of(json.loads((out / search.SEARCH_FILE).read_text())["config"])
+        wanted = scope_of(cfg.to_dict())
+        diff = [k for k in wanted if wanted[k] != saved[k]]
+        if diff:
+            raise SystemExit(f"error: {out} holds a search of another scope ({diff[0]}: {saved[diff[0]]!r}, asked "
+                             f"{wanted[diff[0]]!r}); pass --search-name NEW to run this scope beside it")
+        if not (out / "results.parquet").exists():
+            search.resume(out)
+        return out
     print(f"== {task}: search ({len(args.ks)} ks, {len(args.seeds)} seeds) → {out}", flush=True)
     search.run(cfg, out)
     return out
+
+
+def print_missing(args) -> int:
+    """What this scope still lacks per task (nothing trains or profiles)."""
+    for task in args.tasks:
+        task_dir = Path(args.work) / task
+        if not (task_dir / "card" / "card.json").is_file():
+            print(f"{task}: no card under {task_dir} yet: everything (profile first)")
+            continue
+        cfg = search_config(task, task_dir / "card", args)
+        has_search = any((d / "results.parquet").is_file() for d in task_dir.glob("search*"))
+        rows = merged_rows(task, finished_searches(task_dir)) if has_search else []
+        lacking, wanted = missing_rows(task_dir / "card", cfg, rows)
+        print(f"{task}: {sum(len(v) for v in lacking.values())} of {wanted} rows missing")
+        for (strategy, k), seeds in lacking.items():
+            print(f"  {strategy} k={k}: seeds {seeds}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
                         "--tasks says otherwise), "
                         "the search config's steps and eval items")
     p.add_argument("--work", default=str(ROOT / "runs" / "paper"), help="cards and searches (reused when present)")
+    p.add_argument("--search-name", default="search",
+                   help="the search's directory under WORK/TASK: a new name runs another scope beside the finished "
+                        "ones (the table merges every finished search of the task)")
+    p.add_argument("--missing", action="store_true",
+                   help="train nothing: list the (strategy, k, seeds) of this scope that no finished search under "
+                        "--work holds yet")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
@@ -273,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tasks = args.tasks or ["sentiment"]
         args.ks, args.targets, args.seeds = [5], [0.95], [0, 1, 2]
         args.overrides = ["strategies=[top, bottom, mid, uniform, all]", *args.overrides]
+    if args.missing:
+        return print_missing(args)
     from layercard.fetch import verify
 
     verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])
@@ -282,16 +401,18 @@ def main(argv: list[str] | None = None) -> int:
         prepare_task(task)
     started = time.time()
     work = Path(args.work)
-    rows, minutes = [], {}
+    rows, minutes, names = [], {}, {}
     for task in args.tasks:
         card = ensure_card(task, work, args.profile_overrides)
-        search_dir = run_search(task, card, work, args)
-        rows += paper_rows(task, search_dir, card_predictor(card))
-        minutes[task] = search_minutes(search_dir)
+        run_search(task, card, work, args)
+        searches = finished_searches(work / task)
+        rows += merged_rows(task, searches, card_predictor(card))
+        minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
+        names[task] = [d.name for d in searches]
     meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
             "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick,
-            "search_minutes": minutes}
+            "search_minutes": minutes, "searches": names}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")

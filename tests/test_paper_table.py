@@ -109,3 +109,87 @@ def test_frontier_plot_decodes(paper, tmp_path):
     with Image.open(tmp_path / "f.png") as img:
         img.load()
         assert img.size[0] > 400
+
+
+def _recipe(**over) -> dict:
+    return {"config": {"train": {"steps": 60, "lr": 1e-3, "cpus_per_worker": 0.49, **over}, "ks": [2],
+                       "targets": [], "strategies": ["top", "bottom", "all"], "seeds": [0, 1]}, "card_id": "card-a"}
+
+
+def test_the_table_merges_every_finished_search_of_one_card_and_recipe(paper, tmp_path):
+    first = _search_dir(tmp_path)
+    (first / "search.json").write_text(json.dumps(_recipe()))
+    # a second scope beside it: its own all-layer runs, the card set again (kept from the first), and mid
+    second = tmp_path / "search-more"
+    second.mkdir()
+    pd.DataFrame([
+        {"candidate": "c00", "layers": [5, 6], "labels": ["max-quality k=2"], "predicted_gain_fraction": 0.8},
+        {"candidate": "c01", "layers": [3, 4], "labels": ["mid k=2"], "predicted_gain_fraction": 0.5},
+        {"candidate": "c02", "layers": list(range(8)), "labels": ["all"], "predicted_gain_fraction": 1.0},
+    ]).to_parquet(second / "results.parquet", index=False)
+    pd.DataFrame([{"trial": f"{c}-s0", "candidate": c, "seed": 0, "status": "trained", "initial_quality": 0.7,
+                   "quality": q, "quality_name": "label_loss", "metric": 0.8, "metric_name": "label_accuracy",
+                   "step_seconds": st, "peak_memory_bytes": 1e8}
+                  for c, q, st in (("c00", 0.45, 1.5), ("c01", 0.5, 2.0), ("c02", 0.3, 5.0))]
+                 ).to_parquet(second / "trials.parquet", index=False)
+    # a different scheduling (cpus) is the same recipe
+    (second / "search.json").write_text(json.dumps(_recipe(cpus_per_worker=2.0)))
+    unfinished = tmp_path / "search-stopped"
+    unfinished.mkdir()
+    (unfinished / "search.json").write_text(json.dumps(_recipe()))
+
+    searches = paper.finished_searches(tmp_path)
+    assert searches == [first, second]                 # "search" first; the unfinished one left out
+    rows = paper.merged_rows("sentiment", searches)
+    by = {(r["strategy"], r["seed"]): r for r in rows}
+    assert by[("card", 0)]["quality"] == 0.4 and by[("card", 0)]["search"] == "search"   # the first search's run
+    mid = by[("mid", 0)]
+    assert mid["search"] == "search-more"
+    assert mid["gain_fraction"] == pytest.approx((0.7 - 0.5) / (0.7 - 0.3))
+    assert mid["step_time_ratio"] == pytest.approx(2.0 / 5.0)      # against its own search's all-layer run
+    assert len([r for r in rows if r["strategy"] == "all"]) == 2   # seeds 0 and 1, once each
+    text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0, "search_minutes": {"sentiment": 12.0},
+                                 "searches": {"sentiment": ["search", "search-more"]}})
+    assert "trials took 12 min in 2 searches" in text and "| mid | 2 | [3, 4] |" in text
+
+    (second / "search.json").write_text(json.dumps(_recipe(lr=5e-4)))
+    with pytest.raises(SystemExit, match=r"search-more trained with train.lr=0.0005.*one recipe"):
+        paper.finished_searches(tmp_path)
+    (second / "search.json").write_text(json.dumps({**_recipe(), "card_id": "card-b"}))
+    with pytest.raises(SystemExit, match=r"search-more searched card card-b.*one card"):
+        paper.finished_searches(tmp_path)
+    with pytest.raises(SystemExit, match="no finished search"):
+        paper.finished_searches(tmp_path / "search-stopped")
+
+
+def test_a_finished_search_of_another_scope_is_not_silently_reused(paper, tmp_path):
+    import argparse
+
+    out = tmp_path / "sentiment" / "search"
+    out.mkdir(parents=True)
+    saved = paper.scope_of({**_recipe()["config"], "mode": "subsets", "random_seeds": [0]})
+    (out / "search.json").write_text(json.dumps({"config": {**saved, "train": saved["train"]}}))
+    args = argparse.Namespace(search_name="search", ks=[3, 5, 8], targets=[0.9], seeds=[0, 1, 2], steps=None,
+                              overrides=[])
+    with pytest.raises(SystemExit, match=r"another scope \(ks: \[2\], asked \[3, 5, 8\]\).*--search-name"):
+        paper.run_search("sentiment", tmp_path / "card", tmp_path, args)
+
+
+def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from tests.test_selection import make_card
+
+    rng = np.random.default_rng(1)
+    U = rng.normal(size=(6, 9))
+    make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 6), kappa=rng.uniform(10, 1e3, 6)).save(
+        tmp_path / "card")
+    args = argparse.Namespace(ks=[2, 3], targets=[], seeds=[0, 1], steps=None, overrides=["strategies=[top, all]"])
+    cfg = paper.search_config("sentiment", tmp_path / "card", args)
+    rows = [{"strategy": "top", "k": 2, "seed": 0}, {"strategy": "top", "k": 2, "seed": 1},
+            {"strategy": "all", "k": 6, "seed": 1}, {"strategy": "bottom", "k": 2, "seed": 0}]   # last: not asked
+    lacking, wanted = paper.missing_rows(tmp_path / "card", cfg, rows)
+    assert wanted == (2 + 2 + 1) * 2                    # card k=2, 3; top k=2, 3; all — each over 2 seeds
+    assert lacking == {("card", 2): [0, 1], ("card", 3): [0, 1], ("top", 3): [0, 1], ("all", 6): [0]}
