@@ -40,7 +40,7 @@ fetch: $(VENV)/.installed
 	$(BIN)/layercard fetch --prepare sentiment,headline
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

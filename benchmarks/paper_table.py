@@ -119,8 +119,8 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     return rows
 
 
-# train keys that change how a trial is scheduled or checkpointed, not what it learns
-SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures")
+# train keys that change how a trial is scheduled, checkpointed or cached, not what it learns
+SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures", "base_eval_cache")
 
 
 def finished_searches(task_dir: Path) -> list[Path]:
@@ -294,8 +294,10 @@ def search_config(task: str, card_dir: Path, args):
     from layercard.config import load_config
     from layercard.search_config import SearchConfig
 
+    # one base-model eval per task, shared by its searches (the file is keyed by weights, eval data, batching)
     overrides = [f"card={card_dir}", f"ks={json.dumps(args.ks)}", f"targets={json.dumps(args.targets)}",
-                 f"seeds={json.dumps(args.seeds)}", *TASKS[task]["train"], *args.overrides]
+                 f"seeds={json.dumps(args.seeds)}", f"train.base_eval_cache={Path(card_dir).parent / 'base_eval.json'}",
+                 *TASKS[task]["train"], *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     return load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
