@@ -4,6 +4,9 @@
     python benchmarks/paper_table.py --quick              # sentiment, k = 5, 3 seeds, 5 baselines, 60 steps
     python benchmarks/paper_table.py --quick --tasks sentiment headline   # the same for both tasks
     python benchmarks/paper_table.py --tasks sentiment --seeds 0 1 2 --ks 3 5 8
+    python benchmarks/paper_table.py --missing            # what the scope lacks beside the finished searches
+    python benchmarks/paper_table.py --ks 3 8 --search-name search-k38 "strategies=[top, all]"   # another scope
+    python benchmarks/paper_table.py --rebuild            # the table from the finished searches, nothing trains
 
 For each task: profile SmolLM2 on the task's calibration split (a Layer Card; reused when present),
 then one ``layercard search`` (into ``WORK/TASK/SEARCH_NAME``) over card-guided sets (max-quality at each k, min-cost at each
@@ -208,7 +211,8 @@ def _fmt(mean, sd, spec=".3f") -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Paper table ({meta['machine']}, {meta['runtime_min']:.0f} min this run)", ""]
+    when = "rebuilt from the finished searches" if meta.get("rebuild") else f"{meta['runtime_min']:.0f} min this run"
+    lines = [f"# Paper table ({meta['machine']}, {when})", ""]
     for task in sorted({r["task"] for r in rows}):
         g = [r for r in grouped(rows) if r["task"] == task]
         qname = g[0]["quality_name"].replace("_", " ")
@@ -383,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--missing", action="store_true",
                    help="train nothing: list the (strategy, k, seeds) of this scope that no finished search under "
                         "--work holds yet")
+    p.add_argument("--rebuild", action="store_true",
+                   help="train nothing: write the table from the finished searches under --work")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
@@ -394,26 +400,31 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = ["strategies=[top, bottom, mid, uniform, all]", *args.overrides]
     if args.missing:
         return print_missing(args)
-    from layercard.fetch import verify
+    if args.rebuild:
+        lacking = [t for t in args.tasks if not (Path(args.work) / t / "card" / "card.json").is_file()]
+        if lacking:
+            raise SystemExit(f"error: --rebuild: no card under {Path(args.work) / lacking[0]} (nothing to rebuild from)")
+    else:
+        from layercard.fetch import verify
+        from layercard.tasks import prepare_task
 
-    verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])
-    from layercard.tasks import prepare_task
-
-    for task in args.tasks:
-        prepare_task(task)
+        verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])
+        for task in args.tasks:
+            prepare_task(task)
     started = time.time()
     work = Path(args.work)
     rows, minutes, names = [], {}, {}
     for task in args.tasks:
-        card = ensure_card(task, work, args.profile_overrides)
-        run_search(task, card, work, args)
+        card = work / task / "card" if args.rebuild else ensure_card(task, work, args.profile_overrides)
+        if not args.rebuild:
+            run_search(task, card, work, args)
         searches = finished_searches(work / task)
         rows += merged_rows(task, searches, card_predictor(card))
         minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
         names[task] = [d.name for d in searches]
     meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
             "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
-            "targets": args.targets, "quick": args.quick,
+            "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
             "search_minutes": minutes, "searches": names}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
