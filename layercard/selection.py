@@ -116,7 +116,7 @@ class CardArrays:
     lowest_cost: np.ndarray
     added_cost: np.ndarray
     cost_unit: str = "flops"
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)   # fresh on replace()
 
     def __post_init__(self):
         L = len(self.layers)

@@ -125,6 +125,17 @@ def test_quality_is_the_coupling_gain_of_the_reliability_model():
         assert set_quality(A, S) <= set_quality(ones, S) * (1 + 1e-9)
 
 
+def test_replacing_a_field_does_not_reuse_derived_quantities():
+    import dataclasses
+
+    rng = np.random.default_rng(4)
+    A = random_problem(rng, 6)
+    before = set_quality(A, [0, 2, 5])                  # fills A's cache (K_eff)
+    ones = dataclasses.replace(A, weight=np.ones(6))
+    assert set_quality(ones, [0, 2, 5]) == pytest.approx(set_gain(A.K, A.b, [0, 2, 5]), rel=1e-9)
+    assert set_quality(A, [0, 2, 5]) == before
+
+
 def test_near_duplicate_layers_of_unequal_reliability_buy_no_spurious_gain():
     u = np.array([[1.0, 0.0], [1.0, 1e-4]])            # two layers, almost the same output direction
     K, b = u @ u.T, u @ np.array([1.0, 0.0])
