@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -91,6 +92,7 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     trials = pd.read_parquet(search_dir / "trials.parquet")
     trials = trials[trials["status"] == "trained"]
     all_id = next(c for c, r in cands.iterrows() if "all" in list(r["labels"]))
+    shared = shared_fractions(_events(search_dir))
     ref = {int(t["seed"]): t for _, t in trials[trials["candidate"] == all_id].iterrows()}
     rows = []
     for _, t in trials.iterrows():
@@ -115,6 +117,7 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
                 "accuracy": float(t["metric"]) if TASKS.get(task, {}).get("accuracy", True)
                 and t["metric_name"] in ("accuracy", "label_accuracy") else None,
                 "step_time_ratio": float(t["step_seconds"]) / float(a["step_seconds"]),
+                "shared_fraction": shared.get(t["trial"]), "reference_shared_fraction": shared.get(a["trial"]),
                 "peak_mem_ratio": float(t["peak_memory_bytes"]) / float(a["peak_memory_bytes"]),
                 "adapted_layers": len(c["layers"]), "step_seconds": float(t["step_seconds"]),
                 "predicted_gain_fraction": None if predicted is None else float(predicted),
@@ -124,6 +127,11 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
 
 # train keys that change how a trial is scheduled, checkpointed or cached, not what it learns
 SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures", "base_eval_cache")
+
+
+def recipe_of(config: dict) -> dict:
+    """A search config's training recipe: its ``train`` section less the scheduling keys."""
+    return {k: v for k, v in config["train"].items() if k not in SCHEDULING_KEYS}
 
 
 def finished_searches(task_dir: Path) -> list[Path]:
@@ -142,13 +150,13 @@ def finished_searches(task_dir: Path) -> list[Path]:
     if not done:
         raise SystemExit(f"error: no finished search under {task_dir}")
     first = json.loads((done[0] / "search.json").read_text())
-    recipe = {k: v for k, v in first["config"]["train"].items() if k not in SCHEDULING_KEYS}
+    recipe = recipe_of(first["config"])
     for d in done[1:]:
         doc = json.loads((d / "search.json").read_text())
         if doc["card_id"] != first["card_id"]:
             raise SystemExit(f"error: {d} searched card {doc['card_id']}, {done[0]} card {first['card_id']}: "
                              "one table needs one card")
-        other = {k: v for k, v in doc["config"]["train"].items() if k not in SCHEDULING_KEYS}
+        other = recipe_of(doc["config"])
         diff = sorted(k for k in recipe.keys() | other.keys() if recipe.get(k) != other.get(k))
         if diff:
             raise SystemExit(f"error: {d} trained with train.{diff[0]}={other.get(diff[0])!r}, {done[0]} with "
@@ -169,13 +177,37 @@ def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
     return rows
 
 
+def _events(search_dir: Path) -> list[dict]:
+    path = search_dir / "trial_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def shared_fractions(events: list[dict]) -> dict[str, float]:
+    """trial key → the fraction of its run (its last start to its end) during which another trial ran.
+
+    Trials share the machine, so a step-time ratio compares like with like only when the trial and its
+    all-layer reference shared it alike; the table marks those that did not."""
+    span: dict[str, list[float]] = {}
+    for e in sorted(events, key=lambda e: e["time"]):
+        if e["event"] == "start":
+            span[e["key"]] = [e["time"], np.inf]
+        elif e["key"] in span and span[e["key"]][1] == np.inf:
+            span[e["key"]][1] = e["time"]
+    end = max((e["time"] for e in events), default=0.0)
+    span = {k: (a, b if b != np.inf else end) for k, (a, b) in span.items()}
+    out = {}
+    for key, (a, b) in span.items():
+        cuts = sorted({a, b} | {t for k, (c, d) in span.items() if k != key for t in (c, d) if a < t < b})
+        shared = sum(hi - lo for lo, hi in zip(cuts, cuts[1:])
+                     if any(c < hi and d > lo for k, (c, d) in span.items() if k != key))
+        out[key] = shared / (b - a) if b > a else 0.0
+    return out
+
+
 def search_minutes(search_dir: Path) -> float | None:
     """Wall time of a search's trials (first start to last completion in trial_events.jsonl), so a
     table rebuilt from finished searches still says how long they took."""
-    path = search_dir / "trial_events.jsonl"
-    if not path.is_file():
-        return None
-    times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
+    times = [e["time"] for e in _events(search_dir)]
     return (max(times) - min(times)) / 60 if times else None
 
 
@@ -184,6 +216,14 @@ def _mean_sd(values) -> tuple[float | None, float | None]:
     if not len(v):
         return None, None
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
+
+
+UNEVEN = 0.5   # a trial and its reference whose shared fractions differ by more: their step-time ratio is biased
+
+
+def uneven_sharing(row: dict) -> bool:
+    a, b = row.get("shared_fraction"), row.get("reference_shared_fraction")
+    return a is not None and b is not None and abs(a - b) > UNEVEN
 
 
 def grouped(rows: list[dict]) -> list[dict]:
@@ -200,6 +240,11 @@ def grouped(rows: list[dict]) -> list[dict]:
         for col in ("quality", "gain_fraction", "accuracy", "step_time_ratio", "peak_mem_ratio",
                     "predicted_gain_fraction", "base_quality"):
             g[col], g[f"{col}_sd"] = _mean_sd(r[col] for r in rs)
+        # step-time ratios over the seeds whose trial and reference shared the machine alike, if any did
+        even = [r for r in rs if not uneven_sharing(r)]
+        g["uneven_sharing"] = not even
+        g["step_time_ratio"], g["step_time_ratio_sd"] = _mean_sd(r["step_time_ratio"] for r in (even or rs))
+        g["n_even_seeds"] = len(even)
         out.append(g)
     return out
 
@@ -229,8 +274,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['strategy']} | {r['k']} | {r['layers']} | {_fmt(r['quality'], r['quality_sd'], '.4f')} | "
                          f"{_fmt(r['gain_fraction'], r['gain_fraction_sd'])} | {_fmt(r['predicted_gain_fraction'], None)} | "
                          f"{_fmt(r['accuracy'], r['accuracy_sd'])} | "
-                         f"{_fmt(r['step_time_ratio'], r['step_time_ratio_sd'], '.2f')} | "
+                         f"{_fmt(r['step_time_ratio'], r['step_time_ratio_sd'], '.2f')}{' †' * r['uneven_sharing']} | "
                          f"{_fmt(r['peak_mem_ratio'], r['peak_mem_ratio_sd'], '.2f')} | {r['n_seeds']} |")
+        if any(r["uneven_sharing"] for r in g):
+            lines += ["", f"† in every seed, the trial and its all-layer reference did not share the machine "
+                          f"alike (their fractions of time beside another trial differ by more than {UNEVEN}): one "
+                          "ran mostly alone, so this step-time ratio is biased (low if the trial ran alone, high if "
+                          "the reference did). Elsewhere the ratio averages only the seeds that shared alike."]
         lines.append("")
     return "\n".join(lines)
 
@@ -290,7 +340,7 @@ SCOPE_KEYS = ("mode", "ks", "targets", "strategies", "random_seeds", "seeds", "b
 def scope_of(config: dict) -> dict:
     """What a search trains: its candidates' scope and its recipe (scheduling keys aside)."""
     return {**{k: config.get(k) for k in SCOPE_KEYS},
-            "train": {k: v for k, v in config["train"].items() if k not in SCHEDULING_KEYS}}
+            "train": recipe_of(config)}
 
 
 def search_config(task: str, card_dir: Path, args):
@@ -422,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += merged_rows(task, searches, card_predictor(card))
         minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
         names[task] = [d.name for d in searches]
-    meta = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}",
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
             "search_minutes": minutes, "searches": names}

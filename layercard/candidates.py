@@ -18,8 +18,8 @@ import numpy as np
 
 from layercard.errors import LayercardError
 
-__all__ = ["Candidate", "build_candidates", "check_budget_fits", "rankdata", "spearman", "pareto_mask",
-           "per_layer_correlations"]
+__all__ = ["Candidate", "build_candidates", "training_order", "check_budget_fits", "rankdata", "spearman",
+           "pareto_mask", "per_layer_correlations"]
 
 _UNIT_WORDS = {"flops": "FLOPs/token", "seconds": "s/step"}
 
@@ -120,6 +120,17 @@ def build_candidates(card, *, mode: str = "subsets", ks=(1, 2), budget: float | 
         c.cost = card_cost(card, c.layers, budget_unit)
         c.over_budget = budget is not None and c.cost > budget * (1 + 1e-12)
     return list(by_set.values())
+
+
+def training_order(candidates: list[Candidate]) -> list[Candidate]:
+    """The order to train candidates in: the most expensive (predicted cost) first, ties in proposal order.
+
+    Trials run a few at a time on shared machines, and the last one to start often runs alone. Longest
+    first keeps the all-layer reference — the set every step-time ratio divides by — among trials that
+    share the machine, rather than alone at the end (where it would step faster than everything it is
+    compared with), and shortens the search (the longest trials do not trail)."""
+    pos = {c.id: i for i, c in enumerate(candidates)}
+    return sorted(candidates, key=lambda c: (-(c.cost if c.cost is not None else 0.0), pos[c.id]))
 
 
 def check_budget_fits(candidates: list[Candidate], budget: float | None, budget_unit: str) -> None:

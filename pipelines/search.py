@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from layercard.candidates import Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations
+from layercard.candidates import (Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations,
+                                  training_order)
 from layercard.card import LayerCard
 from layercard.config import apply_overrides, from_dict, load_config
 from layercard.errors import LayercardError
@@ -118,7 +119,7 @@ def setup(cfg: SearchConfig, out: Path) -> Setup:
                                   strategies=cfg.strategies, random_seeds=cfg.random_seeds)
     check_budget_fits(candidates, cfg.budget, cfg.budget_unit)
     trials = {}
-    for c in candidates:
+    for c in training_order(candidates):        # Tune starts trials in this order
         if c.over_budget:
             continue
         lora, layers = _trial_lora(card, c.layers, cfg)

@@ -72,7 +72,7 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
     assert g["card"]["gain_fraction"] == pytest.approx((0.75 + 2 / 3) / 2)
     assert g["card"]["gain_fraction_sd"] == pytest.approx(pd.Series([0.75, 2 / 3]).std())
     (tmp_path / "search" / "trial_events.jsonl").write_text(
-        '{"time": 100.0, "event": "start"}\n{"time": 400.0, "event": "complete"}\n')
+        '{"time": 100.0, "event": "start", "key": "c00-s0"}\n{"time": 400.0, "event": "complete", "key": "c00-s0"}\n')
     minutes = paper.search_minutes(tmp_path / "search")
     assert minutes == pytest.approx(5.0)
     text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0, "search_minutes": {"sentiment": minutes}})
@@ -193,3 +193,59 @@ def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
     lacking, wanted = paper.missing_rows(tmp_path / "card", cfg, rows)
     assert wanted == (2 + 2 + 1) * 2                    # card k=2, 3; top k=2, 3; all — each over 2 seeds
     assert lacking == {("card", 2): [0, 1], ("card", 3): [0, 1], ("top", 3): [0, 1], ("all", 6): [0]}
+
+
+def _brute_shared(spans: dict[str, tuple[float, float]], key: str, dt: float = 1e-3) -> float:
+    """The fraction of key's span during which another span is open, counted on a fine time grid."""
+    a, b = spans[key]
+    import numpy as np
+
+    t = np.arange(a + dt / 2, b, dt)
+    other = np.zeros_like(t, dtype=bool)
+    for k, (c, d) in spans.items():
+        if k != key:
+            other |= (t > c) & (t < d)
+    return float(other.mean())
+
+
+def test_shared_fractions_match_a_brute_force_count(paper):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        spans = {}
+        for i in range(5):
+            a = float(rng.uniform(0, 8))
+            spans[f"c{i:02d}-s0"] = (a, a + float(rng.uniform(0.5, 4)))
+        events = [{"time": t, "event": ev, "key": k} for k, (a, b) in spans.items()
+                  for t, ev in ((a, "start"), (b, "complete"))]
+        # a restarted trial: an error, then its last start counts
+        events += [{"time": -3.0, "event": "start", "key": "c00-s0"}, {"time": -2.0, "event": "error", "key": "c00-s0"}]
+        got = paper.shared_fractions(events)
+        assert set(got) == set(spans)
+        for k in spans:
+            assert got[k] == pytest.approx(_brute_shared(spans, k), abs=2e-3), k
+
+
+def test_ratios_of_a_trial_and_a_reference_that_did_not_share_alike_are_marked(paper, tmp_path):
+    search = _search_dir(tmp_path)
+    # seed 0: all-layer (c02) first beside c00, then c01 runs alone at the end; seed 1: every trial paired
+    spans = {"c02-s0": (0, 10), "c00-s0": (0, 10), "c01-s0": (10, 20),
+             "c02-s1": (20, 30), "c00-s1": (20, 30), "c01-s1": (30, 40), "c99-s0": (30, 40)}
+    (search / "trial_events.jsonl").write_text("".join(
+        json.dumps({"time": t, "event": ev, "key": k}) + "\n"
+        for k, (a, b) in spans.items() for t, ev in ((a, "start"), (b, "complete"))))
+    rows = paper.paper_rows("sentiment", search)
+    by = {(r["strategy"], r["seed"]): r for r in rows}
+    assert by[("bottom", 0)]["shared_fraction"] == 0.0 and by[("bottom", 0)]["reference_shared_fraction"] == 1.0
+    assert by[("card", 0)]["shared_fraction"] == 1.0 and not paper.uneven_sharing(by[("card", 0)])
+    assert paper.uneven_sharing(by[("bottom", 0)]) and not paper.uneven_sharing(by[("bottom", 1)])
+    g = {r["strategy"]: r for r in paper.grouped(rows)}
+    assert g["bottom"]["step_time_ratio"] == by[("bottom", 1)]["step_time_ratio"]   # the seed that shared alike
+    assert g["bottom"]["n_even_seeds"] == 1 and not g["bottom"]["uneven_sharing"]
+    assert "†" not in paper.markdown(rows, {"machine": "test", "runtime_min": 1.0})
+    seed0 = [r for r in rows if r["seed"] == 0]
+    text = paper.markdown(seed0, {"machine": "test", "runtime_min": 1.0})
+    bottom = next(line for line in text.splitlines() if line.startswith("| bottom |"))
+    card = next(line for line in text.splitlines() if line.startswith("| card |"))
+    assert "†" in bottom and "†" not in card and "did not share the machine alike" in text

@@ -143,6 +143,21 @@ def test_candidates_are_distinct_labelled_and_costed(card_dir):
     assert [c.layers for c in per_layer] == [[l] for l in card.layer_ids]
 
 
+def test_training_order_is_most_expensive_first(card_dir):
+    from layercard.candidates import training_order
+
+    card = LayerCard.load(card_dir, with_stats=False)
+    cands = candidates_of(search_cfg(card_dir, "budget=null"), card)
+    order = training_order(cands)
+    assert sorted(c.id for c in order) == sorted(c.id for c in cands)
+    costs = [c.cost for c in order]
+    assert costs == sorted(costs, reverse=True)
+    assert order[0].layers == list(card.layer_ids)              # the all-layer reference trains first
+    for a, b in zip(order, order[1:]):                                   # ties keep proposal order
+        if a.cost == b.cost:
+            assert int(a.id[1:]) < int(b.id[1:])
+
+
 # --------------------------------------------------------------------------- (c) bad input, before Ray
 def test_budget_no_candidate_fits(card_dir, tmp_path, capsys):
     from pipelines.search import main
@@ -244,6 +259,9 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
     events = read_events(out)
     assert not set(over["candidate"]) & {e["key"].split("-")[0] for e in events}            # never started
     assert _max_concurrent(events) == 2
+    ran_cost = ran.set_index("candidate")["predicted_cost"]
+    first_two = [e["key"].split("-")[0] for e in sorted(events, key=lambda e: e["time"]) if e["event"] == "start"][:2]
+    assert sorted(ran_cost[first_two]) == sorted(ran_cost.nlargest(2))   # Tune starts the most expensive first
     trained = res[res["status"] == "trained"]
     assert len(trained) >= 1
     for col in ("eval_loss", "measured_gain", "metric", "step_seconds", "peak_memory_bytes", "predicted_gain"):
