@@ -165,15 +165,18 @@ def finished_searches(task_dir: Path) -> list[Path]:
 
 
 def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
-    """:func:`paper_rows` of every search, each row tagged with its search; a (strategy, k, seed)
-    found in more than one search keeps the first (the same deterministic training run again)."""
-    rows, seen = [], set()
+    """:func:`paper_rows` of every search, each row tagged with its search. A (strategy, k, seed) found
+    in more than one search is the same deterministic training run again: the first is kept, unless a
+    later one measured its step-time ratio like with like (:func:`uneven_sharing`) and the first did not."""
+    rows, at = [], {}
     for d in searches:
         for r in paper_rows(task, d, predict):
-            key = (r["strategy"], r["k"], r["seed"])
-            if key not in seen:
-                seen.add(key)
-                rows.append({**r, "search": d.name})
+            key, r = (r["strategy"], r["k"], r["seed"]), {**r, "search": d.name}
+            if key not in at:
+                at[key] = len(rows)
+                rows.append(r)
+            elif uneven_sharing(rows[at[key]]) and not uneven_sharing(r):
+                rows[at[key]] = r
     return rows
 
 

@@ -152,6 +152,16 @@ def test_the_table_merges_every_finished_search_of_one_card_and_recipe(paper, tm
                                  "searches": {"sentiment": ["search", "search-more"]}})
     assert "trials took 12 min in 2 searches" in text and "| mid | 2 | [3, 4] |" in text
 
+    # the same run again, but only the second search timed it like its reference: that row is kept
+    def events(path, spans):
+        path.write_text("".join(json.dumps({"time": t, "event": ev, "key": k}) + "\n"
+                                for k, (a, b) in spans.items() for t, ev in ((a, "start"), (b, "complete"))))
+    events(first / "trial_events.jsonl", {"c02-s0": (0, 10), "c01-s0": (0, 10), "c00-s0": (10, 20)})
+    events(second / "trial_events.jsonl", {"c02-s0": (0, 10), "c00-s0": (0, 10), "c01-s0": (10, 20)})
+    by = {(r["strategy"], r["seed"]): r for r in paper.merged_rows("sentiment", searches)}
+    assert by[("card", 0)]["search"] == "search-more" and by[("card", 0)]["quality"] == 0.45
+    assert by[("bottom", 0)]["search"] == "search"
+
     (second / "search.json").write_text(json.dumps(_recipe(lr=5e-4)))
     with pytest.raises(SystemExit, match=r"search-more trained with train.lr=0.0005.*one recipe"):
         paper.finished_searches(tmp_path)

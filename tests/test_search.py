@@ -232,10 +232,16 @@ def _max_concurrent(events: list[dict]) -> int:
 
 @pytest.fixture(scope="module")
 def full_search(ray_local, card_dir, tmp_path_factory):
-    from pipelines.search import run
+    """One real search, stopped after its first finished trial and resumed: (a) checks what the whole
+    search wrote, (b) how the resume went. Returns (out, resume's summary, the events before resuming,
+    whether results existed before resuming)."""
+    from pipelines.search import SearchInterrupted, read_events, resume, run
 
     out = tmp_path_factory.mktemp("search") / "s"
-    return out, run(search_cfg(card_dir), out)
+    with pytest.raises(SearchInterrupted, match="--resume"):
+        run(search_cfg(card_dir, "stop_after_trials=1"), out)
+    before, had_results = read_events(out), (out / "results.parquet").exists()
+    return out, resume(out), before, had_results
 
 
 @pytest.mark.slow
@@ -244,7 +250,7 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
 
     from pipelines.search import STATUSES, read_events
 
-    out, summary = full_search
+    out, summary, _, _ = full_search
     cfg = search_cfg(card_dir)
     saved = json.loads((out / "search.json").read_text())
     res = pd.read_parquet(out / "results.parquet")
@@ -296,45 +302,24 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
 
 
 # --------------------------------------------------------------------------- (b) interrupt, resume
-def _candidate_sets(out: Path) -> list[tuple]:
-    return [(c["id"], c["layers"]) for c in json.loads((out / "search.json").read_text())["candidates"]]
-
-
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(full_search, card_dir, tmp_path):
-    from pipelines.search import SearchInterrupted, read_events, resume, run
+def test_interrupted_search_resumes_without_rerunning_finished_trials(full_search):
+    from pipelines.search import read_events
 
-    # A lower budget (same candidates, one fewer within it) keeps this second search short; the
-    # trials an uninterrupted run of it trains are the full search's within this budget.
-    budget = 7.0e5
-    out = tmp_path / "s"
-    with pytest.raises(SearchInterrupted, match="--resume"):
-        run(search_cfg(card_dir, "stop_after_trials=1", f"budget={budget}"), out)
-    ref_dir = full_search[0]
-    assert _candidate_sets(out) == _candidate_sets(ref_dir)
-    before = read_events(out)
+    out, summary, before, had_results = full_search
     done = [e for e in before if e["event"] == "complete"]
-    assert len(done) == 1 and not (out / "results.parquet").exists()
+    assert len(done) == 1 and not had_results                  # stopped after one trial, nothing written
     first = done[0]
     cut_short = {e["key"] for e in before if e["event"] == "start"} - {first["key"]}
 
-    summary = resume(out)
     after = read_events(out)
     starts = [e for e in after if e["event"] == "start" and e["key"] == first["key"]]
     assert len(starts) == 1                                      # the finished trial was not run again
     assert [e["trial_id"] for e in after if e["key"] == first["key"]] == [first["trial_id"]] * 2
     trials = pd.read_parquet(out / "trials.parquet")
-    ref_res = pd.read_parquet(ref_dir / "results.parquet")
-    within = set(ref_res.loc[ref_res["predicted_cost"] <= budget, "candidate"])
-    ref = pd.read_parquet(ref_dir / "trials.parquet")
-    ref = ref[ref["candidate"].isin(within)]
-    assert len(ref) >= 3 and sorted(trials["trial"]) == sorted(ref["trial"])   # as an uninterrupted run
+    wanted = json.loads((out / "search.json").read_text())["trials"]   # every trial within the budget
+    assert len(wanted) >= 3 and sorted(trials["trial"]) == sorted(wanted)   # as an uninterrupted run
     row = trials[trials["trial"] == first["key"]].iloc[0]
     assert row["attempts"] == 1 and row["trial_id"] == first["trial_id"]
     assert cut_short and all(trials.set_index("trial").loc[k, "attempts"] == 2 for k in cut_short)  # ran again
-    res = pd.read_parquet(out / "results.parquet")
-    assert sorted(res["candidate"]) == sorted(ref_res["candidate"])
-    assert set(res.loc[res["status"] == "over_budget", "candidate"]) == set(ref_res["candidate"]) - within
-    assert summary["trained"] + summary["stopped_early"] == len(ref)
-    assert summary["failed"] == 0
-    assert LayerCard.load(out / "card").meta["parent_card_id"] == LayerCard.load(card_dir).card_id
+    assert summary["trained"] + summary["stopped_early"] == len(wanted) and summary["failed"] == 0
