@@ -310,14 +310,21 @@ def train_func(config: dict) -> None:
     # The base model's eval loss: the gain of this layer set is measured against it.
     initial = client["initial_eval"] if checkpoint else (config.get("initial_eval") or _initial_metrics(run_eval()))
 
-    def report(metrics: dict, step: int, extra_files=None, suffix: str = "") -> None:
+    def report(metrics: dict, step: int, final: bool = False) -> None:
+        adapter = training.adapter_state_dict(engine.module) if final else None   # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:
+            # the final checkpoint keeps the final metrics: a run interrupted after saving it reports them again
             engine.save_checkpoint(tmp, tag=f"step{step}", exclude_frozen_parameters=True,
-                                   client_state={"step": step, "initial_eval": initial})
-            if extra_files:
-                extra_files(Path(tmp))
+                                   client_state={"step": step, "initial_eval": initial,
+                                                 "final_metrics": metrics if final else None})
+            if final and rank == 0:
+                engine.module.save_pretrained(str(Path(tmp) / "adapter"), state_dict=adapter)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_step{step:06d}{suffix}")
+                             checkpoint_dir_name=f"checkpoint_step{step:06d}{'_final' if final else ''}")
+
+    if client.get("final_metrics") is not None:
+        report(client["final_metrics"], steps, final=True)   # every step and the final eval were done
+        return
 
     setup_s = time.perf_counter() - entered          # imports, model, DeepSpeed, data, initial eval
     losses, step_s, tokens, window = [], [], 0, []
@@ -350,17 +357,11 @@ def train_func(config: dict) -> None:
     final = run_eval()
     stats = _all_gather({"losses": losses, "step_s": step_s, "tokens": tokens, "setup_s": setup_s,
                          "peak_bytes": training.peak_memory_bytes(device)})
-    adapter = training.adapter_state_dict(engine.module)  # collective under ZeRO-3: every rank calls it
-
-    def save_adapter(tmp: Path) -> None:
-        if rank == 0:
-            engine.module.save_pretrained(str(tmp / "adapter"), state_dict=adapter)
-
     metrics = {**_summary(stats, start, steps), **final, **info, **initial,
                "step": steps, "num_adapter_layers": len(info["adapter_layers"]),
                "lowest_adapted_layer": info["adapter_layers"][0], "zero_stage": config["zero_stage"],
                "num_workers": world, "device": device.type, "initial_from_cache": bool(config.get("initial_eval"))}
-    report(metrics, steps, extra_files=save_adapter, suffix="_final")
+    report(metrics, steps, final=True)
 
 
 def _initial_metrics(evaluated: dict) -> dict:

@@ -219,9 +219,9 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     data.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
     labelled = [f"data.path={data}", "label_answers=[negative, positive]", "loss=label"]   # trained on the label loss
-    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path), *FAST, f"selection={selection}", "zero_stage=2",
-                     *labelled])
-    assert rc == 0
+    args = ["--config", str(TINY_YAML), *FAST, f"selection={selection}", "zero_stage=2", *labelled,
+            f"storage_path={tmp_path / 'ray'}"]
+    assert train.main(["--out", str(tmp_path), *args]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     # 8 steps on the label loss do not teach a random tiny model the labels (0.694 → 0.699 measured);
     # what this run checks is that it trained on the label loss (below) and reports it exactly.
@@ -249,6 +249,15 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     assert all(0.4 < h < 1.0 for h in hist), hist
     assert m["initial_eval_loss"] > 4.0
     check_adapter(tmp_path, [2, 3])
+
+    # The same run again (same storage and name): Ray Train hands it the final checkpoint, which keeps
+    # the final metrics, so nothing trains and it reports what the finished run measured — as a Tune
+    # trial does when a search was interrupted after the trial's last checkpoint but before Tune saw it end.
+    assert train.main(["--out", str(tmp_path / "again"), *args]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("label_loss", "metric", "median_step_s", "train_loss_history", "peak_memory_bytes", "resumed_from_step"):
+        assert again[key] == m[key], key
+    check_adapter(tmp_path / "again", [2, 3])
 
 
 def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selection):
