@@ -181,8 +181,9 @@ def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
 
 
 def _events(search_dir: Path) -> list[dict]:
-    path = search_dir / "trial_events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from pipelines.search import read_events
+
+    return read_events(search_dir)
 
 
 def shared_fractions(events: list[dict]) -> dict[str, float]:
@@ -240,8 +241,8 @@ def grouped(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if (r["task"], r["strategy"], r["k"]) == (task, strategy, k)]
         g = {"task": task, "strategy": strategy, "k": k, "n_seeds": len(rs), "layers": rs[0]["layers"],
              "quality_name": rs[0]["quality_name"]}
-        for col in ("quality", "gain_fraction", "accuracy", "step_time_ratio", "peak_mem_ratio",
-                    "predicted_gain_fraction", "base_quality"):
+        for col in ("quality", "gain_fraction", "accuracy", "peak_mem_ratio", "predicted_gain_fraction",
+                    "base_quality"):
             g[col], g[f"{col}_sd"] = _mean_sd(r[col] for r in rs)
         # step-time ratios over the seeds whose trial and reference shared the machine alike, if any did
         even = [r for r in rs if not uneven_sharing(r)]
