@@ -92,6 +92,12 @@ def read_records(cfg: DataConfig) -> list[dict]:
             records = list(load_from_disk(str(path)))
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise LayercardError(f"cannot read data '{path}' as {fmt}: {str(err).splitlines()[0]}") from None
+    return select_records(records, cfg, path)
+
+
+def select_records(records: list[dict], cfg: DataConfig, path) -> list[dict]:
+    """The records a profile uses, from the whole file's: a seeded shuffle when ``shuffle``, then
+    the first ``num_samples``. Shared by the local and the Ray reader, so both pick the same ones."""
     check_columns(records[0].keys() if records else [], cfg, path)
     if cfg.shuffle:
         g = torch.Generator().manual_seed(cfg.seed)

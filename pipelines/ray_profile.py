@@ -58,10 +58,18 @@ def _array_from_bytes(data: bytes) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- data
 def read_dataset(cfg: ProfileConfig):
-    """Ray Data dataset of raw records (Parquet, JSONL, CSV, text, or a saved `datasets` dir)."""
+    """Ray Data dataset of raw records (Parquet, JSONL, CSV, text, or a saved `datasets` dir): the
+    same records, in the same order, as the local reader picks (:func:`layercard.data.select_records`).
+
+    The read is materialized before anything looks at it. A streaming ``limit`` or a schema probe
+    on a running read ends its execution with read tasks still in flight, which Ray Data then
+    force-cancels; on Ray 2.60 that cancel can race the task's reply and abort the driver's core
+    worker (``task_manager.cc: Tried to complete task that was not pending``). The local reader
+    reads the whole file too, so this costs no more memory than ``layercard profile``.
+    """
     import ray.data
 
-    from layercard.data import check_columns, resolve_format
+    from layercard.data import check_columns, resolve_format, select_records
 
     path, fmt = resolve_format(cfg.data)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -80,14 +88,15 @@ def read_dataset(cfg: ProfileConfig):
             from datasets import load_from_disk
 
             ds = ray.data.from_huggingface(load_from_disk(str(path)))
+        ds = ds.materialize()
         columns = ds.columns()
     except Exception as err:  # Ray wraps reader errors in many types
         raise LayercardError(f"cannot read data '{path}' as {fmt}: {str(err).splitlines()[0]}") from None
     check_columns(columns or [], cfg.data, path)
-    if cfg.data.shuffle:
-        ds = ds.random_shuffle(seed=cfg.data.seed)
+    if cfg.data.shuffle:   # the local reader's permutation: the same records whichever path profiles
+        return ray.data.from_items(select_records(ds.take_all(), cfg.data, path))
     if cfg.data.num_samples is not None:
-        ds = ds.limit(cfg.data.num_samples)
+        ds = ds.limit(cfg.data.num_samples)   # on materialized blocks: no task left running to cancel
     return ds
 
 
@@ -337,6 +346,8 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     records = list(_records(tokenized))   # token ids only: small next to the statistics
     label_ids = profile_label_ids(cfg, lm.tokenizer, records)   # fails here, before any actor starts
     data_hash = examples_hash(records)
+    # the probe set and the cost batch are the first records (no `limit` on a dataset, see read_dataset)
+    head = records[:max(cfg.coupling.probe_samples, cfg.data.batch_size)]
     del records
 
     t0 = time.perf_counter()
@@ -368,7 +379,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         t0 = time.perf_counter()
         import ray.data
 
-        probe_records = list(_records(tokenized.limit(cfg.coupling.probe_samples)))
+        probe_records = head[:cfg.coupling.probe_samples]
         shards = probe_shards(probe_records, replicas)
         probe = ray.data.from_items(shards, override_num_blocks=len(shards))
         deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu",
@@ -389,7 +400,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
             print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(shards)} shards "
                   f"on {used2} actors "
                   f"in {dt:.1f}s ({len(layout.layers) * len(probe_records) / dt:.1f} layer-records/s)")
-    _cost_on_actor(card, cfg, tokenized, ray, lm)
+    _cost_on_actor(card, cfg, head[:cfg.data.batch_size], ray, lm)
     return card, lm, None
 
 
@@ -404,12 +415,10 @@ def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
     return card
 
 
-def _cost_on_actor(card, cfg: ProfileConfig, tokenized, ray, lm) -> None:
+def _cost_on_actor(card, cfg: ProfileConfig, records: list[dict], ray, lm) -> None:
     from layercard.data import batches_of
     from pipelines.profile import add_cost
 
-    records = [{"input_ids": np.asarray(r["input_ids"]).tolist(), "labels": np.asarray(r["labels"]).tolist()}
-               for r in tokenized.limit(cfg.data.batch_size).iter_rows()]
     if not cfg.cost.measure:   # analytic columns only: the driver's copy of the model has the shapes
         add_cost(card, cfg, lm.model, batches_of(records, cfg.data.batch_size, lm.tokenizer.pad_id)[0])
         return

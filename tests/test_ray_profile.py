@@ -114,3 +114,31 @@ def test_actors_holding_every_cpu_fail_fast(ray_local):
 def test_gpus_requested_on_cpu_cluster_fails_fast(ray_local):
     with pytest.raises(LayercardError, match="needs 1 GPUs; the cluster has 0"):
         profile_on_ray(cfg_with("ray.num_actors=1", "ray.num_gpus_per_actor=1"), progress=False)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ray_reader_picks_the_local_readers_records(ray_local, tmp_path, shuffle):
+    """Every format, shuffled or not: the Ray reader yields the records `layercard profile` uses, in
+    its order (the seeded shuffle is the local one, not Ray Data's), so both paths profile the same data."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from layercard.data import read_records
+    from pipelines.ray_profile import read_dataset
+
+    rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny.jsonl").read_text().splitlines()]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "d.parquet")
+    pacsv.write_csv(table, tmp_path / "d.csv")
+    (tmp_path / "d.txt").write_text("".join(r["text"] + "\n" + ("\n" if i % 5 == 0 else "") for i, r in enumerate(rows)))
+    for name in ["d.parquet", "d.csv", "d.txt"]:
+        text_only = ["data.prompt_column=null", "data.answer_column=null"] if name == "d.txt" else []
+        cfg = cfg_with(f"data.path={tmp_path / name}", f"data.shuffle={str(shuffle).lower()}", "data.seed=3",
+                       "data.num_samples=20", *text_only)
+        want = read_records(cfg.data)
+        got = read_dataset(cfg).take_all()
+        cols = cfg.data.columns
+        assert len(want) == 20 and [{c: r[c] for c in cols} for r in got] == [{c: r[c] for c in cols} for r in want], name
+    if shuffle:   # the shuffle did something
+        assert [r["text"] for r in want] != [r["text"] for r in rows[:20]]
