@@ -164,6 +164,17 @@ def finished_searches(task_dir: Path) -> list[Path]:
     return done
 
 
+def table_tasks(work: Path, requested: list[str]) -> list[str]:
+    """The tasks the written table covers: the requested ones and every other task under ``work`` with
+    a card and a finished search, so running one task's scope does not drop the other's rows from
+    ``benchmarks/results``."""
+    def has_table(task: str) -> bool:
+        d = work / task
+        return (d / "card" / "card.json").is_file() and any((s / "results.parquet").is_file() for s in d.glob("search*"))
+
+    return [t for t in TASKS if t in requested or has_table(t)]
+
+
 def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
     """:func:`paper_rows` of every search, each row tagged with its search. A (strategy, k, seed) found
     in more than one search is the same deterministic training run again: the first is kept, unless a
@@ -443,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--work holds yet")
     p.add_argument("--rebuild", action="store_true",
                    help="train nothing: write the table from the finished searches under --work")
+    # The written table always covers every task under --work with a finished search (table_tasks).
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
@@ -467,17 +479,19 @@ def main(argv: list[str] | None = None) -> int:
             prepare_task(task)
     started = time.time()
     work = Path(args.work)
+    if not args.rebuild:
+        for task in args.tasks:
+            run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
+    tasks = table_tasks(work, args.tasks)
     rows, minutes, names = [], {}, {}
-    for task in args.tasks:
-        card = work / task / "card" if args.rebuild else ensure_card(task, work, args.profile_overrides)
-        if not args.rebuild:
-            run_search(task, card, work, args)
+    for task in tasks:
+        card = work / task / "card"
         searches = finished_searches(work / task)
         rows += merged_rows(task, searches, card_predictor(card))
         minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
         names[task] = [d.name for d in searches]
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "runtime_min": (time.time() - started) / 60, "tasks": args.tasks, "ks": args.ks, "seeds": args.seeds,
+            "runtime_min": (time.time() - started) / 60, "tasks": tasks, "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
             "search_minutes": minutes, "searches": names}
     results = Path(args.results)
@@ -486,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / "paper_table_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     text = markdown(rows, meta)
     (results / "paper_table.md").write_text(text)
-    for task in args.tasks:
+    for task in tasks:
         plot_frontier(rows, task, results / f"frontier_{task}.png")
     print(text)
     return 0

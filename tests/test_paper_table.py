@@ -259,3 +259,24 @@ def test_ratios_of_a_trial_and_a_reference_that_did_not_share_alike_are_marked(p
     bottom = next(line for line in text.splitlines() if line.startswith("| bottom |"))
     card = next(line for line in text.splitlines() if line.startswith("| card |"))
     assert "†" in bottom and "†" not in card and "did not share the machine alike" in text
+
+
+def test_the_table_keeps_every_task_under_work_not_only_the_one_just_run(paper, tmp_path):
+    def task_dir(task, card=True, finished=True):
+        d = tmp_path / task
+        (d / "card").mkdir(parents=True)
+        (d / "search-x").mkdir()
+        if card:
+            (d / "card" / "card.json").write_text("{}")
+        if finished:
+            (d / "search-x" / "results.parquet").write_text("")
+        return d
+
+    task_dir("sentiment")
+    task_dir("headline", finished=False)
+    assert list(paper.TASKS)[:2] == ["sentiment", "headline"]
+    assert paper.table_tasks(tmp_path, ["headline"]) == ["sentiment", "headline"]   # the one run, and the one on disk
+    assert paper.table_tasks(tmp_path, []) == ["sentiment"]          # headline has no finished search
+    (tmp_path / "headline" / "search-x" / "results.parquet").write_text("")
+    (tmp_path / "headline" / "card" / "card.json").unlink()
+    assert paper.table_tasks(tmp_path, []) == ["sentiment"]          # nor a card
