@@ -192,7 +192,7 @@ def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
 
 
 def _events(search_dir: Path) -> list[dict]:
-    from pipelines.search import read_events
+    from pipelines.search import read_events   # here, not at the top: it imports Ray Tune
 
     return read_events(search_dir)
 
@@ -436,7 +436,8 @@ def print_missing(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
-                   help="default: both tasks (sentiment only with --quick)")
+                   help="the tasks to train; default: both (sentiment only with --quick). The written table "
+                        "covers every task under --work with a finished search")
     p.add_argument("--ks", nargs="+", type=int, default=[3, 5, 8])
     p.add_argument("--targets", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -454,7 +455,6 @@ def main(argv: list[str] | None = None) -> int:
                         "--work holds yet")
     p.add_argument("--rebuild", action="store_true",
                    help="train nothing: write the table from the finished searches under --work")
-    # The written table always covers every task under --work with a finished search (table_tasks).
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
         names[task] = [d.name for d in searches]
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "runtime_min": (time.time() - started) / 60, "tasks": tasks, "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
+            "runtime_min": (time.time() - started) / 60, "tasks": tasks,
+            "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
             "search_minutes": minutes, "searches": names}
     results = Path(args.results)
