@@ -125,6 +125,8 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     return rows
 
 
+ARCHIVE = "searches"   # under --results: one record per finished search (search_record)
+
 # train keys that change how a trial is scheduled, checkpointed or cached, not what it learns
 SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures", "base_eval_cache")
 
@@ -135,54 +137,143 @@ def recipe_of(config: dict) -> dict:
 
 
 def finished_searches(task_dir: Path) -> list[Path]:
-    """The task's finished searches (``search``, then ``search-*`` by name) that the table merges.
-
-    Every one must come from the same card and the same training recipe: training is deterministic per
-    seed, so their rows compare directly (each search trains its own all-layer reference, so ratios
-    stay side by side within one run). A search that has not finished (no results.parquet) is skipped
-    with a note; a different card or recipe is an error naming the search and the key."""
+    """The task's finished searches under ``task_dir`` (``search``, then ``search-*`` by name); one that
+    has not finished (no results.parquet) is left out with a note."""
     dirs = sorted((d for d in task_dir.glob("search*") if (d / "search.json").is_file()),
                   key=lambda d: (d.name != "search", d.name))
     done = [d for d in dirs if (d / "results.parquet").is_file()]
     for d in dirs:
         if d not in done:
             print(f"note: {d} has not finished (no results.parquet); the table leaves it out", flush=True)
-    if not done:
-        raise SystemExit(f"error: no finished search under {task_dir}")
-    first = json.loads((done[0] / "search.json").read_text())
-    recipe = recipe_of(first["config"])
-    for d in done[1:]:
-        doc = json.loads((d / "search.json").read_text())
-        if doc["card_id"] != first["card_id"]:
-            raise SystemExit(f"error: {d} searched card {doc['card_id']}, {done[0]} card {first['card_id']}: "
-                             "one table needs one card")
-        other = recipe_of(doc["config"])
-        diff = sorted(k for k in recipe.keys() | other.keys() if recipe.get(k) != other.get(k))
-        if diff:
-            raise SystemExit(f"error: {d} trained with train.{diff[0]}={other.get(diff[0])!r}, {done[0]} with "
-                             f"{recipe.get(diff[0])!r}: one table needs one recipe")
     return done
 
 
-def table_tasks(work: Path, requested: list[str]) -> list[str]:
-    """The tasks the written table covers: the requested ones and every other task under ``work`` with
-    a card and a finished search, so running one task's scope does not drop the other's rows from
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
+# where files were on the machine that profiled: the weights and data hashes already say what they held
+LOCATION_KEYS = ("path", "cache_dir")
+
+
+def card_source(doc: dict) -> dict:
+    """What a search's card was profiled from: the weights and calibration data (content hashes), the
+    profile config less the files' locations and the layer count.
+
+    The table needs one source, not one card file: profiling the same source on another CPU gives a card
+    equal up to float rounding (another card_id) — :func:`check_sets` then catches any set it would pick
+    differently. A search whose card is gone is known by its card_id alone."""
+    import hashlib
+
+    from layercard.card import LayerCard
+
+    path = Path(doc.get("card") or "")
+    if not (path / "card.json").is_file():
+        return {"card_id": doc["card_id"]}
+    card = LayerCard.load(path, with_stats=False)
+    meta = card.meta
+
+    def content(node):
+        return {k: content(v) for k, v in node.items() if k not in LOCATION_KEYS} if isinstance(node, dict) else node
+
+    config = {k: v for k, v in content(meta.get("config") or {}).items() if k != "ray"}   # layout ≠ content
+    return {"weights_hash": meta.get("weights_hash"), "data_hash": meta.get("data_hash"),
+            "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "n_layers": len(card.layers)}
+
+
+def search_record(task: str, search_dir: Path) -> dict:
+    """What the table needs of a finished search, in one JSON-able record: its card (id and source), recipe
+    and scope, its trial minutes and its rows (:func:`paper_rows`, the predicted gain fraction as the search
+    recorded it). Records are archived beside the table (:func:`archive_searches`), so the table outlives
+    ``--work``."""
+    doc = json.loads((search_dir / "search.json").read_text())
+    return {"task": task, "search": search_dir.name, "card_id": doc["card_id"], "card": card_source(doc),
+            "recipe": recipe_of(doc["config"]),
+            "scope": {k: doc["config"].get(k) for k in SCOPE_KEYS}, "minutes": search_minutes(search_dir),
+            "machine": machine(), "rows": paper_rows(task, search_dir)}
+
+
+def archive_searches(task: str, work: Path, archive: Path) -> list[Path]:
+    """Write the record of every finished search of ``task`` under ``work`` to ``archive/TASK/NAME.json``
+    (whole or not at all: written beside, then renamed)."""
+    out = []
+    for d in finished_searches(work / task):
+        path = archive / task / f"{d.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(search_record(task, d), indent=1) + "\n")
+        tmp.replace(path)
+        out.append(path)
+    return out
+
+
+def search_records(task: str, work: Path, archive: Path) -> list[dict]:
+    """Every finished search of the task the table merges: the archived records and the finished searches
+    under ``work`` (a live search replaces its archived record), ``search`` first, then by name.
+
+    Every one must come from a card of the same source (:func:`card_source`) and the same training recipe:
+    training is deterministic per seed, so their rows compare directly (each search trains its own all-layer
+    reference, so ratios stay side by side within one run). A different card source or recipe, or a
+    strategy that picked other layers in another search (:func:`check_sets`), is an error naming the search
+    and the key."""
+    records = {p.name[:-len(".json")]: json.loads(p.read_text()) for p in sorted((archive / task).glob("*.json"))}
+    for d in finished_searches(work / task):
+        records[d.name] = search_record(task, d)
+    if not records:
+        raise SystemExit(f"error: no finished search of {task} under {work / task} or {archive / task}")
+    done = [records[n] for n in sorted(records, key=lambda n: (n != "search", n))]
+    first = done[0]
+    for rec in done[1:]:
+        a, b = first["card"], rec["card"]
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if diff:
+            raise SystemExit(f"error: {rec['search']} searched a card with {diff[0]}={b.get(diff[0])!r}, "
+                             f"{first['search']} one with {a.get(diff[0])!r}: one table needs one card")
+        diff = sorted(k for k in first["recipe"].keys() | rec["recipe"].keys()
+                      if first["recipe"].get(k) != rec["recipe"].get(k))
+        if diff:
+            raise SystemExit(f"error: {rec['search']} trained with train.{diff[0]}={rec['recipe'].get(diff[0])!r}, "
+                             f"{first['search']} with {first['recipe'].get(diff[0])!r}: one table needs one recipe")
+    check_sets(done)
+    return done
+
+
+def check_sets(records: list[dict]) -> None:
+    """A (strategy, k) must name the same layers in every search: two cards of one source could, in
+    principle, pick a near-tie differently, and then their rows are not one strategy."""
+    seen: dict[tuple[str, int], tuple[list[int], str]] = {}
+    for rec in records:
+        for r in rec["rows"]:
+            key = (r["strategy"], r["k"])
+            layers, where = seen.setdefault(key, (r["layers"], rec["search"]))
+            if layers != r["layers"]:
+                raise SystemExit(f"error: {key[0]} k={key[1]} is layers {r['layers']} in {rec['search']} but "
+                                 f"{layers} in {where}: one table needs one set per strategy")
+
+
+def table_tasks(work: Path, archive: Path, requested: list[str]) -> list[str]:
+    """The tasks the written table covers: the requested ones and every other task with a finished search
+    under ``work`` or an archived one, so running one task's scope does not drop the other's rows from
     ``benchmarks/results``."""
     def has_table(task: str) -> bool:
-        d = work / task
-        return (d / "card" / "card.json").is_file() and any((s / "results.parquet").is_file() for s in d.glob("search*"))
+        return (any((s / "results.parquet").is_file() for s in (work / task).glob("search*"))
+                or any((archive / task).glob("*.json")))
 
     return [t for t in TASKS if t in requested or has_table(t)]
 
 
-def merged_rows(task: str, searches: list[Path], predict=None) -> list[dict]:
-    """:func:`paper_rows` of every search, each row tagged with its search. A (strategy, k, seed) found
-    in more than one search is the same deterministic training run again: the first is kept, unless a
-    later one measured its step-time ratio like with like (:func:`uneven_sharing`) and the first did not."""
+def merged_rows(records: list[dict], predict=None) -> list[dict]:
+    """The rows of every search record (:func:`search_records`), each tagged with its search, the predicted
+    gain fraction from ``predict(layers)`` where given. A (strategy, k, seed) found in more than one search
+    is the same deterministic training run again: the first is kept, unless a later one measured its
+    step-time ratio like with like (:func:`uneven_sharing`) and the first did not."""
     rows, at = [], {}
-    for d in searches:
-        for r in paper_rows(task, d, predict):
-            key, r = (r["strategy"], r["k"], r["seed"]), {**r, "search": d.name}
+    for rec in records:
+        for r in rec["rows"]:
+            key, r = (r["strategy"], r["k"], r["seed"]), {**r, "search": rec["search"]}
+            if predict is not None:
+                r["predicted_gain_fraction"] = predict(r["layers"])
             if key not in at:
                 at[key] = len(rows)
                 rows.append(r)
@@ -281,7 +372,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += [f"## {task} (quality = {qname}, lower is better; base model {_fmt(g[0]['base_quality'], None, '.4f')}; "
                   f"all-layer seed sd {_fmt(seed_spread, None, '.4f') if seed_spread is not None else '–'}"
                   + (f"; trials took {trained:.0f} min" if trained is not None else "")
-                  + (f" in {n} searches" if (n := len(meta.get("searches", {}).get(task, []))) > 1 else "") + ")", "",
+                  + (f" in {n} searches" if (n := len(meta.get("searches", {}).get(task, []))) > 1 else "")
+                  + (f" ({u} of them untimed)" if (u := len(meta.get("untimed_searches", {}).get(task, []))) else "")
+                  + ")", "",
                   "| strategy | k | layers | quality | gain fraction | predicted gain fraction | accuracy | "
                   "step-time ratio | peak-mem ratio | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -424,8 +517,9 @@ def print_missing(args) -> int:
             print(f"{task}: no card under {task_dir} yet: everything (profile first)")
             continue
         cfg = search_config(task, task_dir / "card", args)
-        has_search = any((d / "results.parquet").is_file() for d in task_dir.glob("search*"))
-        rows = merged_rows(task, finished_searches(task_dir)) if has_search else []
+        archive = Path(args.results) / ARCHIVE
+        rows = merged_rows(search_records(task, Path(args.work), archive)) if task in table_tasks(
+            Path(args.work), archive, []) else []
         lacking, wanted = missing_rows(task_dir / "card", cfg, rows)
         print(f"{task}: {sum(len(v) for v in lacking.values())} of {wanted} rows missing")
         for (strategy, k), seeds in lacking.items():
@@ -437,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
                    help="the tasks to train; default: both (sentiment only with --quick). The written table "
-                        "covers every task under --work with a finished search")
+                        "covers every task with a finished search")
     p.add_argument("--ks", nargs="+", type=int, default=[3, 5, 8])
     p.add_argument("--targets", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -451,11 +545,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the search's directory under WORK/TASK: a new name runs another scope beside the finished "
                         "ones (the table merges every finished search of the task)")
     p.add_argument("--missing", action="store_true",
-                   help="train nothing: list the (strategy, k, seeds) of this scope that no finished search under "
-                        "--work holds yet")
+                   help="train nothing: list the (strategy, k, seeds) of this scope that no finished search "
+                        "holds yet")
     p.add_argument("--rebuild", action="store_true",
-                   help="train nothing: write the table from the finished searches under --work")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+                   help="train nothing: write the table from the finished searches (archived under "
+                        "RESULTS/searches and under --work)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
+                   help="where the table goes; RESULTS/searches/TASK/NAME.json keeps every finished search's "
+                        "record, so the table can grow on another machine")
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
     args = p.parse_args(argv)
@@ -466,11 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = ["strategies=[top, bottom, mid, uniform, all]", *args.overrides]
     if args.missing:
         return print_missing(args)
-    if args.rebuild:
-        lacking = [t for t in args.tasks if not (Path(args.work) / t / "card" / "card.json").is_file()]
-        if lacking:
-            raise SystemExit(f"error: --rebuild: no card under {Path(args.work) / lacking[0]} (nothing to rebuild from)")
-    else:
+    if not args.rebuild:
         from layercard.fetch import verify
         from layercard.tasks import prepare_task
 
@@ -482,20 +575,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rebuild:
         for task in args.tasks:
             run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
-    tasks = table_tasks(work, args.tasks)
-    rows, minutes, names = [], {}, {}
+    results = Path(args.results)
+    archive = results / ARCHIVE
+    tasks = table_tasks(work, archive, args.tasks)
+    rows, minutes, names, untimed = [], {}, {}, {}
     for task in tasks:
+        records = search_records(task, work, archive)
         card = work / task / "card"
-        searches = finished_searches(work / task)
-        rows += merged_rows(task, searches, card_predictor(card))
-        minutes[task] = sum(search_minutes(d) or 0.0 for d in searches)
-        names[task] = [d.name for d in searches]
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "runtime_min": (time.time() - started) / 60, "tasks": tasks,
+        if (card / "card.json").is_file():
+            predict = card_predictor(card)
+        else:
+            predict = None
+            print(f"note: no card under {card}: predicted gain fractions as each search recorded them", flush=True)
+        rows += merged_rows(records, predict)
+        minutes[task] = sum(r["minutes"] or 0.0 for r in records)
+        names[task] = [r["search"] for r in records]
+        untimed[task] = [r["search"] for r in records if r["minutes"] is None]
+        archive_searches(task, work, archive)
+    meta = {"machine": machine(), "runtime_min": (time.time() - started) / 60, "tasks": tasks,
             "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
-            "search_minutes": minutes, "searches": names}
-    results = Path(args.results)
+            "search_minutes": minutes, "searches": names, "untimed_searches": untimed}
     results.mkdir(parents=True, exist_ok=True)
     (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")
     (results / "paper_table_meta.json").write_text(json.dumps(meta, indent=2) + "\n")

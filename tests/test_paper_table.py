@@ -117,10 +117,13 @@ def _recipe(**over) -> dict:
 
 
 def test_the_table_merges_every_finished_search_of_one_card_and_recipe(paper, tmp_path):
-    first = _search_dir(tmp_path)
+    work, archive = tmp_path / "work", tmp_path / "results" / "searches"
+    task = work / "sentiment"
+    task.mkdir(parents=True)
+    first = _search_dir(task)
     (first / "search.json").write_text(json.dumps(_recipe()))
     # a second scope beside it: its own all-layer runs, the card set again (kept from the first), and mid
-    second = tmp_path / "search-more"
+    second = task / "search-more"
     second.mkdir()
     pd.DataFrame([
         {"candidate": "c00", "layers": [5, 6], "labels": ["max-quality k=2"], "predicted_gain_fraction": 0.8},
@@ -134,13 +137,14 @@ def test_the_table_merges_every_finished_search_of_one_card_and_recipe(paper, tm
                  ).to_parquet(second / "trials.parquet", index=False)
     # a different scheduling (cpus) is the same recipe
     (second / "search.json").write_text(json.dumps(_recipe(cpus_per_worker=2.0)))
-    unfinished = tmp_path / "search-stopped"
+    unfinished = task / "search-stopped"
     unfinished.mkdir()
     (unfinished / "search.json").write_text(json.dumps(_recipe()))
 
-    searches = paper.finished_searches(tmp_path)
-    assert searches == [first, second]                 # "search" first; the unfinished one left out
-    rows = paper.merged_rows("sentiment", searches)
+    assert paper.finished_searches(task) == [first, second]     # "search" first; the unfinished one left out
+    records = paper.search_records("sentiment", work, archive)
+    assert [r["search"] for r in records] == ["search", "search-more"]
+    rows = paper.merged_rows(records)
     by = {(r["strategy"], r["seed"]): r for r in rows}
     assert by[("card", 0)]["quality"] == 0.4 and by[("card", 0)]["search"] == "search"   # the first search's run
     mid = by[("mid", 0)]
@@ -158,18 +162,18 @@ def test_the_table_merges_every_finished_search_of_one_card_and_recipe(paper, tm
                                 for k, (a, b) in spans.items() for t, ev in ((a, "start"), (b, "complete"))))
     events(first / "trial_events.jsonl", {"c02-s0": (0, 10), "c01-s0": (0, 10), "c00-s0": (10, 20)})
     events(second / "trial_events.jsonl", {"c02-s0": (0, 10), "c00-s0": (0, 10), "c01-s0": (10, 20)})
-    by = {(r["strategy"], r["seed"]): r for r in paper.merged_rows("sentiment", searches)}
+    by = {(r["strategy"], r["seed"]): r for r in paper.merged_rows(paper.search_records("sentiment", work, archive))}
     assert by[("card", 0)]["search"] == "search-more" and by[("card", 0)]["quality"] == 0.45
     assert by[("bottom", 0)]["search"] == "search"
 
     (second / "search.json").write_text(json.dumps(_recipe(lr=5e-4)))
     with pytest.raises(SystemExit, match=r"search-more trained with train.lr=0.0005.*one recipe"):
-        paper.finished_searches(tmp_path)
+        paper.search_records("sentiment", work, archive)
     (second / "search.json").write_text(json.dumps({**_recipe(), "card_id": "card-b"}))
-    with pytest.raises(SystemExit, match=r"search-more searched card card-b.*one card"):
-        paper.finished_searches(tmp_path)
-    with pytest.raises(SystemExit, match="no finished search"):
-        paper.finished_searches(tmp_path / "search-stopped")
+    with pytest.raises(SystemExit, match=r"search-more searched a card with card_id='card-b'.*one card"):
+        paper.search_records("sentiment", work, archive)
+    with pytest.raises(SystemExit, match="no finished search of headline"):
+        paper.search_records("headline", work, archive)
 
 
 def test_a_finished_search_of_another_scope_is_not_silently_reused(paper, tmp_path):
@@ -261,22 +265,119 @@ def test_ratios_of_a_trial_and_a_reference_that_did_not_share_alike_are_marked(p
     assert "†" in bottom and "†" not in card and "did not share the machine alike" in text
 
 
-def test_the_table_keeps_every_task_under_work_not_only_the_one_just_run(paper, tmp_path):
-    def task_dir(task, card=True, finished=True):
-        d = tmp_path / task
-        (d / "card").mkdir(parents=True)
-        (d / "search-x").mkdir()
-        if card:
-            (d / "card" / "card.json").write_text("{}")
-        if finished:
-            (d / "search-x" / "results.parquet").write_text("")
-        return d
-
-    task_dir("sentiment")
-    task_dir("headline", finished=False)
+def test_the_table_keeps_every_task_with_a_finished_search_not_only_the_one_just_run(paper, tmp_path):
+    work, archive = tmp_path / "work", tmp_path / "searches"
+    for task in ("sentiment", "headline"):
+        (work / task / "search-x").mkdir(parents=True)
+    (work / "sentiment" / "search-x" / "results.parquet").write_text("")
     assert list(paper.TASKS)[:2] == ["sentiment", "headline"]
-    assert paper.table_tasks(tmp_path, ["headline"]) == ["sentiment", "headline"]   # the one run, and the one on disk
-    assert paper.table_tasks(tmp_path, []) == ["sentiment"]          # headline has no finished search
-    (tmp_path / "headline" / "search-x" / "results.parquet").write_text("")
-    (tmp_path / "headline" / "card" / "card.json").unlink()
-    assert paper.table_tasks(tmp_path, []) == ["sentiment"]          # nor a card
+    assert paper.table_tasks(work, archive, ["headline"]) == ["sentiment", "headline"]   # the one run, the one on disk
+    assert paper.table_tasks(work, archive, []) == ["sentiment"]          # headline has no finished search
+    (archive / "headline").mkdir(parents=True)
+    (archive / "headline" / "search-y.json").write_text("{}")
+    assert paper.table_tasks(work, archive, []) == ["sentiment", "headline"]   # ... but an archived one
+
+
+def test_the_table_outlives_the_work_directory_through_its_archived_search_records(paper, tmp_path):
+    """A finished search's record is archived beside the table, so a fresh clone (no --work) rebuilds the same
+    table and a new search on another machine merges with the archived ones."""
+    import shutil
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    task = work / "sentiment"
+    task.mkdir(parents=True)
+    first = _search_dir(task)
+    (first / "search.json").write_text(json.dumps(_recipe()))
+    (first / "trial_events.jsonl").write_text(
+        '{"time": 0.0, "event": "start", "key": "c00-s0"}\n{"time": 120.0, "event": "complete", "key": "c00-s0"}\n')
+    argv = ["--rebuild", "--tasks", "sentiment", "--work", str(work), "--results", str(results)]
+    assert paper.main(argv) == 0
+    table = json.loads((results / "paper_table.json").read_text())
+    record = json.loads((results / "searches" / "sentiment" / "search.json").read_text())
+    assert record["card_id"] == "card-a" and record["recipe"] == {"steps": 60, "lr": 1e-3}
+    assert record["minutes"] == pytest.approx(2.0) and record["scope"]["ks"] == [2]
+    assert [{**r, "search": "search"} for r in record["rows"]] == table
+
+    shutil.rmtree(work)                                  # another machine: nothing under --work
+    (results / "paper_table.json").unlink()
+    assert paper.main(argv) == 0
+    assert json.loads((results / "paper_table.json").read_text()) == table
+    assert "trials took 2 min" in (results / "paper_table.md").read_text()
+
+    # a new search there merges with the archived one (the same card and recipe) ...
+    second = work / "sentiment" / "search-more"
+    second.mkdir(parents=True)
+    pd.DataFrame([
+        {"candidate": "c01", "layers": [3, 4], "labels": ["mid k=2"], "predicted_gain_fraction": 0.5},
+        {"candidate": "c02", "layers": list(range(8)), "labels": ["all"], "predicted_gain_fraction": 1.0},
+    ]).to_parquet(second / "results.parquet", index=False)
+    pd.DataFrame([{"trial": f"{c}-s2", "candidate": c, "seed": 2, "status": "trained", "initial_quality": 0.7,
+                   "quality": q, "quality_name": "label_loss", "metric": 0.8, "metric_name": "label_accuracy",
+                   "step_seconds": st, "peak_memory_bytes": 1e8} for c, q, st in (("c01", 0.5, 2.0), ("c02", 0.3, 5.0))]
+                 ).to_parquet(second / "trials.parquet", index=False)
+    (second / "search.json").write_text(json.dumps(_recipe()))
+    assert paper.main(argv) == 0
+    rows = json.loads((results / "paper_table.json").read_text())
+    assert [r for r in rows if r["search"] == "search"] == table
+    assert {(r["strategy"], r["seed"]) for r in rows if r["search"] == "search-more"} == {("mid", 2), ("all", 2)}
+    assert (results / "searches" / "sentiment" / "search-more.json").is_file()
+    meta = json.loads((results / "paper_table_meta.json").read_text())
+    assert meta["searches"] == {"sentiment": ["search", "search-more"]}
+    assert meta["untimed_searches"] == {"sentiment": ["search-more"]}    # it has no trial events
+    assert "(1 of them untimed)" in (results / "paper_table.md").read_text()
+
+    # ... and one of another card is refused, leaving the archive as it was
+    (second / "search.json").write_text(json.dumps({**_recipe(), "card_id": "card-b"}))
+    before = (results / "searches" / "sentiment" / "search-more.json").read_text()
+    with pytest.raises(SystemExit, match="search-more searched a card with card_id='card-b'"):
+        paper.main(argv)
+    assert (results / "searches" / "sentiment" / "search-more.json").read_text() == before
+
+
+def test_cards_of_one_source_merge_and_another_source_or_another_set_is_refused(paper, tmp_path):
+    """Re-profiling on another CPU gives a card equal up to rounding (another card_id): its searches join the
+    table; a card of other calibration data does not, nor a search whose strategy picked other layers."""
+    import numpy as np
+
+    from tests.test_selection import make_card
+
+    rng = np.random.default_rng(2)
+    U = rng.normal(size=(8, 9))
+    b, K = U @ rng.normal(size=9), U @ U.T
+
+    def card(name, data_hash, eps=0.0, path="/root/.cache/calibration.jsonl", actors=2):
+        c = make_card(b * (1 + eps), K)
+        c.meta.update(data_hash=data_hash, config={"loss": "label", "data": {"path": path, "max_seq_len": 64},
+                                                   "ray": {"num_actors": actors}})
+        c.save(tmp_path / name)
+        return tmp_path / name
+
+    work, archive = tmp_path / "work", tmp_path / "searches"
+    task = work / "sentiment"
+    task.mkdir(parents=True)
+    first = _search_dir(task)
+    (task / "more").mkdir()
+    second = _search_dir(task / "more").rename(task / "search-more")
+
+    def search_json(d, card_dir):
+        ident = json.loads((card_dir / "card.json").read_text())
+        d.joinpath("search.json").write_text(json.dumps({**_recipe(), "card": str(card_dir),
+                                                         "card_id": ident["card_id"]}))
+
+    search_json(first, card("card", "d1"))
+    # the same source profiled elsewhere: rounding apart, its data in another home, on another Ray layout
+    search_json(second, card("card-again", "d1", eps=1e-7, path="/home/me/.cache/calibration.jsonl", actors=4))
+    records = paper.search_records("sentiment", work, archive)
+    assert records[0]["card_id"] != records[1]["card_id"] and records[0]["card"] == records[1]["card"]
+    assert records[0]["card"]["data_hash"] == "d1" and records[0]["card"]["n_layers"] == 8
+
+    search_json(second, card("card-other", "d2"))
+    with pytest.raises(SystemExit, match=r"search-more searched a card with data_hash='d2', search one with 'd1'"):
+        paper.search_records("sentiment", work, archive)
+
+    search_json(second, tmp_path / "card-again")
+    cands = pd.read_parquet(second / "results.parquet")
+    cands.at[0, "layers"] = [4, 6]                                   # the card's k = 2 set, picked differently
+    cands.to_parquet(second / "results.parquet", index=False)
+    with pytest.raises(SystemExit, match=r"card k=2 is layers \[4, 6\] in search-more but \[5, 6\] in search:"):
+        paper.search_records("sentiment", work, archive)
