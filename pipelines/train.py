@@ -219,6 +219,12 @@ def _maybe_fail(config: dict, step: int, rank: int) -> None:
     marker = Path(config["fault_marker"])
     if marker.exists():
         return
+    # The controller registers a reported checkpoint when it next polls the workers: a kill within that
+    # window would lose the last one, and the retry would start elsewhere on a fast machine than on a slow
+    # one. Wait until every report so far is committed, so the retry resumes from the last checkpoint.
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker killed at step {step}\n")
     os._exit(1)  # a hard kill, like a lost node: no exception handling, no cleanup
