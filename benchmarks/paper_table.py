@@ -17,7 +17,10 @@ task (``--search-name`` runs another scope beside them, e.g. more baselines), pr
 card and the training recipe; each search trains its own all-layer reference.
 
 Writes ``benchmarks/results/paper_table.json`` (one row per strategy, k and seed), ``paper_table.md``
-(means ± sd over seeds) and ``frontier_<task>.png``; the searches and cards stay under ``--work``.
+(means ± sd over seeds), ``frontier_<task>.png`` and ``searches/TASK/NAME.json``, one record per finished
+search: the table merges those records with the searches under ``--work``, so it survives the loss of
+``--work`` and grows on another machine (same card source and recipe). Searches and cards stay under
+``--work``.
 Needs ``layercard fetch --prepare sentiment headline`` first (``make fetch``).
 """
 from __future__ import annotations
