@@ -166,9 +166,8 @@ def card_source(doc: dict) -> dict:
     The table needs one source, not one card file: profiling the same source on another CPU gives a card
     equal up to float rounding (another card_id) — :func:`check_sets` then catches any set it would pick
     differently. A search whose card is gone is known by its card_id alone."""
-    import hashlib
-
     from layercard.card import LayerCard
+    from layercard.store import config_hash
 
     path = Path(doc.get("card") or "")
     if not (path / "card.json").is_file():
@@ -179,10 +178,8 @@ def card_source(doc: dict) -> dict:
     def content(node):
         return {k: content(v) for k, v in node.items() if k not in LOCATION_KEYS} if isinstance(node, dict) else node
 
-    config = {k: v for k, v in content(meta.get("config") or {}).items() if k != "ray"}   # layout ≠ content
     return {"weights_hash": meta.get("weights_hash"), "data_hash": meta.get("data_hash"),
-            "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "n_layers": len(card.layers)}
+            "config_hash": config_hash(content(meta.get("config") or {})), "n_layers": len(card.layers)}
 
 
 def search_record(task: str, search_dir: Path) -> dict:
@@ -197,21 +194,23 @@ def search_record(task: str, search_dir: Path) -> dict:
             "machine": machine(), "rows": paper_rows(task, search_dir)}
 
 
-def archive_searches(task: str, work: Path, archive: Path) -> list[Path]:
-    """Write the record of every finished search of ``task`` under ``work`` to ``archive/TASK/NAME.json``
+def archive_searches(task: str, live: list[dict], archive: Path) -> None:
+    """Write the records of the finished searches under ``--work`` (``live``) to ``archive/TASK/NAME.json``
     (whole or not at all: written beside, then renamed)."""
-    out = []
-    for d in finished_searches(work / task):
-        path = archive / task / f"{d.name}.json"
+    for rec in live:
+        path = archive / task / f"{rec['search']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(search_record(task, d), indent=1) + "\n")
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
         tmp.replace(path)
-        out.append(path)
-    return out
 
 
-def search_records(task: str, work: Path, archive: Path) -> list[dict]:
+def first_difference(a: dict, b: dict) -> str | None:
+    """The first key (sorted) whose value differs between ``a`` and ``b``, else None."""
+    return next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
+
+
+def search_records(task: str, work: Path, archive: Path, live: list[dict] | None = None) -> list[dict]:
     """Every finished search of the task the table merges: the archived records and the finished searches
     under ``work`` (a live search replaces its archived record), ``search`` first, then by name.
 
@@ -219,25 +218,24 @@ def search_records(task: str, work: Path, archive: Path) -> list[dict]:
     training is deterministic per seed, so their rows compare directly (each search trains its own all-layer
     reference, so ratios stay side by side within one run). A different card source or recipe, or a
     strategy that picked other layers in another search (:func:`check_sets`), is an error naming the search
-    and the key."""
+    and the key. ``live``: the records of the searches under ``work``, when the caller has them."""
     records = {p.name[:-len(".json")]: json.loads(p.read_text()) for p in sorted((archive / task).glob("*.json"))}
-    for d in finished_searches(work / task):
-        records[d.name] = search_record(task, d)
+    if live is None:
+        live = [search_record(task, d) for d in finished_searches(work / task)]
+    records.update({rec["search"]: rec for rec in live})
     if not records:
         raise SystemExit(f"error: no finished search of {task} under {work / task} or {archive / task}")
     done = [records[n] for n in sorted(records, key=lambda n: (n != "search", n))]
     first = done[0]
     for rec in done[1:]:
         a, b = first["card"], rec["card"]
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        if diff:
-            raise SystemExit(f"error: {rec['search']} searched a card with {diff[0]}={b.get(diff[0])!r}, "
-                             f"{first['search']} one with {a.get(diff[0])!r}: one table needs one card")
-        diff = sorted(k for k in first["recipe"].keys() | rec["recipe"].keys()
-                      if first["recipe"].get(k) != rec["recipe"].get(k))
-        if diff:
-            raise SystemExit(f"error: {rec['search']} trained with train.{diff[0]}={rec['recipe'].get(diff[0])!r}, "
-                             f"{first['search']} with {first['recipe'].get(diff[0])!r}: one table needs one recipe")
+        if (key := first_difference(a, b)) is not None:
+            raise SystemExit(f"error: {rec['search']} searched a card with {key}={b.get(key)!r}, "
+                             f"{first['search']} one with {a.get(key)!r}: one table needs one card")
+        a, b = first["recipe"], rec["recipe"]
+        if (key := first_difference(a, b)) is not None:
+            raise SystemExit(f"error: {rec['search']} trained with train.{key}={b.get(key)!r}, "
+                             f"{first['search']} with {a.get(key)!r}: one table needs one recipe")
     check_sets(done)
     return done
 
@@ -583,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = table_tasks(work, archive, args.tasks)
     rows, minutes, names, untimed = [], {}, {}, {}
     for task in tasks:
-        records = search_records(task, work, archive)
+        live = [search_record(task, d) for d in finished_searches(work / task)]
+        records = search_records(task, work, archive, live)
         card = work / task / "card"
         if (card / "card.json").is_file():
             predict = card_predictor(card)
@@ -594,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes[task] = sum(r["minutes"] or 0.0 for r in records)
         names[task] = [r["search"] for r in records]
         untimed[task] = [r["search"] for r in records if r["minutes"] is None]
-        archive_searches(task, work, archive)
+        archive_searches(task, live, archive)
     meta = {"machine": machine(), "runtime_min": (time.time() - started) / 60, "tasks": tasks,
             "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
