@@ -356,6 +356,58 @@ def grouped(rows: list[dict]) -> list[dict]:
     return out
 
 
+LOW = 2   # a set that adapts a layer at or below this index reaches the first blocks (see prediction_agreement)
+
+
+RIVALS = ("grad_norm", "gain_adj", "res2")   # card columns whose plain sum over a set is a free predictor
+
+
+def card_rivals(card_dir: Path) -> dict:
+    """name → layers → the plain sum of a card column over the set (no coupling, no cost): the free
+    predictors the card's set prediction should beat (see :func:`prediction_agreement`)."""
+    from layercard.card import LayerCard
+
+    cols = LayerCard.load(card_dir, with_stats=False).layers.set_index("layer")
+    return {f"Σ {c}": (lambda layers, v=cols[c]: float(v.loc[list(layers)].sum())) for c in RIVALS if c in cols}
+
+
+def prediction_agreement(groups: list[dict], rivals: dict | None = None) -> dict:
+    """How the card's predicted gain fractions agree with the measured ones (seed means) over one task's
+    sets other than all layers: Spearman ρ over every set and within each k holding ≥ 3 sets, and how many
+    sets trained better than predicted — among all of them and among those adapting a layer ≤ ``LOW``.
+    ``rivals`` (name → layers → score, e.g. :func:`card_rivals`): the same ρ over every set for each."""
+    from layercard.candidates import spearman
+
+    sets = [g for g in groups if g["strategy"] != "all" and g["gain_fraction"] is not None
+            and g["predicted_gain_fraction"] is not None]
+
+    def rho(gs, score=lambda g: g["predicted_gain_fraction"]):
+        return {"spearman": spearman([score(g) for g in gs], [g["gain_fraction"] for g in gs]), "n_sets": len(gs)}
+
+    def above(gs):
+        return {"n_above": sum(g["gain_fraction"] > g["predicted_gain_fraction"] for g in gs), "n_sets": len(gs)}
+
+    by_k = {k: [g for g in sets if g["k"] == k] for k in sorted({g["k"] for g in sets})}
+    return {"all": rho(sets), "by_k": {k: rho(gs) for k, gs in by_k.items() if len(gs) >= 3},
+            "above_prediction": above(sets),
+            "above_prediction_low": above([g for g in sets if min(g["layers"]) <= LOW]),
+            "rivals": {name: rho(sets, lambda g, f=f: f(g["layers"])) for name, f in (rivals or {}).items()}}
+
+
+def agreement_line(a: dict) -> str:
+    def r(x):
+        return "–" if x["spearman"] is None else f"{x['spearman']:+.2f}"
+
+    by_k = ", ".join(f"k = {k}: {r(x)} ({x['n_sets']})" for k, x in a["by_k"].items())
+    up, low = a["above_prediction"], a["above_prediction_low"]
+    return (f"Predicted vs measured gain fraction (seed means, sets other than all layers): Spearman ρ {r(a['all'])} "
+            f"over {a['all']['n_sets']} sets" + (f"; within one k: {by_k}" if by_k else "") + ". "
+            f"{up['n_above']} of {up['n_sets']} sets trained better than predicted; of the {low['n_sets']} that adapt "
+            f"a layer ≤ {LOW}, {low['n_above']}."
+            + (" Free predictors (a card column summed over the set, no coupling), ρ over the same sets: "
+               + ", ".join(f"{name} {r(x)}" for name, x in a["rivals"].items()) + "." if a.get("rivals") else ""))
+
+
 def _fmt(mean, sd, spec=".3f") -> str:
     if mean is None:
         return "–"
@@ -390,7 +442,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                           f"alike (their fractions of time beside another trial differ by more than {UNEVEN}): one "
                           "ran mostly alone, so this step-time ratio is biased (low if the trial ran alone, high if "
                           "the reference did). Elsewhere the ratio averages only the seeds that shared alike."]
-        lines.append("")
+        agreement = meta.get("prediction_agreement", {}).get(task) or prediction_agreement(g)
+        lines += ["", agreement_line(agreement), ""]
     return "\n".join(lines)
 
 
@@ -579,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     archive = results / ARCHIVE
     tasks = table_tasks(work, archive, args.tasks)
-    rows, minutes, names, untimed = [], {}, {}, {}
+    rows, minutes, names, untimed, agreement = [], {}, {}, {}, {}
     for task in tasks:
         live = [search_record(task, d) for d in finished_searches(work / task)]
         records = search_records(task, work, archive, live)
@@ -589,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             predict = None
             print(f"note: no card under {card}: predicted gain fractions as each search recorded them", flush=True)
-        rows += merged_rows(records, predict)
+        task_rows = merged_rows(records, predict)
+        rows += task_rows
+        agreement[task] = prediction_agreement(grouped(task_rows), card_rivals(card) if predict else None)
         minutes[task] = sum(r["minutes"] or 0.0 for r in records)
         names[task] = [r["search"] for r in records]
         untimed[task] = [r["search"] for r in records if r["minutes"] is None]
@@ -597,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": machine(), "runtime_min": (time.time() - started) / 60, "tasks": tasks,
             "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
-            "search_minutes": minutes, "searches": names, "untimed_searches": untimed}
+            "search_minutes": minutes, "searches": names, "untimed_searches": untimed,
+            "prediction_agreement": agreement}
     results.mkdir(parents=True, exist_ok=True)
     (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")
     (results / "paper_table_meta.json").write_text(json.dumps(meta, indent=2) + "\n")

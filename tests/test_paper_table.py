@@ -99,6 +99,11 @@ def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
     for S in ([0], [1, 3], [0, 2, 4]):
         assert predict(S) == pytest.approx(set_quality(A, S) / set_quality(A, range(5)), rel=1e-12)
     assert predict(list(range(5))) == pytest.approx(1.0)
+    rivals = paper.card_rivals(tmp_path / "card")
+    assert set(rivals) == {f"Σ {c}" for c in paper.RIVALS}
+    for S in ([0], [1, 3], [0, 2, 4]):
+        for c in paper.RIVALS:
+            assert rivals[f"Σ {c}"](S) == pytest.approx(float(card.layers[c].to_numpy()[S].sum()), rel=1e-12)
 
 
 def test_frontier_plot_decodes(paper, tmp_path):
@@ -381,3 +386,48 @@ def test_cards_of_one_source_merge_and_another_source_or_another_set_is_refused(
     cands.to_parquet(second / "results.parquet", index=False)
     with pytest.raises(SystemExit, match=r"card k=2 is layers \[4, 6\] in search-more but \[5, 6\] in search:"):
         paper.search_records("sentiment", work, archive)
+
+
+def test_prediction_agreement_matches_a_brute_force_rank_correlation(paper):
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    groups = []
+    for k in (3, 5, 8):
+        for i in range(6):
+            layers = sorted(int(x) for x in rng.choice(30, size=k, replace=False))   # distinct sets: no ties
+            groups.append({"strategy": f"s{i}", "k": k, "layers": layers,
+                           "predicted_gain_fraction": float(rng.uniform()), "gain_fraction": float(rng.uniform(0, 1.3))})
+    groups.append({"strategy": "min-cost@0.9", "k": 12, "layers": list(range(12, 24)),
+                   "predicted_gain_fraction": 0.9, "gain_fraction": 1.1})
+    groups.append({"strategy": "all", "k": 30, "layers": list(range(30)), "predicted_gain_fraction": 1.0,
+                   "gain_fraction": 1.0})
+    groups.append({"strategy": "s9", "k": 3, "layers": [0, 1, 2], "predicted_gain_fraction": None,
+                   "gain_fraction": 0.5})   # no prediction: left out
+
+    def brute(gs):   # no ties among continuous draws: ρ = 1 − 6 Σ d² / (n (n² − 1))
+        p = np.argsort(np.argsort([g["predicted_gain_fraction"] for g in gs])).astype(np.float64)
+        m = np.argsort(np.argsort([g["gain_fraction"] for g in gs])).astype(np.float64)
+        n = len(gs)
+        return 1.0 - 6.0 * ((p - m) ** 2).sum() / (n * (n * n - 1))
+
+    sets = [g for g in groups if g["strategy"] not in ("all", "s9")]
+    got = paper.prediction_agreement(groups)
+    assert got["all"]["n_sets"] == 19 and got["all"]["spearman"] == pytest.approx(brute(sets), abs=1e-12)
+    assert set(got["by_k"]) == {3, 5, 8}   # the lone k = 12 set has no within-k correlation
+    for k in (3, 5, 8):
+        assert got["by_k"][k]["spearman"] == pytest.approx(brute([g for g in sets if g["k"] == k]), abs=1e-12)
+    low = [g for g in sets if min(g["layers"]) <= 2]
+    assert got["above_prediction"] == {"n_above": sum(g["gain_fraction"] > g["predicted_gain_fraction"] for g in sets),
+                                       "n_sets": 19}
+    assert got["above_prediction_low"]["n_sets"] == len(low) > 0
+    assert got["above_prediction_low"]["n_above"] == sum(g["gain_fraction"] > g["predicted_gain_fraction"] for g in low)
+    line = paper.agreement_line(got)
+    assert f"{got['all']['spearman']:+.2f} over 19 sets" in line and "k = 5:" in line and "k = 12" not in line
+    assert got["rivals"] == {} and "Free predictors" not in line
+    w = rng.uniform(size=30)   # a column summed over the set: continuous, so no ties
+    with_rival = paper.prediction_agreement(groups, {"Σ w": lambda layers: float(w[list(layers)].sum())})
+    want = brute([{**g, "predicted_gain_fraction": float(w[g["layers"]].sum())} for g in sets])
+    assert with_rival["rivals"]["Σ w"]["n_sets"] == 19
+    assert with_rival["rivals"]["Σ w"]["spearman"] == pytest.approx(want, abs=1e-12)
+    assert with_rival["all"] == got["all"] and "Free predictors" in paper.agreement_line(with_rival)
