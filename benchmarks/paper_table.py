@@ -75,13 +75,12 @@ def strategy_of(label: str, n_layers: int) -> tuple[str, int] | None:
     return name, int(m["k"])
 
 
-def card_predictor(card_dir: Path):
-    """layers → the card's predicted gain fraction Q(S)/Q(all layers) under the *current* selection
+def card_predictor(card):
+    """layers → a loaded card's predicted gain fraction Q(S)/Q(all layers) under the *current* selection
     formula (so a table rebuilt after a formula change shows what the code now predicts)."""
     from layercard import selection as sel
-    from layercard.card import LayerCard
 
-    arrays = sel.arrays_from_card(LayerCard.load(card_dir, with_stats=False))
+    arrays = sel.arrays_from_card(card)
     full = sel.set_quality(arrays, arrays.layers)
     return lambda layers: sel.set_quality(arrays, layers) / full if full > 0 else None
 
@@ -362,12 +361,10 @@ LOW = 2   # a set that adapts a layer at or below this index reaches the first b
 RIVALS = ("grad_norm", "gain_adj", "res2")   # card columns whose plain sum over a set is a free predictor
 
 
-def card_rivals(card_dir: Path) -> dict:
-    """name → layers → the plain sum of a card column over the set (no coupling, no cost): the free
-    predictors the card's set prediction should beat (see :func:`prediction_agreement`)."""
-    from layercard.card import LayerCard
-
-    cols = LayerCard.load(card_dir, with_stats=False).layers.set_index("layer")
+def card_rivals(card) -> dict:
+    """name → layers → the plain sum of a loaded card's column over the set (no coupling, no cost): the
+    free predictors the card's set prediction should beat (see :func:`prediction_agreement`)."""
+    cols = card.layers.set_index("layer")
     return {f"Σ {c}": (lambda layers, v=cols[c]: float(v.loc[list(layers)].sum())) for c in RIVALS if c in cols}
 
 
@@ -629,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rebuild:
         for task in args.tasks:
             run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
+    from layercard.card import LayerCard
+
     results = Path(args.results)
     archive = results / ARCHIVE
     tasks = table_tasks(work, archive, args.tasks)
@@ -636,15 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         live = [search_record(task, d) for d in finished_searches(work / task)]
         records = search_records(task, work, archive, live)
-        card = work / task / "card"
-        if (card / "card.json").is_file():
-            predict = card_predictor(card)
-        else:
-            predict = None
-            print(f"note: no card under {card}: predicted gain fractions as each search recorded them", flush=True)
-        task_rows = merged_rows(records, predict)
+        card_dir = work / task / "card"
+        card = LayerCard.load(card_dir, with_stats=False) if (card_dir / "card.json").is_file() else None
+        if card is None:
+            print(f"note: no card under {card_dir}: predicted gain fractions as each search recorded them", flush=True)
+        task_rows = merged_rows(records, card_predictor(card) if card else None)
         rows += task_rows
-        agreement[task] = prediction_agreement(grouped(task_rows), card_rivals(card) if predict else None)
+        agreement[task] = prediction_agreement(grouped(task_rows), card_rivals(card) if card else None)
         minutes[task] = sum(r["minutes"] or 0.0 for r in records)
         names[task] = [r["search"] for r in records]
         untimed[task] = [r["search"] for r in records if r["minutes"] is None]

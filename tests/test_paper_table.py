@@ -2,22 +2,19 @@
 fractions and ratios against the same seed's all-layer run, the table and the frontier plot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def paper():
-    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "benchmarks" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper_table")
 
 
 @pytest.mark.parametrize("label, want", [
@@ -94,12 +91,15 @@ def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
     U = rng.normal(size=(5, 9))
     card = make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 5), kappa=rng.uniform(10, 1e3, 5))
     card.save(tmp_path / "card")
-    predict = paper.card_predictor(tmp_path / "card")
+    from layercard.card import LayerCard
+
+    loaded = LayerCard.load(tmp_path / "card", with_stats=False)
+    predict = paper.card_predictor(loaded)
     A = arrays_from_card(card)
     for S in ([0], [1, 3], [0, 2, 4]):
         assert predict(S) == pytest.approx(set_quality(A, S) / set_quality(A, range(5)), rel=1e-12)
     assert predict(list(range(5))) == pytest.approx(1.0)
-    rivals = paper.card_rivals(tmp_path / "card")
+    rivals = paper.card_rivals(loaded)
     assert set(rivals) == {f"Σ {c}" for c in paper.RIVALS}
     for S in ([0], [1, 3], [0, 2, 4]):
         for c in paper.RIVALS:
