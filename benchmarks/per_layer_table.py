@@ -66,7 +66,8 @@ def markdown(name: str, ids, measured, predictors, rho, k: int, meta: dict) -> s
     best = [int(ids[i]) for i in order[:k]]
     lines = [f"# Per-layer diagnostic: {name}", "",
              f"Every layer trained alone ({meta['steps']} steps × batch {meta['batch_size']}, lr {meta['lr']:g}, "
-             f"seeds {meta['seeds']}); measured gain = base − eval {meta['quality']}. Card {meta['card_id']}.", "",
+             f"seeds {meta['seeds']}); measured gain = the base model's {meta['quality']} − the trained one's "
+             f"(on the eval split). Card {meta['card_id']}.", "",
              f"Layers that trained best alone (top {k}): {best}.", "",
              f"| predictor | Spearman ρ with measured gain | of the top {k} layers, also in its top {k} |",
              "|---|---|---|"]
