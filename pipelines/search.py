@@ -137,7 +137,7 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import FAULT_MARKER, read_base_eval, train_func, write_base_eval
+    from pipelines.train import FAULT_MARKER, read_base_eval, train_func
 
     key = config["trial"]
     trial = trials[key]
@@ -163,9 +163,9 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"])},
     )
-    result = trainer.fit()   # raises when training fails: Tune marks the trial ERROR
-    if result.metrics:
-        write_base_eval(run["base_eval_cache"], run["base_eval_key"], result.metrics)
+    trainer.fit()   # raises when training fails: Tune marks the trial ERROR
+    # the base-model eval is cached by the driver (TrialLog): Tune may end this function as soon as
+    # the final result arrives, so code after fit() is not sure to run
 
 
 # --------------------------------------------------------------------------- the driver's trial log
@@ -219,8 +219,9 @@ class TrialLog(Callback):
     stopped trials (:func:`reap_orphaned_placement_groups`) and, when ``STOP_FILE`` holds N,
     interrupts the driver the way Ctrl+C does once N trials have completed (a test-only switch)."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, base_eval: tuple[str, str] | None = None):
         self.out = out
+        self.base_eval = base_eval   # (cache path, key): the first trial's base-model eval, for the rest
         self._reaped = 0.0
 
     def on_step_end(self, iteration, trials, **info):
@@ -240,6 +241,10 @@ class TrialLog(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         self._append(trial, "complete", step=result.get("step"))
+        if self.base_eval:
+            from pipelines.train import write_base_eval
+
+            write_base_eval(*self.base_eval, result)
         print(f"layercard search: trial {trial.config.get('trial')} done at step {result.get('step')}, "
               f"{result.get('quality_name', 'eval_loss')} {result.get('quality')}", flush=True)
         self._maybe_interrupt()
@@ -283,18 +288,28 @@ def _check_trial_fits(cfg: SearchConfig) -> None:
         raise LayercardError(f"one trial needs {t.num_workers} GPUs but the Ray cluster has {total.get('GPU', 0.0):g}")
 
 
+def _base_eval(s: Setup) -> tuple[str, str]:
+    """(absolute cache path, key) of the base-model eval the trials share. Absolute: a trial runs in a
+    working directory of its own, where a relative path would name a private file."""
+    from pipelines.train import base_eval_key
+
+    t = s.cfg.train_config
+    path = Path(t.base_eval_cache or Path(s.out) / "base_eval.json").expanduser().resolve()
+    return str(path), base_eval_key(t, s.plan)
+
+
 def _trainable(s: Setup):
     from ray import tune
 
-    from pipelines.train import base_eval_key, worker_config
+    from pipelines.train import worker_config
 
     t = s.cfg.train_config
     train_storage = f"{s.experiment}/train_runs"
     base = worker_config(t, s.plan, Path(tempfile.gettempdir()))   # fault_marker is replaced per trial
+    cache, key = _base_eval(s)
     run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
            "max_failures": t.max_failures, "train_storage": train_storage,
-           "base_eval_cache": t.base_eval_cache or str(Path(s.out) / "base_eval.json"),
-           "base_eval_key": base_eval_key(t, s.plan)}
+           "base_eval_cache": cache, "base_eval_key": key}
     fn = tune.with_parameters(trial_function, trials=s.trials, base=base,
                               data={"train": s.plan.train, "eval": s.plan.eval}, run=run)
     return tune.with_resources(fn, {"CPU": s.cfg.trial_cpus})
@@ -319,7 +334,7 @@ def _tuner(s: Setup, restore: bool):
         param_space={"trial": tune.grid_search(list(s.trials))},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out))],
+        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out), _base_eval(s))],
                                   verbose=0),
     )
 

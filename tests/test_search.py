@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -238,8 +239,10 @@ def full_search(ray_local, card_dir, tmp_path_factory):
     from pipelines.search import SearchInterrupted, read_events, resume, run
 
     out = tmp_path_factory.mktemp("search") / "s"
+    # relative to the driver's directory, as a user types it (trials run in directories of their own)
+    cache = os.path.relpath(out.parent / "shared" / "base_eval.json")
     with pytest.raises(SearchInterrupted, match="--resume"):
-        run(search_cfg(card_dir, "stop_after_trials=1"), out)
+        run(search_cfg(card_dir, "stop_after_trials=1", f"train.base_eval_cache={cache}"), out)
     before, had_results = read_events(out), (out / "results.parquet").exists()
     return out, resume(out), before, had_results
 
@@ -303,6 +306,17 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
 
 # --------------------------------------------------------------------------- (b) interrupt, resume
 @pytest.mark.slow
+def test_relative_base_eval_cache_is_shared_by_every_trial(full_search):
+    """A relative ``train.base_eval_cache`` names one file beside the driver (trials run in their own
+    working directories): the first finished trial writes it, and it holds what every trial measured."""
+    out = full_search[0]
+    cache = json.loads((out.parent / "shared" / "base_eval.json").read_text())
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials["initial_eval_loss"].notna().all()
+    assert np.allclose(trials["initial_eval_loss"], cache["initial"]["initial_eval_loss"], rtol=1e-9)
+    assert not list((out / "tune").rglob("base_eval.json"))   # no private copies in trial directories
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(full_search):
     from pipelines.search import read_events
 
