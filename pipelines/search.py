@@ -163,9 +163,9 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"])},
     )
-    trainer.fit()   # raises when training fails: Tune marks the trial ERROR
-    # the base-model eval is cached by the driver (TrialLog): Tune may end this function as soon as
-    # the final result arrives, so code after fit() is not sure to run
+    # raises when training fails: Tune marks the trial ERROR. Nothing may follow: Tune can end this
+    # function once the final result arrives (the driver's TrialLog caches the base-model eval)
+    trainer.fit()
 
 
 # --------------------------------------------------------------------------- the driver's trial log
@@ -298,7 +298,7 @@ def _base_eval(s: Setup) -> tuple[str, str]:
     return str(path), base_eval_key(t, s.plan)
 
 
-def _trainable(s: Setup):
+def _trainable(s: Setup, base_eval: tuple[str, str]):
     from ray import tune
 
     from pipelines.train import worker_config
@@ -306,7 +306,7 @@ def _trainable(s: Setup):
     t = s.cfg.train_config
     train_storage = f"{s.experiment}/train_runs"
     base = worker_config(t, s.plan, Path(tempfile.gettempdir()))   # fault_marker is replaced per trial
-    cache, key = _base_eval(s)
+    cache, key = base_eval
     run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
            "max_failures": t.max_failures, "train_storage": train_storage,
            "base_eval_cache": cache, "base_eval_key": key}
@@ -319,7 +319,8 @@ def _tuner(s: Setup, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = _trainable(s)
+    base_eval = _base_eval(s)
+    trainable = _trainable(s, base_eval)
     if restore:
         # Completed trials are kept; those the interruption left unfinished start again.
         return tune.Tuner.restore(s.experiment, trainable=trainable, resume_unfinished=True,
@@ -334,7 +335,7 @@ def _tuner(s: Setup, restore: bool):
         param_space={"trial": tune.grid_search(list(s.trials))},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out), _base_eval(s))],
+        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out), base_eval)],
                                   verbose=0),
     )
 
