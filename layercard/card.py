@@ -10,15 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from layercard.atomic import atomic_dir
 from layercard.errors import LayercardError
 from layercard.stats import SufficientStats
 
@@ -53,6 +51,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def card_id_of(files: dict[str, str]) -> str:
+    """A card's id: 16 hex of sha256 over its files' hashes. Recomputed on every load, so an edited
+    file whose new hash was written into card.json still cannot pass under the old id."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _add_rank_r_gain(tables: dict, meta: dict, path: Path) -> None:
     """Schema-1 cards predate ``gain_adj_rank_r``; it is a function of columns their module table
     carries (res2_rank_r, res2, gg, n_tokens, d_out, d_eff) and meta ``rank``. Layer value = the sum
@@ -71,6 +75,71 @@ def _add_rank_r_gain(tables: dict, meta: dict, path: Path) -> None:
     layers["gain_adj_rank_r"] = layers["layer"].map(per_layer).to_numpy(np.float64)
 
 
+def read_meta(path: Path) -> dict:
+    """card.json of the card directory ``path``, checked: an object of a schema this code reads, every
+    listed file present and matching its sha256, and the card id the hash of those hashes."""
+    meta_path = path / "card.json"
+    if not meta_path.is_file():
+        raise LayercardError(f"'{path}' is not a Layer Card: card.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" ({err.msg} at line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise LayercardError(f"card '{path}': card.json is not valid JSON{where}") from None
+    if not isinstance(meta, dict):
+        raise LayercardError(f"card '{path}': card.json holds a {type(meta).__name__}, not an object")
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise LayercardError(f"card '{path}' has schema version {version!r}; this layercard reads up to {SCHEMA_VERSION}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise LayercardError(f"card '{path}': card.json 'files' must map file names to sha256 strings")
+    for name, digest in files.items():
+        f = path / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            raise LayercardError(f"card '{path}': file '{name}' is missing")
+        if sha256_file(f) != digest:
+            raise LayercardError(f"card '{path}': '{name}' does not match its checksum in card.json (truncated or edited)")
+    for name in TABLES:
+        if name not in files:
+            raise LayercardError(f"card '{path}': card.json does not list '{name}'")
+    if meta.get("card_id") != card_id_of(files):
+        raise LayercardError(f"card '{path}': card id {meta.get('card_id')!r} is not the hash of its files "
+                             f"({card_id_of(files)}): card.json was edited")
+    warn_library_versions(meta, path)
+    return meta
+
+
+def _read_table(path: Path, name: str) -> pd.DataFrame:
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path / name)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise LayercardError(f"card '{path}': '{name}' is not a readable Parquet file "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def _major(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+def warn_library_versions(meta: dict, path: Path) -> list[str]:
+    """A warning per library whose major version differs from the one that wrote the card: its numbers
+    may not be reproducible here (not an error — the tables themselves are still valid)."""
+    import warnings
+
+    recorded = meta.get("library_versions")
+    if not isinstance(recorded, dict):
+        return []
+    here = library_versions()
+    notes = [f"{pkg} {recorded[pkg]} (here {here[pkg]})" for pkg in sorted(recorded)
+             if pkg in here and isinstance(recorded[pkg], str) and _major(recorded[pkg]) != _major(here[pkg])]
+    if notes:
+        warnings.warn(f"card '{path}' was written with another major version of {', '.join(notes)}", stacklevel=3)
+    return notes
+
+
 @dataclass
 class LayerCard:
     layers: pd.DataFrame
@@ -79,6 +148,7 @@ class LayerCard:
     coupling_k: np.ndarray | None = None       # K, L × L, or None without coupling
     meta: dict = field(default_factory=dict)
     stats: SufficientStats | None = None       # kept when the card was profiled here or saved with stats
+    coupling_adam: np.ndarray | None = None    # Gram of Adam's sign-step directions, L × L (optional, `k_adam`)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -109,76 +179,46 @@ class LayerCard:
         ii, jj = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
         return pd.DataFrame({"layer_i": ids[ii.ravel()], "layer_j": ids[jj.ravel()],
                              "rho": np.asarray(self.coupling, dtype=np.float64).ravel(),
-                             "k": np.asarray(k, dtype=np.float64).ravel()})
+                             "k": np.asarray(k, dtype=np.float64).ravel(),
+                             **({"k_adam": np.asarray(self.coupling_adam, dtype=np.float64).ravel()}
+                                if self.coupling_adam is not None else {})})
 
     def save(self, path: str | Path, *, overwrite: bool = False, with_stats: bool = True) -> Path:
         """Write the card atomically: a sibling temporary directory renamed into place."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise LayercardError(f"card directory '{path}' already exists (pass overwrite=True or choose another --out)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            self.layers.to_parquet(tmp / "layers.parquet", index=False)
-            self.modules.to_parquet(tmp / "modules.parquet", index=False)
-            self.coupling_frame().to_parquet(tmp / "coupling.parquet", index=False)
-            files = list(TABLES)
-            if with_stats and self.stats is not None:
-                tensors, header = self.stats.to_tensors()
-                from safetensors.torch import save_file
-
-                save_file(tensors, str(tmp / STATS_FILE), metadata=header)
-                files.append(STATS_FILE)
-            meta = dict(self.meta)
-            meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-            meta["schema_version"] = SCHEMA_VERSION
-            meta["files"] = {name: sha256_file(tmp / name) for name in files}
-            meta["card_id"] = hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()[:16]
-            (tmp / "card.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                path.rename(old)
-                try:
-                    tmp.rename(path)
-                except BaseException:
-                    old.rename(path)  # put the previous card back
-                    raise
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_dir(path, replace=overwrite) as tmp:
+            meta = self._write_files(tmp, with_stats)
         self.meta = meta
         return path
+
+    def _write_files(self, tmp: Path, with_stats: bool) -> dict:
+        self.layers.to_parquet(tmp / "layers.parquet", index=False)
+        self.modules.to_parquet(tmp / "modules.parquet", index=False)
+        self.coupling_frame().to_parquet(tmp / "coupling.parquet", index=False)
+        files = list(TABLES)
+        if with_stats and self.stats is not None:
+            tensors, header = self.stats.to_tensors()
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / STATS_FILE), metadata=header)
+            files.append(STATS_FILE)
+        meta = dict(self.meta)
+        meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        meta["schema_version"] = SCHEMA_VERSION
+        meta["files"] = {name: sha256_file(tmp / name) for name in files}
+        meta["card_id"] = card_id_of(meta["files"])
+        (tmp / "card.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        return meta
 
     # ------------------------------------------------------------------ read
     @classmethod
     def load(cls, path: str | Path, *, with_stats: bool = True) -> "LayerCard":
         path = Path(path)
-        meta_path = path / "card.json"
-        if not meta_path.is_file():
-            raise LayercardError(f"'{path}' is not a Layer Card: card.json is missing")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise LayercardError(f"card '{path}': card.json is not valid JSON ({err.msg} at line {err.lineno})") from None
-        version = meta.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise LayercardError(f"card '{path}' has schema version {version!r}; this layercard reads up to {SCHEMA_VERSION}")
-        for name, digest in meta.get("files", {}).items():
-            f = path / name
-            if not f.is_file():
-                raise LayercardError(f"card '{path}': file '{name}' is missing")
-            if sha256_file(f) != digest:
-                raise LayercardError(f"card '{path}': '{name}' does not match its checksum in card.json (truncated or edited)")
-        tables = {}
-        for name, columns in TABLES.items():
-            if name not in meta.get("files", {}):
-                raise LayercardError(f"card '{path}': card.json does not list '{name}'")
-            df = pd.read_parquet(path / name)
-            tables[name] = df
-        if version < 2:
+        meta = read_meta(path)
+        tables = {name: _read_table(path, name) for name in TABLES}
+        if meta["schema_version"] < 2:
             _add_rank_r_gain(tables, meta, path)
         for name, columns in TABLES.items():
             df = tables[name]
@@ -192,10 +232,15 @@ class LayerCard:
             raise LayercardError(f"card '{path}': coupling.parquet has {len(cp)} rows, expected {L}×{L}")
         rho = cp["rho"].to_numpy(np.float64).reshape(L, L)
         k = cp["k"].to_numpy(np.float64).reshape(L, L)
+        k_adam = cp["k_adam"].to_numpy(np.float64).reshape(L, L) if "k_adam" in cp.columns else None
         stats = None
         if with_stats and STATS_FILE in meta["files"]:
             from safetensors import safe_open
 
-            with safe_open(str(path / STATS_FILE), framework="pt") as f:
-                stats = SufficientStats.from_tensors({n: f.get_tensor(n) for n in f.keys()}, f.metadata())
-        return cls(layers, tables["modules.parquet"], rho, None if np.isnan(k).all() else k, meta, stats)
+            try:
+                with safe_open(str(path / STATS_FILE), framework="pt") as f:
+                    stats = SufficientStats.from_tensors({n: f.get_tensor(n) for n in f.keys()}, f.metadata())
+            except (OSError, ValueError, RuntimeError) as err:   # safetensors' header errors
+                raise LayercardError(f"card '{path}': '{STATS_FILE}' is not a readable safetensors file "
+                                     f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        return cls(layers, tables["modules.parquet"], rho, None if np.isnan(k).all() else k, meta, stats, k_adam)

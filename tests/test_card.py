@@ -156,21 +156,27 @@ def test_failed_overwrite_keeps_the_old_card(profiled, saved, tmp_path, monkeypa
 
 
 def test_overwrite_killed_between_renames_keeps_the_old_card(profiled, saved, tmp_path, monkeypatch):
-    """The old card is moved aside, then the new one renamed in: a failure there restores the old card."""
+    """Without an atomic exchange (renameat2 missing) the old card is moved aside, then the new one
+    renamed in: a failure there puts the old card back. (SIGKILLs: tests/test_atomic.py.)"""
+    import os
+
+    import layercard.atomic
+
     target = tmp_path / "card"
     shutil.copytree(saved, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    real = Path.rename
+    real = os.rename
 
-    def rename(self, dest):
-        if self.name.startswith(".card.tmp-"):
+    def rename(src, dst):
+        if Path(src).name.startswith(".card.tmp-"):
             raise KeyboardInterrupt
-        return real(self, dest)
+        return real(src, dst)
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(layercard.atomic, "_LIBC", None)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
         profiled_copy(profiled).save(target, overwrite=True)
-    monkeypatch.setattr(Path, "rename", real)
+    monkeypatch.setattr(os, "rename", real)
     assert _listing(tmp_path) == ["card"]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
@@ -272,7 +278,7 @@ def test_edited_checksum_list_cannot_hide_a_table(saved, tmp_path):
 
 def _as_schema_1(saved: Path, card: Path, drop_module_columns=()) -> None:
     """Rewrite a saved card as schema 1 wrote it: no gain_adj_rank_r column (checksums updated)."""
-    from layercard.card import sha256_file
+    from layercard.card import card_id_of, sha256_file
 
     shutil.copytree(saved, card)
     meta = json.loads((card / "card.json").read_text())
@@ -281,6 +287,7 @@ def _as_schema_1(saved: Path, card: Path, drop_module_columns=()) -> None:
         df.to_parquet(card / name, index=False)
         meta["files"][name] = sha256_file(card / name)
     meta["schema_version"] = 1
+    meta["card_id"] = card_id_of(meta["files"])     # a genuine schema-1 card's id is the hash of its files
     (card / "card.json").write_text(json.dumps(meta))
 
 
@@ -300,3 +307,72 @@ def test_schema_1_card_without_module_gg_is_refused(saved, tmp_path):
     with pytest.raises(LayercardError, match=r"schema version 1 .*gg.*re-profile") as err:
         LayerCard.load(card)
     assert "\n" not in str(err.value)
+
+
+def _rewrite(card: Path, edit) -> None:
+    meta = json.loads((card / "card.json").read_text())
+    edit(meta)
+    (card / "card.json").write_text(json.dumps(meta))
+
+
+def test_edited_table_with_updated_checksum_is_refused_under_the_old_id(saved, tmp_path):
+    """Forging a card: change a table and write its new sha256 into card.json, keeping the id."""
+    from layercard.card import sha256_file
+
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    df = pd.read_parquet(card / "layers.parquet")
+    df["res2"] = df["res2"][::-1].to_numpy()
+    df.to_parquet(card / "layers.parquet", index=False)
+    _rewrite(card, lambda m: m["files"].__setitem__("layers.parquet", sha256_file(card / "layers.parquet")))
+    with pytest.raises(LayercardError, match="card id .* is not the hash of its files") as err:
+        LayerCard.load(card)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("body, words", [("[1, 2]", "list, not an object"), ('"card"', "str, not an object")])
+def test_card_json_that_is_not_an_object(saved, tmp_path, body, words):
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    (card / "card.json").write_text(body)
+    with pytest.raises(LayercardError, match=words):
+        LayerCard.load(card)
+
+
+@pytest.mark.parametrize("files", [["layers.parquet"], {"layers.parquet": 3}, "x"])
+def test_files_entry_of_the_wrong_type(saved, tmp_path, files):
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    _rewrite(card, lambda m: m.__setitem__("files", files))
+    with pytest.raises(LayercardError, match="'files' must map file names to sha256"):
+        LayerCard.load(card)
+
+
+def test_table_that_is_not_parquet_with_a_matching_hash(saved, tmp_path):
+    from layercard.card import card_id_of, sha256_file
+
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    (card / "modules.parquet").write_text("not parquet at all")
+
+    def edit(m):
+        m["files"]["modules.parquet"] = sha256_file(card / "modules.parquet")
+        m["card_id"] = card_id_of(m["files"])
+    _rewrite(card, edit)
+    with pytest.raises(LayercardError, match="'modules.parquet' is not a readable Parquet file") as err:
+        LayerCard.load(card)
+    assert "\n" not in str(err.value)
+
+
+def test_other_major_library_version_warns_and_loads(saved, tmp_path):
+    from layercard.card import card_id_of, library_versions
+
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    here = library_versions()
+    older = {"pyarrow": "1.0.0", "torch": here["torch"]}
+    _rewrite(card, lambda m: m.__setitem__("library_versions", older))
+    assert json.loads((card / "card.json").read_text())["card_id"] == card_id_of(LayerCard.load(saved).meta["files"])
+    with pytest.warns(UserWarning, match=r"another major version of pyarrow 1\.0\.0") as rec:
+        LayerCard.load(card)
+    assert not any("torch" in str(w.message) for w in rec)
