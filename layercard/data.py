@@ -3,9 +3,14 @@
 Records are dicts with either a ``text`` column (every token supervised) or a ``prompt`` and an
 ``answer`` column (only answer tokens supervised, e.g. "Review: …\\nSentiment:" → " positive").
 The same :func:`tokenize_record` serves the single-process path and the Ray Data pipelines.
+
+A sequence starts the way the model's tokenizer starts one (its BOS, where it adds one), holds no
+other special token (texts are encoded without them), and with ``answer_eos`` ends its answer with
+the EOS. :func:`sequence_format` says which of these a card or a run was built with.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -37,6 +42,12 @@ class DataConfig:
     shuffle: bool = False
     batch_size: int = 8
     seed: int = 0
+    answer_eos: bool | None = None
+    """End every answer with the tokenizer's EOS, so a trained adapter learns to stop. None: decided by
+    the loss (on for the LM loss, off for the label loss, whose answers are class words)."""
+    chat_template: bool = False
+    """Render prompt/answer records with the tokenizer's chat template (user turn = prompt, assistant
+    turn = answer; only the assistant turn is supervised): for instruct models."""
 
     def __post_init__(self):
         self.path = resolve_path(self.path)
@@ -46,6 +57,8 @@ class DataConfig:
             raise LayercardError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.batch_size < 1:
             raise LayercardError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.chat_template and not self.prompt_column:
+            raise LayercardError("data.chat_template needs prompt/answer data (data.prompt_column, data.answer_column)")
 
     @property
     def columns(self) -> list[str]:
@@ -116,15 +129,78 @@ def check_columns(available, cfg: DataConfig, where) -> None:
         raise LayercardError(f"data '{where}' has no column {missing[0]!r} (columns: {', '.join(map(str, available))})")
 
 
+def with_answer_eos(cfg: DataConfig, loss: str) -> DataConfig:
+    """``cfg`` with ``answer_eos`` decided: as given, else on for the LM loss and off for the label loss
+    (whose answers are class words: an EOS after them is nothing the label loss looks at)."""
+    if cfg.answer_eos is not None:
+        return cfg
+    return dataclasses.replace(cfg, answer_eos=loss != "label")
+
+
+def sequence_format(tokenizer, cfg: DataConfig) -> dict:
+    """How :func:`tokenize_record` builds sequences: the BOS it starts them with (None: none), whether
+    answers end with the EOS, the chat template's hash (None: no template). Recorded in cards."""
+    from layercard.tokenizer import template_hash
+
+    start = list(tokenizer.start_ids)
+    chat = bool(cfg.chat_template and cfg.prompt_column)
+    return {"bos_id": int(start[0]) if start else None,
+            "answer_eos": bool(cfg.answer_eos and cfg.prompt_column),
+            "chat_template": template_hash(tokenizer.chat_template) if chat else None}
+
+
+# What cards made before sequence formats were recorded were built with.
+LEGACY_SEQUENCE_FORMAT = {"bos_id": None, "answer_eos": False, "chat_template": None}
+
+# How to build sequences the recorded way, for each field of a format.
+_FIX = {"bos_id": "the tokenizer decides the BOS: profile again with this model's tokenizer",
+        "answer_eos": "set data.answer_eos={want} (or profile again)",
+        "chat_template": "set data.chat_template={want} (or profile again with this tokenizer)"}
+
+
+def check_sequence_format(recorded: dict | None, have: dict, what: str) -> None:
+    """Refuse data built another way than ``what`` (a card, a selection) was: the statistics it holds
+    are of other sequences. ``recorded`` None: made before formats were recorded (the legacy one)."""
+    recorded = {**LEGACY_SEQUENCE_FORMAT, **(recorded or {})}
+    for key, fix in _FIX.items():
+        if recorded[key] != have[key]:
+            want = str(recorded[key] is not None).lower() if key == "chat_template" else str(recorded[key]).lower()
+            raise LayercardError(f"{what} was built from sequences with {key}={recorded[key]}, this data gives "
+                                 f"{key}={have[key]}: " + fix.format(want=want))
+
+
+def _prompt_answer_ids(record: dict, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int]]:
+    """(start tokens, prompt tokens, answer tokens) of a prompt/answer record, before truncation."""
+    prompt, answer = str(record[cfg.prompt_column]), str(record[cfg.answer_column])
+    start = list(tokenizer.start_ids)
+    if not cfg.chat_template:
+        answer_ids = tokenizer.encode(answer)
+        if cfg.answer_eos and tokenizer.eos_id is not None:
+            answer_ids.append(int(tokenizer.eos_id))
+        return start, tokenizer.encode(prompt), answer_ids
+    head, tail = tokenizer.chat_turns(prompt, answer)
+    # The template writes its own BOS (if any): take it as the start only when it is the tokenizer's.
+    prompt_ids, answer_ids = tokenizer.encode(head), tokenizer.encode(tail)
+    start = start if start and prompt_ids[:len(start)] == start else []
+    if cfg.answer_eos and tokenizer.eos_id is not None and tokenizer.eos_id not in answer_ids:
+        answer_ids.append(int(tokenizer.eos_id))   # templates whose turn end is not the EOS
+    return start, prompt_ids[len(start):], answer_ids
+
+
 def tokenize_record(record: dict, tokenizer, cfg: DataConfig) -> dict:
-    """→ {"input_ids": list[int], "labels": list[int]} (labels -100 where not supervised)."""
-    if cfg.prompt_column:
-        prompt = tokenizer.encode(str(record[cfg.prompt_column]))
-        answer = tokenizer.encode(str(record[cfg.answer_column]))[: cfg.max_seq_len - 1]
-        prompt = prompt[-(cfg.max_seq_len - len(answer)):]  # keep the answer, cut the prompt's start
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-    ids = tokenizer.encode(str(record[cfg.text_column]))[: cfg.max_seq_len]
-    return {"input_ids": ids, "labels": list(ids)}
+    """→ {"input_ids": list[int], "labels": list[int]} (labels -100 where not supervised).
+
+    Truncation to ``max_seq_len`` keeps the start tokens and the answer and cuts the prompt's start
+    (text records: the text's end)."""
+    if not cfg.prompt_column:
+        start = list(tokenizer.start_ids)
+        ids = tokenizer.encode(str(record[cfg.text_column]))[: max(cfg.max_seq_len - len(start), 1)]
+        return {"input_ids": start + ids, "labels": [-100] * len(start) + ids}
+    start, prompt, answer = _prompt_answer_ids(record, tokenizer, cfg)
+    room = max(cfg.max_seq_len - len(start), 2)
+    answer = answer[: room - 1]
+    prompt = prompt[len(prompt) - min(len(prompt), room - len(answer)):]
+    return {"input_ids": start + prompt + answer, "labels": [-100] * (len(start) + len(prompt)) + answer}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

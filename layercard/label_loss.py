@@ -67,8 +67,15 @@ def label_targets(labels: torch.Tensor, label_token_ids, first: torch.Tensor | N
     return match.int().argmax(dim=1)
 
 
+def _token_label(tokenizer, token_id: int) -> str:
+    """``'▁neg' (412)``: the token's text where the tokenizer can name it, and its id."""
+    name = getattr(tokenizer, "token_name", None)
+    return f"{name(token_id)!r} ({token_id})" if name else f"token {token_id}"
+
+
 def answer_token_ids(tokenizer, answers) -> list[int]:
-    """First token of each answer string (``tokenizer.encode``); they must differ, or the loss is blind."""
+    """First token of each answer string, encoded without special tokens (``tokenizer.encode``: the
+    answer follows the prompt inside the sequence); they must differ, or the loss is blind."""
     ids = []
     for answer in answers:
         tokens = tokenizer.encode(answer)
@@ -76,7 +83,8 @@ def answer_token_ids(tokenizer, answers) -> list[int]:
             raise LayercardError(f"answer {answer!r} encodes to no token")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
-        raise LayercardError(f"answers {list(answers)} share a first token ({ids}): no label loss can separate them")
+        named = ", ".join(f"{a!r} → {_token_label(tokenizer, i)}" for a, i in zip(answers, ids))
+        raise LayercardError(f"answers share a first token ({named}): no label loss can separate them")
     return ids
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layercard.config import check_loss_keys
-from layercard.data import DataConfig
+from layercard.data import DataConfig, with_answer_eos
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig
 
@@ -48,6 +48,9 @@ class CouplingSettings:
     """JL sketch width for vocabularies above ``sketch_above_vocab``."""
     sketch_above_vocab: int = 32768
     seed: int = 0
+    adam: bool = True
+    """Also probe the direction of Adam's first LoRA step per layer (sign-step Gram ``k_adam``, columns
+    ``adam_b``/``adam_h``): what the default selection model (``--model adam``) needs; doubles the JVPs."""
 
 
 @dataclass
@@ -98,3 +101,6 @@ class ProfileConfig:
     coupling: CouplingSettings = field(default_factory=CouplingSettings)
     cost: CostSettings = field(default_factory=CostSettings)
     ray: RaySettings = field(default_factory=RaySettings)
+
+    def __post_init__(self):
+        self.data = with_answer_eos(self.data, self.profile.loss)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layercard.config import check_loss_keys
-from layercard.data import DataConfig
+from layercard.data import DataConfig, with_answer_eos
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig
 
@@ -105,5 +105,8 @@ class TrainConfig:
         if self.label_answers is not None and (self.eval_data or self.data).prompt_column is None:
             raise LayercardError("config key 'label_answers' needs prompt/answer data (data.prompt_column, data.answer_column)")
         check_loss_keys("", self.loss, self.label_answers)
+        self.data = with_answer_eos(self.data, self.loss)
+        if self.eval_data is not None:
+            self.eval_data = with_answer_eos(self.eval_data, self.loss)
         if self.fail_at_step is not None and not 1 <= self.fail_at_step <= self.steps:
             raise LayercardError(f"config key 'fail_at_step' must be in 1..steps ({self.steps}), got {self.fail_at_step}")

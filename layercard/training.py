@@ -39,13 +39,16 @@ class Selection:
     weights_hash: str | None            # of the model the selection was made for
     card_id: str | None
     meta: dict = field(default_factory=dict)
+    sequences: dict | None = None       # how its card built sequences (None: before that was recorded)
+
+
+def _card_json(card_dir: Path) -> dict:
+    meta_path = card_dir / "card.json"
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
 
 def _card_weights_hash(card_dir: Path) -> str | None:
-    meta_path = card_dir / "card.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
+    meta = _card_json(card_dir)
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     return meta.get("weights_hash") or model.get("weights_hash")
 
@@ -76,10 +79,12 @@ def read_selection(path: str | Path) -> Selection:
         )
     whash = meta.get("weights_hash")
     card = meta.get("card_dir") or meta.get("card")
-    if not whash and card:
-        card_path = Path(card).expanduser()
-        whash = _card_weights_hash(card_path if card_path.is_absolute() else path / card_path)
-    return Selection(path, lora_to_dict(lora), layers, whash, meta.get("card_id"), meta)
+    card_path = Path(card).expanduser() if card else None
+    card_path = card_path if card_path is None or card_path.is_absolute() else path / card_path
+    if not whash and card_path:
+        whash = _card_weights_hash(card_path)
+    sequences = meta.get("sequences") or (_card_json(card_path).get("sequences") if card_path else None)
+    return Selection(path, lora_to_dict(lora), layers, whash, meta.get("card_id"), meta, sequences)
 
 
 def check_selection_for_model(selection: Selection, weights_hash: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from layercard.config import to_dict
 from layercard.coupling_pass import coupling_pass, make_sketch
 from layercard.discovery import discover
-from layercard.data import batches_of, examples_hash, load_examples
+from layercard.data import batches_of, examples_hash, load_examples, sequence_format
 from layercard.errors import LayercardError
 from layercard.label_loss import check_answer_tokens
 from layercard.models import load_model
@@ -36,6 +36,7 @@ def card_meta(cfg: ProfileConfig, lm, examples, label_ids=None) -> dict:
         "model_id": lm.model_id, "weights_hash": lm.weights_hash, "model_type": lm.model.config.model_type,
         "data_id": str(cfg.data.path), "data_hash": examples_hash(examples), "n_records": len(examples),
         "tokenizer": lm.tokenizer.name, "seq_len": cfg.data.max_seq_len, "dtype": cfg.model.dtype,
+        "sequences": sequence_format(lm.tokenizer, cfg.data),   # BOS, answer EOS, chat template
         "config": to_dict(cfg),
     }
 
@@ -73,7 +74,7 @@ def add_coupling_local(card, cfg: ProfileConfig, lm, examples, progress: bool = 
     t0 = time.perf_counter()
     probe = probe_batches(cfg, examples, lm.tokenizer.pad_id)
     coupling_pass(lm.model, layout, card, probe, sketch=sketch_for(cfg, lm.model.config.vocab_size),
-                  label_ids=card.meta.get("label_token_ids"))
+                  label_ids=card.meta.get("label_token_ids"), adam=cfg.coupling.adam)
     if progress:
         dt = time.perf_counter() - t0
         print(f"pass 2: {card.meta['coupling_tokens']} probe tokens × {len(layout.layers)} layers in {dt:.1f}s")

@@ -67,6 +67,8 @@ class Setup:
     candidates: list[Candidate]
     plan: object                       # pipelines.train.Plan: model identity and tokenized data
     trials: dict[str, dict]            # trial key → {candidate, seed, layers, lora}
+    rungs: list[int] | None = None     # mode=explore: the successive-halving milestones (steps)
+    extra_summary: list[str] | None = None   # mode=explore: its section of summary.md
 
     @property
     def storage(self) -> str:
@@ -107,6 +109,7 @@ def _trial_lora(card: LayerCard, layers: list[int], cfg) -> tuple[dict, list[int
 
 def setup(cfg: SearchConfig, out: Path) -> Setup:
     """Load and check the card, build the candidates, tokenize the data: every input error before Ray."""
+    from layercard.data import check_sequence_format
     from pipelines.train import prepare
 
     if not cfg.card:
@@ -114,6 +117,7 @@ def setup(cfg: SearchConfig, out: Path) -> Setup:
     card = LayerCard.load(Path(cfg.card).expanduser(), with_stats=False)
     plan = prepare(cfg.train_config)
     check_card_for_model(card, cfg.card, plan.model_id, plan.weights_hash)
+    check_sequence_format(card.meta.get("sequences"), plan.sequences, f"card '{cfg.card}'")
     candidates = build_candidates(card, mode=cfg.mode, ks=cfg.ks, budget=cfg.budget, budget_unit=cfg.budget_unit,
                                   budget_fractions=cfg.budget_fractions, targets=cfg.targets,
                                   strategies=cfg.strategies, random_seeds=cfg.random_seeds)
@@ -161,7 +165,8 @@ def trial_function(config: dict, *, trials: dict, base: dict, data: dict, run: d
         run_config=RunConfig(name=key, storage_path=run["train_storage"], callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=run["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"])},
+        datasets={"train": dataset(data["train"]), "eval": dataset(data["eval"]),
+                  **({"rung_eval": dataset(data["rung_eval"])} if data.get("rung_eval") else {})},
     )
     # raises when training fails: Tune marks the trial ERROR. Nothing may follow: Tune can end this
     # function once the final result arrives (the driver's TrialLog caches the base-model eval)
@@ -298,20 +303,22 @@ def _base_eval(s: Setup) -> tuple[str, str]:
     return str(path), base_eval_key(t, s.plan)
 
 
-def _trainable(s: Setup, base_eval: tuple[str, str]):
+def _trainable(s: Setup, base_eval: tuple[str, str], loop: dict | None = None, rung_eval: list[dict] | None = None):
+    """The Tune function of ``s.trials``; ``loop`` overrides worker-config keys, ``rung_eval`` is the
+    fixed eval subset of the rung quality (mode=explore)."""
     from ray import tune
 
     from pipelines.train import worker_config
 
     t = s.cfg.train_config
     train_storage = f"{s.experiment}/train_runs"
-    base = worker_config(t, s.plan, Path(tempfile.gettempdir()))   # fault_marker is replaced per trial
+    base = {**worker_config(t, s.plan, Path(tempfile.gettempdir())), **(loop or {})}   # fault_marker: per trial
     cache, key = base_eval
     run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
            "max_failures": t.max_failures, "train_storage": train_storage,
            "base_eval_cache": cache, "base_eval_key": key}
     fn = tune.with_parameters(trial_function, trials=s.trials, base=base,
-                              data={"train": s.plan.train, "eval": s.plan.eval}, run=run)
+                              data={"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval}, run=run)
     return tune.with_resources(fn, {"CPU": s.cfg.trial_cpus})
 
 
@@ -446,12 +453,21 @@ def candidate_rows(s: Setup, trial_rows: list[dict]) -> list[dict]:
             "trial_ids": [t["trial_id"] for t in trials],
             "error": next((t["error"] for t in trials if t["error"]), None),
         })
+        if s.rungs is not None:
+            out[-1]["rung_reached"] = rung_reached(s.rungs, [t["steps_done"] for t in trials], s.cfg.train_config.steps)
     trained = [r for r in out if r["status"] == "trained"]
     front = pareto_mask([r["step_seconds"] for r in trained], [r["measured_gain"] for r in trained])
     on_front = {r["candidate"] for r, f in zip(trained, front) if f}
     for r in out:
         r["on_measured_front"] = r["candidate"] in on_front
     return out
+
+
+def rung_reached(rungs: list[int], steps_done: list, steps: int) -> int:
+    """How far a candidate got through successive halving: the number of rungs whose milestone it
+    reached, plus one when it trained to the end (0: never reached the first rung)."""
+    done = max((int(x) for x in steps_done if x is not None and np.isfinite(x)), default=0)
+    return sum(done >= m for m in rungs) + (done >= steps)
 
 
 def _frame(rows: list[dict]):
@@ -542,6 +558,7 @@ def summary_markdown(s: Setup, rows: list[dict], per_layer: dict | None, card_di
                   f"| raw res2 | {_fmt(rho['res2'], '.3f')} |",
                   f"| layer depth | {_fmt(rho['depth'], '.3f')} |", "",
                   f"Over {per_layer['n_layers']} layers the card's prediction {verdict}."]
+    lines += s.extra_summary or []
     return "\n".join(lines) + "\n"
 
 
@@ -645,6 +662,10 @@ def run(cfg: SearchConfig, out: str | Path) -> dict:
             return resume(out)
         raise LayercardError(f"'{out}' already holds a search; resume it with `layercard search --resume {out}` "
                              "or choose another --out")
+    if cfg.mode == "explore":
+        from pipelines.explore import run_explore
+
+        return run_explore(cfg, out)
     s = setup(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     _save_search(s)
@@ -661,6 +682,10 @@ def resume(out: str | Path, overrides: list[str] = ()) -> dict:
     if not path.is_file():
         raise LayercardError(f"'{out}' holds no search to resume ({SEARCH_FILE} is missing)")
     saved = json.loads(path.read_text())
+    if saved["config"].get("mode") == "explore":
+        from pipelines.explore import resume_explore
+
+        return resume_explore(out, overrides)
     bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
     if bad:
         raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates are fixed), "

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from layercard.baselines import STRATEGIES, baseline_layers
+from layercard.atomic import atomic_dir
 from layercard.card import LayerCard
+from layercard.data import LEGACY_SEQUENCE_FORMAT
 from layercard.errors import LayercardError
 from layercard.lora_config import build_lora_config, card_rank_allocation, write_lora_config
 from layercard.selection import (
@@ -168,20 +170,8 @@ def _baselines(card, A: CardArrays, k: int, seed: int, all_cost, all_gain) -> di
 def _write_atomically(out: Path, overwrite: bool, write) -> None:
     if out.exists() and not overwrite:
         raise LayercardError(f"output directory '{out}' already exists (pass --overwrite or choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=overwrite) as tmp:     # the old selection stays until the new one is whole
         write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dump(path: Path, obj) -> None:
@@ -219,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "card_id": card.card_id,
         "weights_hash": card.meta.get("weights_hash"),
         "model_id": card.meta.get("model_id"),
+        "sequences": card.meta.get("sequences") or LEGACY_SEQUENCE_FORMAT,   # how the card's sequences were built
         "layers": layers,
         "strategy": a.strategy,
         "objective": a.objective,

@@ -48,6 +48,7 @@ class Plan:
     eval: list[dict]
     with_accuracy: bool
     label_token_ids: list[int] | None = None
+    sequences: dict | None = None      # how the training data's sequences are built (data.sequence_format)
 
 
 def split_eval(examples: list[dict], fraction: float, seed: int, num_workers: int) -> tuple[list[dict], list[dict]]:
@@ -65,13 +66,15 @@ def split_eval(examples: list[dict], fraction: float, seed: int, num_workers: in
 
 def prepare(cfg: TrainConfig) -> Plan:
     from layercard import training
-    from layercard.data import load_examples
+    from layercard.data import check_sequence_format, load_examples, sequence_format
 
     tokenizer, model_id, weights_hash = training.model_identity(cfg.model)
+    sequences = sequence_format(tokenizer, cfg.data)
     lora, layers, card_id = None, None, None
     if cfg.selection:
         sel = training.read_selection(cfg.selection)
         training.check_selection_for_model(sel, weights_hash)
+        check_sequence_format(sel.sequences, sequences, f"selection '{sel.path}' (card {sel.card_id})")
         lora, layers, card_id = sel.lora, sel.layers, sel.card_id
     train = load_examples(cfg.data, tokenizer)
     if cfg.eval_data is not None:
@@ -87,7 +90,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     if cfg.loss == "label":
         check_answer_tokens(cfg.label_answers, tokenizer, train, "training")
     return Plan(model_id, weights_hash, int(tokenizer.pad_id), lora, layers, card_id, train, evals,
-                with_accuracy=eval_cfg.prompt_column is not None, label_token_ids=label_ids)
+                with_accuracy=eval_cfg.prompt_column is not None, label_token_ids=label_ids, sequences=sequences)
 
 
 def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
@@ -119,6 +122,7 @@ def worker_config(cfg: TrainConfig, plan: Plan, storage_dir: Path) -> dict:
         "fail_at_step": cfg.fail_at_step,
         "fault_marker": str(storage_dir / cfg.name / FAULT_MARKER),
         "initial_eval": None,                  # the base model's eval numbers, when already known
+        "rung_eval_every": None,               # steps between rung evals on the "rung_eval" dataset (explore)
     }
 
 
@@ -313,6 +317,19 @@ def train_func(config: dict) -> None:
         engine.train()
         return training.eval_metrics(_all_sum(sums, device), config["with_accuracy"])
 
+    rung_every = config.get("rung_eval_every")
+    rung_shard = ray.train.get_dataset_shard("rung_eval") if rung_every else None
+
+    def run_rung_eval() -> dict:
+        # The quality successive halving compares, on a fixed eval subset. Under fork_rng: evaluating must
+        # not move the RNG the training steps draw from, so a run with rung evals trains as one without.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            engine.eval()
+            fwd = lambda ids, mask: engine(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+            sums = training.evaluate(fwd, _batches_once(rung_shard, bs, pad), device, config.get("label_token_ids"))
+            engine.train()
+        return {"rung_quality": training.eval_metrics(_all_sum(sums, device), False)["quality"]}
+
     # The base model's eval loss: the gain of this layer set is measured against it.
     initial = client["initial_eval"] if checkpoint else (config.get("initial_eval") or _initial_metrics(run_eval()))
 
@@ -347,7 +364,8 @@ def train_func(config: dict) -> None:
             break  # the final report below carries everything
         do_ckpt = step % config["checkpoint_every"] == 0
         do_eval = bool(config.get("eval_every")) and step % config["eval_every"] == 0
-        if not (do_ckpt or do_eval or step % config["report_every"] == 0):
+        do_rung = bool(rung_every) and step % rung_every == 0
+        if not (do_ckpt or do_eval or do_rung or step % config["report_every"] == 0):
             continue
         metrics = {"step": step, "lr": engine.get_lr()[0], **initial,
                    "train_loss": _all_sum({"l": sum(window) / len(window)}, device)["l"] / world,
@@ -355,6 +373,8 @@ def train_func(config: dict) -> None:
         window = []
         if do_eval:
             metrics.update(run_eval())
+        if do_rung:
+            metrics.update(run_rung_eval())
         if do_ckpt:
             report(metrics, step)
         else:
