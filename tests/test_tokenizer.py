@@ -186,3 +186,51 @@ def test_a_card_built_another_way_is_refused(tmp_path):
         check_sequence_format(None, have, "card 'c'")
     with pytest.raises(LayercardError, match="answer_eos=True.*set data.answer_eos=true"):
         check_sequence_format({**have, "answer_eos": True}, have, "card 'c'")
+
+
+# --------------------------------------------------------------------------- a BOS-adding model end to end
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 32) and its BOS-adding tokenizer, saved as a model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    tok = build_tokenizer("llama")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_profile_select_and_train_a_bos_model_through_the_cli(llama_dir, tmp_path, ray_local, monkeypatch, capsys):
+    import json
+    from pathlib import Path
+
+    from layercard.card import LayerCard
+    from pipelines import cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])   # the configs name their data from the repository root
+    model = ["model.config=null", f"model.path={llama_dir}"]
+    card, sel, out = tmp_path / "card", tmp_path / "sel", tmp_path / "train"
+    assert cli.main(["profile", "--config", "configs/tiny.yaml", "--out", str(card), *model, "cost.measure=false",
+                     "data.num_samples=16", "coupling.probe_samples=8"]) == 0
+    meta = LayerCard.load(card, with_stats=False).meta
+    assert meta["sequences"] == {"bos_id": 1, "answer_eos": True, "chat_template": None}
+    assert json.loads((card / "card.json").read_text())["sequences"]["bos_id"] == 1
+    assert cli.main(["select", str(card), "--out", str(sel), "--k", "1"]) == 0
+    assert json.loads((sel / "selection.json").read_text())["sequences"] == meta["sequences"]
+
+    train = ["train", "--config", "configs/train-tiny.yaml", *model, f"selection={sel}", "steps=2", "batch_size=2",
+             "warmup_steps=1", "report_every=1", "checkpoint_every=2", f"storage_path={tmp_path / 'ray'}"]
+    capsys.readouterr()
+    assert cli.main([*train, "--out", str(tmp_path / "refused"), "data.answer_eos=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "answer_eos=True, this data gives answer_eos=False" in err
+    assert cli.main([*train, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and len(metrics["train_loss_history"]) == 2
+    assert all(0 < loss < 10 for loss in metrics["train_loss_history"])
+    assert (out / "adapter" / "adapter_config.json").is_file()
