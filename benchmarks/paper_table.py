@@ -177,8 +177,25 @@ def card_source(doc: dict) -> dict:
     def content(node):
         return {k: content(v) for k, v in node.items() if k not in LOCATION_KEYS} if isinstance(node, dict) else node
 
-    return {"weights_hash": meta.get("weights_hash"), "data_hash": meta.get("data_hash"),
+    kind = {"weights_hash_kind": meta["weights_hash_kind"]} if "weights_hash_kind" in meta else {}
+    sampled = {"weights_hash_sampled": meta["weights_hash_sampled"]} if "weights_hash_sampled" in meta else {}
+    return {"weights_hash": meta.get("weights_hash"), **kind, **sampled, "data_hash": meta.get("data_hash"),
             "config_hash": config_hash(content(meta.get("config") or {})), "n_layers": len(card.layers)}
+
+
+def comparable_sources(a: dict, b: dict) -> tuple[dict, dict]:
+    """Two card sources with weights hashes of one kind. A record without ``weights_hash_kind`` was
+    written when the hash sampled each file's first and last MiB; a newer card keeps that fingerprint as
+    ``weights_hash_sampled``, so the pair is compared on it — never a whole-file hash against a sampled one."""
+    if a.get("weights_hash_kind") == b.get("weights_hash_kind"):
+        return a, b
+
+    def sampled(src: dict) -> dict:
+        out = {k: v for k, v in src.items() if k not in ("weights_hash_kind", "weights_hash_sampled")}
+        if src.get("weights_hash_kind") == "sha256":     # state-dict hashes of random models never changed
+            out["weights_hash"] = src.get("weights_hash_sampled")
+        return out
+    return sampled(a), sampled(b)
 
 
 def search_record(task: str, search_dir: Path) -> dict:
@@ -196,12 +213,11 @@ def search_record(task: str, search_dir: Path) -> dict:
 def archive_searches(task: str, live: list[dict], archive: Path) -> None:
     """Write the records of the finished searches under ``--work`` (``live``) to ``archive/TASK/NAME.json``
     (whole or not at all: written beside, then renamed)."""
+    from layercard.atomic import atomic_write_json
+
     for rec in live:
         path = archive / task / f"{rec['search']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(rec, indent=1) + "\n")
-        tmp.replace(path)
+        atomic_write_json(path, rec, indent=1)
 
 
 def first_difference(a: dict, b: dict) -> str | None:
@@ -227,7 +243,7 @@ def search_records(task: str, work: Path, archive: Path, live: list[dict] | None
     done = [records[n] for n in sorted(records, key=lambda n: (n != "search", n))]
     first = done[0]
     for rec in done[1:]:
-        a, b = first["card"], rec["card"]
+        a, b = comparable_sources(first["card"], rec["card"])
         if (key := first_difference(a, b)) is not None:
             raise SystemExit(f"error: {rec['search']} searched a card with {key}={b.get(key)!r}, "
                              f"{first['search']} one with {a.get(key)!r}: one table needs one card")

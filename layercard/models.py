@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from layercard.atomic import atomic_dir
 from layercard.errors import LayercardError
 from layercard.paths import resolve_path
 
@@ -63,8 +62,17 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)
 
 
-def _hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
-    """Fingerprint of weight files: name, size, and the first and last MiB of each (fast on 16 GB)."""
+WEIGHTS_HASH_KIND = "sha256"
+"""What ``weights_hash`` of a path/GGUF model is: 16 hex of sha256 over every weight file's name and
+full bytes. Cards record it as ``weights_hash_kind``; a card without it was hashed by
+:func:`sampled_weights_hash` (sizes and first/last MiB only), which cards keep recording as
+``weights_hash_sampled`` so records of both kinds stay comparable exactly."""
+HASH_CACHE = "weights-hashes.json"
+
+
+def sampled_weights_hash(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """The former fingerprint: name, size, and the first and last MiB of each file. Not a content
+    hash (a fine-tune that changes only the middle of a file keeps it); kept to compare old records."""
     h = hashlib.sha256()
     for p in sorted(paths):
         size = p.stat().st_size
@@ -75,6 +83,51 @@ def _hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
                 f.seek(max(size - chunk, chunk))
                 h.update(f.read(chunk))
     return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path, cache: dict) -> str:
+    """sha256 of the whole file, cached by (resolved path, mtime, size): 16 GB are read once per change."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_mtime_ns}:{st.st_size}"
+    if key not in cache:
+        from layercard.card import sha256_file
+
+        cache[key] = sha256_file(path)
+    return cache[key]
+
+
+def _load_hash_cache() -> tuple[Path, dict]:
+    from layercard.paths import cache_root
+
+    path = cache_root() / HASH_CACHE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    return path, data if isinstance(data, dict) else {}
+
+
+def _hash_files(paths: list[Path]) -> str:
+    """16 hex of sha256 over each file's name and full content hash (see :data:`WEIGHTS_HASH_KIND`)."""
+    cache_path, cache = _load_hash_cache()
+    before = dict(cache)
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(f"{p.name}:{_file_sha256(p, cache)}\n".encode())
+    if cache != before:
+        try:
+            from layercard.atomic import atomic_write_json
+
+            atomic_write_json(cache_path, cache)
+        except OSError:       # a read-only cache only means hashing again next time
+            pass
+    return h.hexdigest()[:16]
+
+
+def weights_hash_meta(files: list[Path]) -> dict:
+    """What a card records beside ``weights_hash``: its kind, and the sampled fingerprint that cards
+    written before whole-file hashing carry as their ``weights_hash`` (so the two stay comparable)."""
+    return {"weights_hash_kind": WEIGHTS_HASH_KIND, "weights_hash_sampled": sampled_weights_hash(files)}
 
 
 def state_dict_hash(model: nn.Module) -> str:
@@ -132,7 +185,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
     if not gguf_file.is_file():
         raise LayercardError(f"GGUF file '{gguf_file}' does not exist")
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     src = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(**src)
     loaded = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
@@ -148,12 +200,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     if bad:
         raise LayercardError(f"GGUF '{gguf_file.name}': weights do not match the {config.model_type} model: {bad[:3]}")
     model.tie_weights()
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:   # no half-written directory after a failure
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json and chat_template.jinja
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written directory after a failure
     return out_dir
 
 
@@ -222,8 +271,9 @@ def describe_model(cfg: ModelConfig) -> LoadedModel:
     if not path.is_dir():
         raise LayercardError(f"model path '{path}' does not exist or is not a directory")
     model = build_meta_model(replace(cfg, path=str(path), gguf_file=None))
-    return LoadedModel(model, HFTokenizer.from_dir(path), str(cfg.path or cfg.gguf_file),
-                       _hash_files(list(path.glob("*.safetensors"))))
+    files = list(path.glob("*.safetensors"))
+    return LoadedModel(model, HFTokenizer.from_dir(path), str(cfg.path or cfg.gguf_file), _hash_files(files),
+                       weights_hash_meta(files))
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -234,14 +284,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model = _from_config(cfg)
         digest = hashlib.sha256(json.dumps(cfg.config, sort_keys=True).encode()).hexdigest()[:8]
         model_id = f"config:{cfg.config.get('model_type')}-{digest}-seed{cfg.seed}"
-        whash = state_dict_hash(model)
+        whash, hmeta = state_dict_hash(model), {"weights_hash_kind": "state-dict"}
         tokenizer = ByteTokenizer(model.config.vocab_size)
     else:
         path = Path(cfg.path).expanduser() if cfg.path else _gguf_dir(cfg)
         model = _from_dir(path, cfg)
         model_id = str(cfg.path or cfg.gguf_file)
-        whash = _hash_files(list(path.glob("*.safetensors")))
+        files = list(path.glob("*.safetensors"))
+        whash, hmeta = _hash_files(files), weights_hash_meta(files)
         tokenizer = HFTokenizer.from_dir(path)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_id, whash)
+    return LoadedModel(model, tokenizer, model_id, whash, hmeta)

@@ -10,14 +10,13 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from layercard.atomic import atomic_write_text
 from layercard.errors import LayercardError
 
 MD_COLUMNS = [("res_frac", "res_frac"), ("gain_adj", "gain_adj"), ("kappa", "κ"), ("d_eff", "d_eff"),
@@ -97,16 +96,7 @@ def _lora_snippet(card, layers: list[int]) -> str:
 
 
 def _write_atomic(path: Path, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from layercard.atomic import atomic_write_text
 from layercard.errors import LayercardError
 from layercard.fetch import cache_root, news_csv, vader_file, verify
 
@@ -129,12 +129,7 @@ def split_records(records: list[dict], sizes: dict[str, int | None], seed: int =
 
 
 def _write_jsonl(records: list[dict], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def load_task_records(name: str, cache_dir: str | Path | None = None) -> list[dict]:

@@ -33,7 +33,7 @@ def profile_label_ids(cfg: ProfileConfig, tokenizer, examples) -> list[int] | No
 def card_meta(cfg: ProfileConfig, lm, examples, label_ids=None) -> dict:
     return {
         "loss": cfg.profile.loss, "label_token_ids": label_ids,
-        "model_id": lm.model_id, "weights_hash": lm.weights_hash, "model_type": lm.model.config.model_type,
+        "model_id": lm.model_id, "weights_hash": lm.weights_hash, **lm.meta, "model_type": lm.model.config.model_type,
         "data_id": str(cfg.data.path), "data_hash": examples_hash(examples), "n_records": len(examples),
         "tokenizer": lm.tokenizer.name, "seq_len": cfg.data.max_seq_len, "dtype": cfg.model.dtype,
         "sequences": sequence_format(lm.tokenizer, cfg.data),   # BOS, answer EOS, chat template

@@ -431,3 +431,16 @@ def test_prediction_agreement_matches_a_brute_force_rank_correlation(paper):
     assert with_rival["rivals"]["Σ w"]["n_sets"] == 19
     assert with_rival["rivals"]["Σ w"]["spearman"] == pytest.approx(want, abs=1e-12)
     assert with_rival["all"] == got["all"] and "Free predictors" in paper.agreement_line(with_rival)
+
+
+def test_sampled_and_whole_file_weights_hashes_are_compared_on_one_kind(paper):
+    """An archived record (weights hash of sizes + first/last MiB, no kind) merges with a newer card of
+    the same weights through the sampled fingerprint the newer card keeps — and not with other weights."""
+    old = {"weights_hash": "2e13074395d67211", "data_hash": "d", "config_hash": "c", "n_layers": 30}
+    new = {"weights_hash": "0123456789abcdef", "weights_hash_kind": "sha256", "weights_hash_sampled": "2e13074395d67211",
+           "data_hash": "d", "config_hash": "c", "n_layers": 30}
+    assert paper.first_difference(*paper.comparable_sources(old, new)) is None
+    assert paper.first_difference(*paper.comparable_sources(new, new)) is None
+    other = {**new, "weights_hash_sampled": "ffffffffffffffff"}
+    assert paper.first_difference(*paper.comparable_sources(old, other)) == "weights_hash"
+    assert paper.first_difference(*paper.comparable_sources(new, {**new, "weights_hash": "1" * 16})) == "weights_hash"
