@@ -43,6 +43,59 @@ class AshaConfig:
 
 
 @dataclass
+class ExploreConfig:
+    """``mode=explore``: a card-seeded pool per k, successive halving on a rung quality, picks on every seed."""
+
+    card_candidates: bool = True
+    """False: the ablation — the same schedule on a pool without the card's pick and its neighbours
+    (same size, filled with stratified random sets)."""
+    pool_size: int | None = None
+    """Candidates per k; None: the largest pool whose expected steps fit ``budget_factor`` x the fixed
+    table's steps (see layercard.explore), at most ``max_pool``."""
+    max_pool: int = 48
+    n_shifts: int = 2
+    """The card's best one-shift neighbours of its pick (one layer moved by 1..shift_max positions)."""
+    n_swaps: int = 2
+    """The card's best one-swap neighbours of its pick (one layer swapped for any other), besides the shifts."""
+    shift_max: int = 2
+    seed: int = 0
+    """Seed of the stratified random sets (one layer per depth bin)."""
+    budget_factor: float = 1.1
+    """The search's training steps stay within this x the fixed table's (card pick, baselines at k and all
+    layers, to the end on every seed)."""
+    grace_period: int | None = None
+    """Steps before a trial can be stopped (the first rung); None: train.steps // 6 (at least 1)."""
+    reduction_factor: float = 3.0
+    """Keep the best 1/reduction_factor of the trials at each rung."""
+    rung_eval_examples: int = 64
+    """The rung quality is measured on the first this many examples of the eval split (a fixed subset)."""
+    second_round: bool = False
+    """Add neighbours of the survivors (those trained to the end) as new candidates while budget remains."""
+    second_round_max: int = 8
+    paper_table: str | None = None
+    """A paper-table JSON (benchmarks/results/paper_table.json): the best fixed strategy at k when the pool's
+    baselines were not all trained to the end."""
+    task: str | None = None
+    """The task name written into explore.json (None: the training data file's stem)."""
+
+    def __post_init__(self):
+        for key in ("max_pool", "rung_eval_examples", "second_round_max", "shift_max"):
+            if getattr(self, key) < 1:
+                raise LayercardError(f"config key 'explore.{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("n_shifts", "n_swaps", "seed"):
+            if getattr(self, key) < 0:
+                raise LayercardError(f"config key 'explore.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.pool_size is not None and self.pool_size < 2:
+            raise LayercardError(f"config key 'explore.pool_size' must be >= 2 or null, got {self.pool_size}")
+        if not self.budget_factor > 0:
+            raise LayercardError(f"config key 'explore.budget_factor' must be > 0, got {self.budget_factor}")
+        if self.grace_period is not None and self.grace_period < 1:
+            raise LayercardError(f"config key 'explore.grace_period' must be >= 1 or null, got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise LayercardError(f"config key 'explore.reduction_factor' must be > 1, got {self.reduction_factor}")
+
+
+@dataclass
 class SearchConfig:
     """Layer-subset search on Ray Tune: card-guided candidates and baselines, each trial a LoRA run."""
 
@@ -55,8 +108,9 @@ class SearchConfig:
     parsed as a number: YAML 1.1 reads ``budget=7e5`` without a dot as the string "7e5".)"""
     budget_unit: Literal["flops", "seconds"] = "flops"
     """flops = predicted FLOPs/token; seconds = predicted seconds/step (needs the card's measured steps)."""
-    mode: Literal["subsets", "per-layer"] = "subsets"
-    """subsets: card-guided sets and baselines; per-layer: every card layer alone, a fixed number of steps."""
+    mode: Literal["subsets", "per-layer", "explore"] = "subsets"
+    """subsets: card-guided sets and baselines; per-layer: every card layer alone, a fixed number of steps;
+    explore: a card-seeded pool per k under successive halving, the best set trained on every seed."""
     ks: list[int] = field(default_factory=lambda: [1, 2])
     """Set sizes: max-quality (|S| <= k) and every baseline strategy at each k."""
     budget_fractions: list[float] = field(default_factory=lambda: [1.0])
@@ -73,6 +127,9 @@ class SearchConfig:
     trial_cpus: float = 0.01
     """CPUs of a trial's own Tune function (the Train workers take ``train.cpus_per_worker`` each; Ray refuses 0)."""
     asha: AshaConfig = field(default_factory=AshaConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    """``mode=explore`` only (its own successive halving; the ``asha`` section, ``targets`` and
+    ``budget_fractions`` are not used there)."""
     storage_path: str | None = None
     """Ray Tune storage (shared storage on a multi-node cluster); None: ``OUT/tune``."""
     name: str = "search"
@@ -127,6 +184,23 @@ class SearchConfig:
                                  "the same fixed number of steps")
         if self.use_asha:
             self._check_asha(t)
+        if self.mode == "explore":
+            self._check_explore(t)
+
+    def _check_explore(self, t: TrainConfig) -> None:
+        if self.asha.enabled:
+            raise LayercardError("config key 'asha.enabled' must not be true with mode=explore: explore runs its "
+                                 "own successive halving (the explore section)")
+        if self.explore.grace_period is not None and self.explore.grace_period >= t.steps:
+            raise LayercardError(f"config key 'explore.grace_period' ({self.explore.grace_period}) must be below "
+                                 f"train.steps ({t.steps})")
+        if t.steps < 2:
+            raise LayercardError(f"config key 'train.steps' must be >= 2 with mode=explore, got {t.steps}")
+
+    @property
+    def grace_period(self) -> int:
+        """The first rung of mode=explore, in steps."""
+        return self.explore.grace_period or max(1, self.train_config.steps // 6)
 
     def _check_asha(self, t: TrainConfig) -> None:
         # ASHA decides on `quality` (label loss, else eval loss): every report a trial sends must carry one.
@@ -145,6 +219,8 @@ class SearchConfig:
 
     @property
     def use_asha(self) -> bool:
+        if self.mode == "explore":
+            return False
         return self.mode == "subsets" if self.asha.enabled is None else self.asha.enabled
 
     def to_dict(self) -> dict:
