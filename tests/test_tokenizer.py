@@ -148,27 +148,34 @@ def legacy_tokenize(record: dict, tokenizer, cfg: DataConfig) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def committed_label_loss_data() -> dict[str, DataConfig]:
-    """The data sections of the committed SmolLM2 label-loss configs, as the pipelines resolve them."""
+def committed_task_data() -> dict[str, DataConfig]:
+    """The data sections of the committed SmolLM2 configs (the sentiment task, label loss) and of the
+    benchmarks' headline task (LM loss, its results measured without an EOS), as the pipelines resolve them."""
     from layercard.profile_config import ProfileConfig
     from layercard.search_config import SearchConfig
     from layercard.train_config import TrainConfig
+    from tests.bench_scripts import load_benchmark
 
+    headline = load_benchmark("paper_table").TASKS["headline"]
     profile = load_config(ProfileConfig, "configs/profile-smollm2.yaml")
     train = load_config(TrainConfig, "configs/train-smollm2.yaml", ["strategy=all", "selection=null"])
     search = load_config(SearchConfig, "configs/search-smollm2.yaml").train_config
+    head_profile = load_config(ProfileConfig, "configs/profile-smollm2.yaml", headline["profile"])
+    head_search = load_config(SearchConfig, "configs/search-smollm2.yaml", headline["train"]).train_config
+    assert head_profile.profile.loss == head_search.loss == "lm"
     return {"profile": profile.data, "train": train.data, "train.eval": train.eval_data,
-            "search.train": search.data, "search.eval": search.eval_data}
+            "search.train": search.data, "search.eval": search.eval_data, "headline.profile": head_profile.data,
+            "headline.train": head_search.data, "headline.eval": head_search.eval_data}
 
 
 @pytest.mark.parametrize("which", ["bytes", "qwen2", "gpt2"])
-def test_committed_label_loss_configs_build_the_same_sequences_as_before(which, tmp_path, monkeypatch):
+def test_committed_configs_build_the_same_sequences_as_before(which, tmp_path, monkeypatch):
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     tok = ByteTokenizer(49152) if which == "bytes" else saved_tokenizer(which, tmp_path)
     long = {"prompt": "Review: " + "a long and winding review, " * 20 + "\nSentiment:", "answer": " negative"}
-    for name, cfg in committed_label_loss_data().items():
+    for name, cfg in committed_task_data().items():
         assert cfg.answer_eos is False and not cfg.chat_template, name
         assert sequence_format(tok, cfg) == LEGACY_SEQUENCE_FORMAT, name
         check_sequence_format(None, sequence_format(tok, cfg), "an old card")   # old cards stay usable
