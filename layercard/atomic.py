@@ -69,7 +69,7 @@ def _fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             _fsync_path(os.path.join(dirpath, name))
@@ -207,7 +207,7 @@ def atomic_dir(path: str | Path, *, replace: bool = False):
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         _step("dir-filled")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _step("dir-synced")
         if replace:
             _swap_in(tmp, path)

@@ -38,6 +38,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from layercard.atomic import fsync_tree
 from layercard.card import sha256_file
 from layercard.errors import LayercardError
 
@@ -101,19 +102,13 @@ def _sha256_file(path: Path) -> str:
 
 
 def _check_card_dir(path: Path) -> dict:
-    """card.json of a card directory, its required meta present and its files' checksums intact."""
-    try:
-        meta = json.loads((path / "card.json").read_text())
-    except FileNotFoundError:
-        raise LayercardError(f"'{path}' is not a Layer Card: card.json is missing") from None
-    except json.JSONDecodeError as err:
-        raise LayercardError(f"card '{path}': card.json is not valid JSON ({err.msg})") from None
+    """card.json of a card directory: a valid card (files, checksums, id) with the meta a version needs."""
+    from layercard.card import read_meta
+
+    meta = read_meta(path)
     missing = [k for k in REQUIRED_META if meta.get(k) in (None, "")]
     if missing:
         raise LayercardError(f"card '{path}' cannot be published: card.json lacks {missing}")
-    for name, digest in meta.get("files", {}).items():
-        if not (path / name).is_file() or _sha256_file(path / name) != digest:
-            raise LayercardError(f"card '{path}': '{name}' is missing or does not match its checksum")
     return meta
 
 
@@ -215,6 +210,7 @@ class CardStore:
 
     def _publish_by_rename(self, stage: Path, final: str, manifest: bytes, version: str) -> None:
         (stage / MANIFEST).write_bytes(manifest)
+        fsync_tree(stage)                  # the version's bytes are on disk before its name appears
         src = str(stage)
         if self.fs.type_name != "local":   # HDFS: upload to a staging dir on the store, then rename there
             import pyarrow.fs as pafs
@@ -225,6 +221,8 @@ class CardStore:
             raise self._exists_error(version)
         try:
             self.fs.move(src, final)       # fails if another writer renamed its copy into place first
+            if self.fs.type_name == "local":
+                fsync_tree(Path(final).parent)
         except OSError:
             if self._exists(final):
                 raise self._exists_error(version) from None
@@ -293,7 +291,10 @@ class CardStore:
         v = version if isinstance(version, CardVersion) else self.get(version)
         if name not in v.files:
             raise LayercardError(f"version {v.version} has no file '{name}' (it has {sorted(v.files)})")
-        return self._read(f"{v.path}/{name}")
+        data = self._read(f"{v.path}/{name}")
+        if hashlib.sha256(data).hexdigest() != v.files[name]:
+            raise LayercardError(f"version {v.version}: '{name}' does not match its sha256 in {MANIFEST}")
+        return data
 
     def load(self, version: str | CardVersion, *, with_stats: bool = True):
         """The :class:`~layercard.card.LayerCard` of ``version`` (checksums verified)."""
@@ -303,14 +304,28 @@ class CardStore:
 
         v = version if isinstance(version, CardVersion) else self.get(version)
         if self.fs.type_name == "local":
+            self._verify(v, v.path)
             card = LayerCard.load(v.path, with_stats=with_stats)
         else:
             with tempfile.TemporaryDirectory(prefix="layercard-load-") as tmp:
                 pafs.copy_files(v.path, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+                self._verify(v, tmp)
                 card = LayerCard.load(tmp, with_stats=with_stats)
         if card.card_id != v.card_id:
             raise LayercardError(f"version {v.version}: card id {card.card_id} does not match its manifest ({v.card_id})")
         return card
+
+    def _verify(self, v: CardVersion, local_dir: str | Path) -> None:
+        """Every file the manifest lists, present with the sha256 it records (card.json and extra files
+        included): a file edited or swapped on the store is named, whatever card.json now says."""
+        if not isinstance(v.files, dict) or not v.files:
+            raise LayercardError(f"version {v.version}: its manifest lists no files")
+        for name, digest in sorted(v.files.items()):
+            f = Path(local_dir) / str(name)
+            if "/" in str(name) or not f.is_file():
+                raise LayercardError(f"version {v.version}: '{name}' is missing from the store")
+            if _sha256_file(f) != digest:
+                raise LayercardError(f"version {v.version}: '{name}' does not match its sha256 in {MANIFEST}")
 
 
 def default_store(explicit: str | None) -> str:

@@ -136,3 +136,29 @@ def test_cards_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LAYERCARD_STORE")
     with pytest.raises(LayercardError, match="LAYERCARD_STORE"):
         cards_cli.main(["list"])
+
+
+@pytest.mark.parametrize("kind", ["path", "manifest-last"])
+def test_a_file_edited_on_the_store_is_named_even_with_a_consistent_card_json(tmp_path, kind):
+    """Forging a version: change a table, write its hash and the matching card id into card.json —
+    the card alone would load; the store checks every file against the manifest."""
+    import pandas as pd
+
+    from layercard.card import card_id_of, sha256_file
+
+    store = CardStore(tmp_path / "store", atomic_rename=False if kind == "manifest-last" else None)
+    v = store.publish(make_card(), extra_files={"drift.md": b"no drift"})
+    d = Path(v.path)
+    df = pd.read_parquet(d / "layers.parquet")
+    df["res2"] = df["res2"][::-1].to_numpy()
+    df.to_parquet(d / "layers.parquet", index=False)
+    meta = json.loads((d / "card.json").read_text())
+    meta["files"]["layers.parquet"] = sha256_file(d / "layers.parquet")
+    meta["card_id"] = card_id_of(meta["files"])
+    (d / "card.json").write_text(json.dumps(meta))
+    with pytest.raises(LayercardError, match=r"'card.json' does not match its sha256 in _VERSION.json") as err:
+        store.load(v.version)
+    assert "\n" not in str(err.value)
+    (d / "drift.md").write_bytes(b"edited")
+    with pytest.raises(LayercardError, match=r"'drift.md' does not match its sha256"):
+        store.read_file(v.version, "drift.md")
