@@ -15,8 +15,8 @@ Temporary files and directories get the permissions a plain ``open``/``mkdir`` w
 the process umask (``mkstemp``/``mkdtemp`` would leave them 0600/0700, unreadable to a team that
 shares a store or a results directory).
 
-``LAYERCARD_TEST_KILL_AT=<step>`` makes the process SIGKILL itself at the named step (see
-:data:`STEPS`); the tests use it to check what a crash at each step leaves behind.
+``LAYERCARD_TEST_KILL_AT=<step>[#N]`` makes the process SIGKILL itself at the named step (see
+:data:`STEPS`; ``#N``: its N-th occurrence); the tests use it to check what a crash at each step leaves behind.
 """
 from __future__ import annotations
 
@@ -36,15 +36,23 @@ from layercard.errors import LayercardError
 
 KILL_ENV = "LAYERCARD_TEST_KILL_AT"
 STEPS = ("file-written", "file-synced", "file-renamed",
-         "dir-filled", "dir-synced", "dir-old-moved", "dir-renamed")
+         "dir-filled", "dir-synced", "dir-old-moved", "dir-renamed", "store-staged")
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
-def _step(name: str) -> None:
-    """The crash-test hook: die here, as a power cut or OOM kill would, when the env names this step."""
-    if os.environ.get(KILL_ENV) == name:
+_SEEN: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """The crash-test hook: die here, as a power cut or OOM kill would, when the env names this step
+    (``<step>`` = its first occurrence in the process, ``<step>#N`` = the N-th)."""
+    want = os.environ.get(KILL_ENV)
+    if not want or not want.startswith(name):
+        return
+    _SEEN[name] = _SEEN.get(name, 0) + 1
+    if want in (name, f"{name}#{_SEEN[name]}") and (want != name or _SEEN[name] == 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -134,7 +142,7 @@ def restore_moved_aside(path: Path) -> None:
 def _swap_in(tmp: Path, path: Path) -> None:
     """Put the complete ``tmp`` at ``path``, replacing what is there; the old version is removed last."""
     if path.exists() and _renameat2(tmp, path, _RENAME_EXCHANGE):
-        _step("dir-renamed")
+        crash_point("dir-renamed")
         _fsync_path(path.parent)
         shutil.rmtree(tmp, ignore_errors=True)      # tmp now holds the old version
         return
@@ -142,14 +150,14 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if path.exists():
         old = _old_sibling(path)
         os.rename(path, old)
-        _step("dir-old-moved")
+        crash_point("dir-old-moved")
     try:
         os.rename(tmp, path)
     except BaseException:
         if old is not None:
             os.rename(old, path)     # put the previous version back
         raise
-    _step("dir-renamed")
+    crash_point("dir-renamed")
     _fsync_path(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -165,12 +173,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            _step("file-written")
+            crash_point("file-written")
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        _step("file-synced")
+        crash_point("file-synced")
         os.replace(tmp, path)
-        _step("file-renamed")
+        crash_point("file-renamed")
         _fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -206,14 +214,14 @@ def atomic_dir(path: str | Path, *, replace: bool = False):
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        _step("dir-filled")
+        crash_point("dir-filled")
         fsync_tree(tmp)
-        _step("dir-synced")
+        crash_point("dir-synced")
         if replace:
             _swap_in(tmp, path)
         else:
             _rename_new(tmp, path)
-            _step("dir-renamed")
+            crash_point("dir-renamed")
             _fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

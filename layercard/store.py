@@ -38,7 +38,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from layercard.atomic import fsync_tree
+from layercard.atomic import crash_point, fsync_tree
 from layercard.card import sha256_file
 from layercard.errors import LayercardError
 
@@ -219,6 +219,7 @@ class CardStore:
             pafs.copy_files(str(stage), src, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         if self._exists(final):
             raise self._exists_error(version)
+        crash_point("store-staged")
         try:
             self.fs.move(src, final)       # fails if another writer renamed its copy into place first
             if self.fs.type_name == "local":

@@ -11,18 +11,20 @@ The config is a profile config plus an optional ``drift`` section of thresholds
 (:class:`layercard.drift.DriftSettings`), e.g. ``drift.min_kendall_tau=0.9``. The store keeps the
 card without its sufficient statistics unless ``--with-stats``.
 
-Exit status, for a scheduler to act on: 0 = no drift (or the first version of this model),
+The drift report is written to ``--out`` before the version is published, so a run that fails while
+publishing leaves no version behind and its rerun (``--overwrite``) compares against the same
+predecessor. Exit status, for a scheduler to act on: 0 = no drift (or the first version of this model),
 3 = drift above the thresholds (the changed layers are named on stdout and in drift.md),
 2 = bad input (config, store, unknown version), 1 = anything unexpected.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from layercard.atomic import atomic_dir
 from layercard.config import load_config
 from layercard.drift import ReprofileConfig, card_identity, diff_cards, drift_markdown
 from layercard.errors import LayercardError
@@ -46,18 +48,10 @@ def baseline_report(card, version: str) -> dict:
 
 
 def write_outputs(out: Path, files: dict[str, str], overwrite: bool) -> None:
-    """``out`` appears whole or not at all (a sibling temporary directory renamed into place)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """``out`` appears whole or not at all; an older ``out`` stays until the new one is complete."""
+    with atomic_dir(out, replace=overwrite) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def print_summary(report: dict, version: str, out: Path) -> None:
@@ -106,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         files = {"drift.json": json.dumps(report, indent=2, sort_keys=True, default=str), "drift.md": drift_markdown(report)}
         summary = {"against": against.version if against else None, "drift": report["drift"] if against else None,
                    "changed_layers": report["changed_layers"]}
+        # The report first, then the store: a failure while publishing leaves the report and no new
+        # version, so a rerun diffs against the same predecessor and finds the same drift (publishing
+        # first would make the rerun compare the card with itself and report none).
+        write_outputs(out, files, args.overwrite)
         published = store.publish(saved, extra_files={k: v.encode() for k, v in files.items()}, summary=summary)
-    write_outputs(out, files, args.overwrite)
     print_summary(report, published.version, out)
     return report["exit_code"]
 

@@ -123,3 +123,29 @@ def test_bad_input_exits_2_before_profiling(tmp_path, capsys):
     assert run_main(reprofile.main, args) == 2
     assert "already exists" in capsys.readouterr().err
     assert len(CardStore(tmp_path / "store").list_versions()) == 1
+
+
+def test_killed_while_publishing_leaves_the_report_and_no_version(tmp_path, capsys):
+    """The drift report is written before the version is published: a run SIGKILLed just before the
+    version's rename leaves drift.json and no new version, and its rerun finds the same drift (exit 3)
+    against the same predecessor (publishing first made the rerun compare the card with itself)."""
+    import os
+    import signal
+
+    from layercard.atomic import KILL_ENV
+
+    store = tmp_path / "store"
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--store", str(store)]
+    assert run_main(reprofile.main, [*args, "--out", str(tmp_path / "r0"), *FAST]) == 0
+    (base,) = CardStore(store).list_versions()
+    drift = [*args, "--out", str(tmp_path / "r1"), "--against", base.version, *FAST, "model.seed=1"]
+    killed = subprocess.run([sys.executable, "-m", "pipelines.reprofile", *drift], cwd=ROOT, timeout=600,
+                            env={**os.environ, KILL_ENV: "store-staged"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    report = json.loads((tmp_path / "r1" / "drift.json").read_text())
+    assert report["drift"] and report["exit_code"] == 3 and report["against"]["version"] == base.version
+    assert [v.version for v in CardStore(store).list_versions()] == [base.version]
+    assert run_main(reprofile.main, ["--overwrite", *drift]) == 3
+    again = json.loads((tmp_path / "r1" / "drift.json").read_text())
+    assert again["against"]["version"] == base.version and again["changed_layers"] == report["changed_layers"]
+    assert len(CardStore(store).list_versions()) == 2
