@@ -142,6 +142,22 @@ def test_selection_without_a_hash_is_checked_against_its_card(tmp_path, weights_
         training.check_selection_for_model(training.read_selection(sel), weights_hash)
 
 
+def test_a_selection_without_a_sequence_format_takes_its_cards(tmp_path, weights_hash):
+    """selection.json records how its card built sequences; an older one points at its card, or at
+    nothing (then it was built the legacy way: no BOS, no answer EOS, no chat template)."""
+    from layercard.data import check_sequence_format
+
+    sel = write_selection(tmp_path / "sel", [2, 3], weights_hash)
+    assert training.read_selection(sel).sequences is None
+    (sel / "selection.json").write_text(json.dumps({"layers": [2, 3], "card_dir": "../card"}))
+    (tmp_path / "card").mkdir()
+    fmt = {"bos_id": 1, "answer_eos": False, "chat_template": None}
+    (tmp_path / "card" / "card.json").write_text(json.dumps({"weights_hash": weights_hash, "sequences": fmt}))
+    assert training.read_selection(sel).sequences == fmt
+    with pytest.raises(LayercardError, match=r"selection 's' was built from sequences with bos_id=1, this data gives bos_id=None"):
+        check_sequence_format(training.read_selection(sel).sequences, {**fmt, "bos_id": None}, "selection 's'")
+
+
 @pytest.mark.parametrize("answers, message", [
     ("[' negative', ' positive']", "share a first token"),               # the byte tokenizer: both start with ' '
     ("[a, b]", r"eval example \d+ answers with token \d+, none of label_answers"),
@@ -169,6 +185,32 @@ def test_bad_loss_settings_are_refused(tmp_path):
     with pytest.raises(LayercardError, match=r"^training example 0 answers with token \d+, none of label_answers"):
         train.prepare(train_cfg("strategy=all", "loss=label", "label_answers=[negative, positive]",
                                 f"eval_data={{path: {evals}, prompt_column: prompt, answer_column: answer}}"))
+
+
+def test_existing_out_is_refused_before_training(tmp_path, capsys):
+    from pipelines import train
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text("{}")
+    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path / "out"), "strategy=all"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "metrics.json").read_text() == "{}"        # the earlier result is untouched
+
+
+def test_resume_from_a_run_directory_others_can_write_is_refused(tmp_path, capsys):
+    """Resuming unpickles the run's DeepSpeed checkpoint: a storage path writable by group/others is refused."""
+    import os
+
+    from pipelines import train
+
+    run = tmp_path / "ray" / "train"
+    run.mkdir(parents=True)
+    os.chmod(run, 0o777)
+    rc = train.main(["--config", str(TINY_YAML), "--out", str(tmp_path / "out"), "strategy=all",
+                     f"storage_path={tmp_path / 'ray'}", "name=train"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusing to resume" in err and str(run) in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_zero_stage_1(tmp_path, capsys):
@@ -221,8 +263,8 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     labelled = [f"data.path={data}", "label_answers=[negative, positive]", "loss=label"]   # trained on the label loss
     args = ["--config", str(TINY_YAML), *FAST, f"selection={selection}", "zero_stage=2", *labelled,
             f"storage_path={tmp_path / 'ray'}"]
-    assert train.main(["--out", str(tmp_path), *args]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert train.main(["--out", str(tmp_path / "out"), *args]) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # 8 steps on the label loss do not teach a random tiny model the labels (0.694 → 0.699 measured);
     # what this run checks is that it trained on the label loss (below) and reports it exactly.
     check_metrics(m, 2, metric_name="label_accuracy", helped=False)
@@ -236,7 +278,7 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     from layercard.data import batches_of
 
     plan = train.prepare(train_cfg(f"selection={selection}", *labelled))
-    model = PeftModel.from_pretrained(tiny_model().model, str(tmp_path / "adapter")).eval()
+    model = PeftModel.from_pretrained(tiny_model().model, str(tmp_path / "out" / "adapter")).eval()
     fwd = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     ref = training.eval_metrics(training.evaluate(fwd, batches_of(plan.eval, 3, plan.pad_id), "cpu",
                                                   plan.label_token_ids), with_accuracy=True)
@@ -248,7 +290,7 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     # tokens' full-vocabulary loss (≈ ln 256 ≈ 5.5 for it: the initial eval loss)
     assert all(0.4 < h < 1.0 for h in hist), hist
     assert m["initial_eval_loss"] > 4.0
-    check_adapter(tmp_path, [2, 3])
+    check_adapter(tmp_path / "out", [2, 3])
 
     # The same run again (same storage and name): Ray Train hands it the final checkpoint, which keeps
     # the final metrics, so nothing trains and it reports what the finished run measured — as a Tune
@@ -265,14 +307,15 @@ def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selecti
     the run restarts from its step-4 checkpoint and finishes all 8 steps."""
     from pipelines import train
 
-    cfg = train_cfg(f"selection={selection}", "zero_stage=3", "fail_at_step=6", "max_failures=1",
+    # data.answer_eos=false: the sequences the selection's (unrecorded, so legacy) card was built from
+    cfg = train_cfg(f"selection={selection}", "zero_stage=3", "fail_at_step=6", "max_failures=1", "data.answer_eos=false",
                     "ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
-    m = train.run(cfg, tmp_path)
-    assert (tmp_path / "ray" / "train" / train.FAULT_MARKER).exists()   # the kill did happen
+    m = train.run(cfg, tmp_path / "out")
+    assert (tmp_path / "out" / "ray" / "train" / train.FAULT_MARKER).exists()   # the kill did happen
     assert m["resumed_from_step"] == 4 and len(m["train_loss_history"]) == 4  # steps 5..8 on the 2nd attempt
     check_metrics(m, 3)
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
-    check_adapter(tmp_path, [2, 3])
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 8
+    check_adapter(tmp_path / "out", [2, 3])
 
 
 BUILD_SHM_OP = """
