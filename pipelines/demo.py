@@ -6,6 +6,7 @@ LoRA on each selection and on all layers with the same steps, data and seed → 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "train" / name.replace(" ", "_").replace("=", "")
         tcfg = load_config(TrainConfig, cfg.train_config, [f"base_eval_cache={out / 'train' / 'base_eval.json'}",
                                                           *tcfg_base, *extra, f"name={run_dir.name}"])
-        print(f"== training: {name}", flush=True)
-        metrics = train_cmd.run(tcfg, run_dir)
+        if (run_dir / "metrics.json").is_file():       # finished by an earlier demo in this --out: reuse it
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            if run_dir.exists():                        # an interrupted run of the demo's own: start it again
+                shutil.rmtree(run_dir)
+            print(f"== training: {name}", flush=True)
+            metrics = train_cmd.run(tcfg, run_dir)
         layers = metrics.get("selection_layers") or list(range(len(card.layers)))
         rows.append({"run": name, "adapted_layers": len(layers), "layers": layers,
                      "trainable_params": metrics.get("trainable_params"), "eval_loss": metrics.get("eval_loss"),

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from layercard.atomic import atomic_dir, atomic_write_json, check_private, private_dir
 from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.label_loss import check_answer_tokens
@@ -159,15 +160,8 @@ def write_base_eval(path: str | Path | None, key: str, metrics: dict) -> None:
     initial = {f"initial_{k}": metrics.get(f"initial_{k}") for k in INITIAL_KEYS}
     if not path or initial["initial_eval_loss"] is None or read_base_eval(path, key) is not None:
         return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, "initial": initial}, indent=2))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        atomic_write_json(path, {"key": key, "initial": initial})
 
 
 # --------------------------------------------------------------------------- the Ray Train worker
@@ -472,13 +466,17 @@ def fit(cfg: TrainConfig, plan: Plan, storage_dir: Path):
 def run(cfg: TrainConfig, out: str | Path) -> dict:
     """Check inputs, train, and write ``OUT/metrics.json`` and ``OUT/adapter/``; returns the metrics."""
     out = Path(out).expanduser().resolve()
+    if out.exists():
+        raise LayercardError(f"output '{out}' already exists (choose another --out: a finished run is never replaced)")
+    storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
+    # A run already under storage_path is resumed, and resuming unpickles its DeepSpeed checkpoint:
+    # only a directory nobody else can write to is trusted.
+    check_private(storage / cfg.name, "training run")
     plan = prepare(cfg)                       # bad selection / data fail here, before Ray starts
     connect_ray(cfg.address)
     check_resources(cfg)
-    storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
-    if not cfg.storage_path and (storage / cfg.name).exists():
-        shutil.rmtree(storage / cfg.name)     # a fresh run in OUT, not a resume of an older one
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
+    private_dir(storage)
     t0 = time.perf_counter()
     result = fit(cfg, plan, storage)
     wall = time.perf_counter() - t0
@@ -486,16 +484,13 @@ def run(cfg: TrainConfig, out: str | Path) -> dict:
         raise result.error
     if result.checkpoint is None or not result.metrics:
         raise LayercardError(f"training run '{cfg.name}' finished without a final report")
-    adapter_dir = out / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / "adapter", adapter_dir)
+    with result.checkpoint.as_directory() as d, atomic_dir(out / "adapter") as tmp:
+        shutil.copytree(Path(d) / "adapter", tmp, dirs_exist_ok=True)
     metrics = {**result.metrics, "wall_time_s": wall, "model_id": plan.model_id, "weights_hash": plan.weights_hash,
                "selection": cfg.selection, "strategy": cfg.strategy, "selection_layers": plan.layers,
                "card_id": plan.card_id, "checkpoint": result.checkpoint.path,
                "config": dataclasses.asdict(cfg)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    atomic_write_json(out / "metrics.json", metrics, default=str)
     return metrics
 
 
