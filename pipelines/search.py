@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
+from layercard.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, check_private, \
+    private_dir
 from layercard.candidates import (Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations,
                                   training_order)
 from layercard.card import LayerCard
@@ -612,15 +613,9 @@ def write_card_version(s: Setup, rows: list[dict], single: dict[int, dict], per_
     }
     card.meta["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     final = s.out / "card"
-    stage = Path(tempfile.mkdtemp(prefix=".card-", dir=s.out))
-    try:
-        card.save(stage / "card")
-        (stage / "card" / "frontier.parquet").write_bytes(frontier)
-        if final.exists():
-            shutil.rmtree(final)
-        (stage / "card").rename(final)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with atomic_dir(final, replace=True) as stage:     # the previous OUT/card stays until this one is whole
+        card.save(stage, overwrite=True)
+        (stage / "frontier.parquet").write_bytes(frontier)
     return final
 
 
@@ -630,13 +625,13 @@ def write_outputs(s: Setup, grid) -> dict:
     rows = candidate_rows(s, trials)
     single, per_layer = _per_layer(s, rows)
     card_dir = write_card_version(s, rows, single, per_layer)
-    _frame(rows).to_parquet(s.out / "results.parquet", index=False)
-    _frame(trials).to_parquet(s.out / "trials.parquet", index=False)
+    atomic_write_bytes(s.out / "results.parquet", _parquet_bytes(_frame(rows)))
+    atomic_write_bytes(s.out / "trials.parquet", _parquet_bytes(_frame(trials)))
     unit = _UNIT_WORDS[s.cfg.budget_unit]
     write_frontier_png(rows, s.out / "frontier.png",
                        f"{s.plan.model_id}: {sum(r['status'] == 'trained' for r in rows)} trained, budget "
                        f"{_fmt(s.cfg.budget)} {unit}")
-    (s.out / "summary.md").write_text(summary_markdown(s, rows, per_layer, card_dir), encoding="utf-8")
+    atomic_write_text(s.out / "summary.md", summary_markdown(s, rows, per_layer, card_dir))
     version = None
     if s.cfg.store:
         from layercard.store import CardStore
@@ -648,10 +643,40 @@ def write_outputs(s: Setup, grid) -> dict:
 
 
 # --------------------------------------------------------------------------- the pipeline
+def _parquet_bytes(frame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def read_saved_search(out: Path) -> dict:
+    """OUT/search.json, checked: a truncated or edited file is a one-line error naming it."""
+    path = out / SEARCH_FILE
+    if not path.is_file():
+        raise LayercardError(f"'{out}' holds no search to resume ({SEARCH_FILE} is missing)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LayercardError(f"'{path}' is unreadable ({type(err).__name__}); start a new search") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+            or not isinstance(saved.get("trials"), (dict, list)) or "card_id" not in saved:
+        raise LayercardError(f"'{path}' is not a search record (config, card_id, trials); start a new search")
+    return saved
+
+
+def check_resumable(out: Path, saved: dict) -> None:
+    """Restoring a search unpickles Tune's state and resumes trials' checkpoints: refuse a local
+    storage directory that group or others can write to."""
+    storage = saved["config"].get("storage_path")
+    if storage and "://" in str(storage):
+        return
+    check_private(Path(storage).expanduser().resolve() if storage else out / "tune", "search storage")
+
+
 def _save_search(s: Setup) -> None:
     doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
            "candidates": [c.to_dict() for c in s.candidates], "trials": s.trials}
-    (s.out / SEARCH_FILE).write_text(json.dumps(doc, indent=2, default=str))
+    atomic_write_json(s.out / SEARCH_FILE, doc, default=str)
 
 
 def run(cfg: SearchConfig, out: str | Path) -> dict:
@@ -668,6 +693,8 @@ def run(cfg: SearchConfig, out: str | Path) -> dict:
         return run_explore(cfg, out)
     s = setup(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    if "://" not in s.storage:
+        private_dir(s.storage)      # resuming unpickles what Tune keeps here: owner-writable only
     _save_search(s)
     over = sum(c.over_budget for c in s.candidates)
     print(f"layercard search: {len(s.candidates)} candidates ({over} over budget), {len(s.trials)} trials -> {out}",
@@ -678,10 +705,8 @@ def run(cfg: SearchConfig, out: str | Path) -> dict:
 def resume(out: str | Path, overrides: list[str] = ()) -> dict:
     """Continue the search in OUT with ``Tuner.restore``: finished trials are kept, the rest run."""
     out = Path(out).expanduser().resolve()
-    path = out / SEARCH_FILE
-    if not path.is_file():
-        raise LayercardError(f"'{out}' holds no search to resume ({SEARCH_FILE} is missing)")
-    saved = json.loads(path.read_text())
+    saved = read_saved_search(out)
+    check_resumable(out, saved)
     if saved["config"].get("mode") == "explore":
         from pipelines.explore import resume_explore
 
@@ -716,7 +741,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="layercard search", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (configs/search-*.yaml)")
     p.add_argument("--out", help="output dir: results.parquet, frontier.png, summary.md, card/, tune/")
-    p.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted search in DIR. Resuming unpickles Tune's state and the trials' "
+                        "checkpoints (torch.load with weights_only=False): whoever can write to DIR/tune (or "
+                        "storage_path) can run code as you. Refused when group or others can write there")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. card=CARD_DIR budget=7e5 mode=per-layer")
     a = p.parse_args(argv)
     if a.resume and (a.config or a.out):

@@ -337,3 +337,28 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(full_searc
     assert row["attempts"] == 1 and row["trial_id"] == first["trial_id"]
     assert cut_short and all(trials.set_index("trial").loc[k, "attempts"] == 2 for k in cut_short)  # ran again
     assert summary["trained"] + summary["stopped_early"] == len(wanted) and summary["failed"] == 0
+
+
+def test_resume_of_a_truncated_search_record_is_one_line(tmp_path, capsys):
+    from pipelines import search
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / search.SEARCH_FILE).write_text('{"config": {"card": "x"}, "card_id": "ab')   # a killed writer
+    assert search.main(["--resume", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "search.json' is unreadable" in err and err.count("\n") == 1
+
+
+def test_resume_from_storage_others_can_write_is_refused(tmp_path, capsys):
+    """Restoring unpickles Tune's state: OUT/tune writable by group or others is refused before anything runs."""
+    import os
+
+    from pipelines import search
+
+    out = tmp_path / "s"
+    (out / "tune").mkdir(parents=True)
+    (out / search.SEARCH_FILE).write_text(json.dumps({"config": {}, "card_id": "ab", "trials": {}}))
+    os.chmod(out / "tune", 0o777)
+    assert search.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume from search storage" in err and str(out / "tune") in err and err.count("\n") == 1
