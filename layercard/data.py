@@ -112,6 +112,7 @@ def select_records(records: list[dict], cfg: DataConfig, path) -> list[dict]:
     """The records a profile uses, from the whole file's: a seeded shuffle when ``shuffle``, then
     the first ``num_samples``. Shared by the local and the Ray reader, so both pick the same ones."""
     check_columns(records[0].keys() if records else [], cfg, path)
+    check_every_record(records, cfg, path)
     if cfg.shuffle:
         g = torch.Generator().manual_seed(cfg.seed)
         records = [records[i] for i in torch.randperm(len(records), generator=g).tolist()]
@@ -127,6 +128,15 @@ def check_columns(available, cfg: DataConfig, where) -> None:
     missing = [c for c in cfg.columns if c not in available]
     if missing and available:
         raise LayercardError(f"data '{where}' has no column {missing[0]!r} (columns: {', '.join(map(str, available))})")
+
+
+def check_every_record(records: list, cfg: DataConfig, where) -> None:
+    """Each record an object with every configured column (the first one's keys are not the file's:
+    a later record without a column would fail deep in tokenisation)."""
+    for i, r in enumerate(records, start=1):
+        missing = [c for c in cfg.columns if not isinstance(r, dict) or c not in r]
+        if missing:
+            raise LayercardError(f"data '{where}': record {i} has no column {missing[0]!r}")
 
 
 def with_answer_eos(cfg: DataConfig, loss: str) -> DataConfig:
