@@ -68,7 +68,9 @@ class TrainConfig:
     address: str | None = None
     """Ray cluster address (``auto``, ``ray://...``); None: RAY_ADDRESS or a local cluster."""
     storage_path: str | None = None
-    """Where Ray Train keeps checkpoints (shared storage on a multi-node cluster); None: ``OUT/ray``."""
+    """Where Ray Train keeps checkpoints (shared storage on a multi-node cluster); None: ``OUT/ray``.
+    A run already at ``storage_path/name`` is resumed, which unpickles its DeepSpeed checkpoint: a local
+    directory that group or others can write to is refused (cluster/README.md, Security)."""
     name: str = "train"
     """Run name under ``storage_path``."""
     base_eval_cache: str | None = None
