@@ -39,25 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASKS = {
-    # label loss (log-softmax over the two answers' first tokens) is the sentiment quality
-    "sentiment": {"profile": [], "train": [], "accuracy": True},
-    # mean eval loss per title token; prompts are ~80 words, so longer sequences
-    "headline": {
-        "profile": ["data.path=cache:tasks/headline/calibration.jsonl", "data.max_seq_len=160",
-                    "data.num_samples=128", "profile.loss=lm", "profile.label_answers=null",
-                    # the LM loss gives K one rank per supervised title token (~15 a record)
-                    "coupling.probe_samples=16",
-                    # titles without an EOS, as the committed results were measured
-                    "data.answer_eos=false"],
-        "train": ["train.data.path=cache:tasks/headline/train.jsonl", "train.data.max_seq_len=160",
-                  "train.eval_data.path=cache:tasks/headline/eval.jsonl", "train.eval_data.max_seq_len=160",
-                  "train.eval_data.num_samples=200", "train.label_answers=null", "train.loss=lm",
-                  "train.batch_size=4", "train.data.answer_eos=false", "train.eval_data.answer_eos=false"],
-        # the trainer's exact match of a whole title (argmax at every title token) is ~0 for every set
-        "accuracy": False,
-    },
-}
+from layercard.task_recipes import TASKS  # noqa: E402  (the tasks' recipes, shared with the other benchmarks)
+
 LABEL = re.compile(r"^(?P<name>[\w-]+)(?: k=(?P<k>\d+))?(?: target=(?P<target>[\d.]+))?")
 
 
@@ -499,16 +482,9 @@ def plot_frontier(rows: list[dict], task: str, path: Path) -> None:
 
 
 def ensure_card(task: str, work: Path, extra: list[str]) -> Path:
-    from layercard.config import load_config
-    from layercard.profile_config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.task_recipes import ensure_card as ensure
 
-    card_dir = work / task / "card"
-    if not (card_dir / "card.json").exists():
-        cfg = load_config(ProfileConfig, ROOT / "configs" / "profile-smollm2.yaml", [*TASKS[task]["profile"], *extra])
-        print(f"== {task}: profiling SmolLM2 → {card_dir}", flush=True)
-        run_profile(cfg).save(card_dir)
-    return card_dir
+    return ensure(task, work, extra, ROOT / "configs" / "profile-smollm2.yaml")
 
 
 SCOPE_KEYS = ("mode", "ks", "targets", "strategies", "random_seeds", "seeds", "budget", "budget_fractions")

@@ -121,17 +121,15 @@ def build_pool(card, k: int, *, size: int, budget: float | None = None, budget_u
         pick = _key(select_max_quality(A, k=k, budget=budget).layers)
     except LayercardError:          # the budget is below the cheapest set of size <= k
         pass
-    near = set()
+    near = set()              # what the card proposes: its pick and the pick's best neighbours
     if pick is not None:
-        shifts = [s for s in shift_neighbours(ids, pick, shift_max) if fits(s)]
-        swaps = [s for s in swap_neighbours(ids, pick) if fits(s)]
+        shifts = _best([s for s in shift_neighbours(ids, pick, shift_max) if fits(s)], score, n_shifts, {pick})
+        swaps = _best([s for s in swap_neighbours(ids, pick) if fits(s)], score, n_swaps, {pick, *shifts})
         near = {pick, *shifts, *swaps}
         if card_candidates:
             proposals.append((pick, f"max-quality k={k}", "max-quality", None))
-            chosen = _best(shifts, score, n_shifts, {pick})
-            proposals += [(s, f"shift k={k} #{i + 1}", "neighbour", None) for i, s in enumerate(chosen)]
-            more = _best(swaps, score, n_swaps, {pick, *chosen})
-            proposals += [(s, f"swap k={k} #{i + 1}", "neighbour", None) for i, s in enumerate(more)]
+            proposals += [(s, f"shift k={k} #{i + 1}", "neighbour", None) for i, s in enumerate(shifts)]
+            proposals += [(s, f"swap k={k} #{i + 1}", "neighbour", None) for i, s in enumerate(swaps)]
     for name in strategies:
         if name == "all":
             continue

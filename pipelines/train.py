@@ -367,14 +367,14 @@ def train_func(config: dict) -> None:
         window = []
         if do_eval:
             metrics.update(run_eval())
-        if do_rung:
+        if rung_every:      # in every report: Tune refuses a report without the scheduler's metric
             metrics.update(run_rung_eval())
         if do_ckpt:
             report(metrics, step)
         else:
             ray.train.report(metrics)
 
-    final = run_eval()
+    final = {**run_eval(), **(run_rung_eval() if rung_every else {})}
     stats = _all_gather({"losses": losses, "step_s": step_s, "tokens": tokens, "setup_s": setup_s,
                          "peak_bytes": training.peak_memory_bytes(device)})
     metrics = {**_summary(stats, start, steps), **final, **info, **initial,

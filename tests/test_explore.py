@@ -134,8 +134,9 @@ def test_ablation_pool_holds_no_card_pick_or_neighbour_and_has_the_same_size():
     card = synthetic_card()
     k = 3
     pick = tuple(select_max_quality(arrays_from_card(card), k=k).layers)
-    near = {pick, *ex.swap_neighbours(card.layer_ids, pick)}
     full = ex.build_pool(card, k, size=14, strategies=STRATEGIES, random_seeds=[0])
+    near = {tuple(c.layers) for c in full if c.objectives}                  # the pick and its neighbours
+    assert pick in near and len(near) == 1 + 2 + 2
     abl = ex.build_pool(card, k, size=14, strategies=STRATEGIES, random_seeds=[0], card_candidates=False)
     assert len(abl) == len(full) == 14
     assert not {tuple(c.layers) for c in abl} & near
@@ -203,3 +204,209 @@ def test_best_fixed_from_the_committed_paper_table():
     means = {s: np.mean([r["gain_fraction"] for r in rows if r["strategy"] == s]) for s in {r["strategy"] for r in rows}}
     assert gf == pytest.approx(max(means.values())) and means[name] == pytest.approx(gf)
     assert best_fixed_from_table(path, "sentiment", 99) == (None, None)
+
+
+# --------------------------------------------------------------------------- real Ray
+@pytest.fixture(scope="module")
+def card_dir(tmp_path_factory):
+    from layercard.profile_config import ProfileConfig
+    from pipelines.profile import run_profile
+
+    card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
+    return card.save(tmp_path_factory.mktemp("card") / "card")
+
+
+# 4 layers, k = 2: a pool of 4 sets under ASHA (rungs at steps 2 and 4 of 6), one trial at a time so
+# the order the rungs fill in is the pool's; then the all-layer reference on 2 seeds and the pick on seed 1.
+EXPLORE = ["mode=explore", "budget=null", "ks=[2]", "seeds=[0,1]", "explore.pool_size=4", "explore.grace_period=2",
+           "explore.reduction_factor=2", "max_concurrent_trials=1", "train.warmup_steps=0"]
+
+
+def explore_cfg(card_dir, *overrides: str) -> SearchConfig:
+    return load_config(SearchConfig, SEARCH_YAML, [f"card={card_dir}", *EXPLORE, *overrides])
+
+
+def _tiny_trainer(loop: dict, plan, rung_rows=None):
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train import train_func
+
+    def ds(rows):
+        return ray.data.from_items(rows, override_num_blocks=2)
+
+    return TorchTrainer(train_func, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
+                        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.49}),
+                        run_config=RunConfig(storage_path=loop["fault_marker"].rsplit("/", 2)[0],
+                                             name=f"run-{uuid.uuid4().hex[:6]}"),
+                        datasets={"train": ds(plan.train), "eval": ds(plan.eval),
+                                  **({"rung_eval": ds(rung_rows)} if rung_rows else {})})
+
+
+@pytest.mark.slow
+def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
+    """The same run with and without a rung eval every 2 steps: the same losses, bit for bit (the rung
+    eval must not draw from the RNG training uses: LoRA dropout is on here)."""
+    from layercard.config import from_dict
+    from layercard.train_config import TrainConfig
+    from pipelines.train import prepare, worker_config
+
+    t = explore_cfg(card_dir=None).train
+    cfg = from_dict(TrainConfig, {**t, "strategy": "all", "lora_dropout": 0.1, "steps": 6})
+    plan = prepare(cfg)
+    loop = worker_config(cfg, plan, tmp_path)
+    plain = _tiny_trainer(loop, plan).fit()
+    rung = _tiny_trainer({**loop, "rung_eval_every": 2}, plan, plan.eval[:4]).fit()
+    assert plain.error is None and rung.error is None
+    a, b = plain.metrics, rung.metrics
+    assert "rung_quality" not in a and b["rung_quality"] is not None
+    assert b["train_loss_history"] == a["train_loss_history"] and b["eval_loss"] == a["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def explored(ray_local, card_dir, tmp_path_factory):
+    """One explore search, interrupted after its first finished trial and resumed: (out, summary, the
+    events before resuming)."""
+    from pipelines.search import SearchInterrupted, read_events, resume, run
+
+    out = tmp_path_factory.mktemp("explore") / "x"
+    with pytest.raises(SearchInterrupted, match="--resume"):
+        run(explore_cfg(card_dir, "stop_after_trials=1"), out)
+    before = read_events(out)
+    return out, resume(out), before
+
+
+def _replay_asha(rung_rows: list[dict], milestones: list[int], eta: float) -> dict[str, int | None]:
+    """Ray's ASHA rule (one bracket, mode min) replayed on the rung qualities in the order the driver
+    saw them: trial key → the milestone it is stopped at (None: it goes on)."""
+    recorded: dict[int, list[float]] = {m: [] for m in milestones}
+    stopped: dict[str, int | None] = {}
+    for row in rung_rows:
+        key = row["key"]
+        stopped.setdefault(key, None)
+        if stopped[key] is not None:
+            continue
+        for m in reversed(milestones):            # the highest milestone this report has reached first
+            if row["step"] < m or key in [k for k, _ in recorded[m]]:
+                continue
+            rewards = [-q for _, q in recorded[m]]
+            if rewards and -row["rung_quality"] < np.nanpercentile(rewards, (1 - 1 / eta) * 100):
+                stopped[key] = m
+            recorded[m].append((key, row["rung_quality"]))
+            break
+    return stopped
+
+
+@pytest.mark.slow
+def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
+    from pipelines.explore import read_rungs
+
+    out, _, _ = explored
+    cfg = explore_cfg(card_dir)
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+    pool = [k for k in trials.index if k.startswith("k2") and k.endswith("-s0")]
+    assert len(pool) == 4
+    rows = [r for r in read_rungs(out) if r["key"] in pool]
+    stops = _replay_asha(rows, [2, 4], cfg.explore.reduction_factor)
+    for key in pool:
+        t = trials.loc[key]
+        if stops[key] is None:
+            assert t["status"] == "trained" and t["steps_done"] == cfg.train_config.steps, key
+        else:
+            assert t["status"] == "stopped_early" and t["steps_done"] == stops[key], key
+    stopped = [k for k in pool if stops[k] is not None]
+    assert 1 <= len(stopped) < len(pool)
+    at = {k: {r["step"]: r["rung_quality"] for r in rows if r["key"] == k} for k in pool}
+    for k in stopped:           # a stopped trial was worse than the best trial recorded before it at its rung
+        m = stops[k]
+        assert at[k][m] > min(at[j][m] for j in pool if j != k and m in at[j])
+    res = pd.read_parquet(out / "results.parquet").set_index("candidate")
+    for k in pool:
+        c = k.split("-")[0]
+        assert res.loc[c, "rung_reached"] == (3 if stops[k] is None else [2, 4].index(stops[k]) + 1)
+
+
+@pytest.mark.slow
+def test_explore_resumes_keeping_finished_trials(explored):
+    from pipelines.search import read_events
+
+    out, summary, before = explored
+    done = [e for e in before if e["event"] == "complete"]
+    assert len(done) == 1
+    first = done[0]["key"]
+    after = read_events(out)
+    assert sum(e["event"] == "start" and e["key"] == first for e in after) == 1      # not run again
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials.loc[trials["trial"] == first, "attempts"].item() == 1
+    assert summary["failed"] == 0 and len(trials) == 4 + 3
+
+
+@pytest.mark.slow
+def test_explore_writes_its_rows_and_the_usual_outputs(explored, card_dir):
+    out, summary, _ = explored
+    (row,) = json.loads((out / "explore.json").read_text())
+    keys = {"task", "k", "picked_layers", "gain_fraction_mean", "gain_fraction_sd", "best_fixed_strategy",
+            "best_fixed_gain_fraction", "steps", "fixed_steps", "rung_spearman"}
+    assert keys <= set(row) and row["task"] == "tiny" and row["k"] == 2 and len(row["picked_layers"]) == 2
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+    res = pd.read_parquet(out / "results.parquet").set_index("candidate")
+    ended = [t for t in trials.index if t.startswith("k2") and t.endswith("-s0") and trials.loc[t, "status"] == "trained"]
+    best = min(ended, key=lambda t: trials.loc[t, "quality"])
+    assert res.loc[best.split("-")[0], "layers"].tolist() == row["picked_layers"]
+    pick = best.split("-")[0]
+    assert set(trials.loc[[f"{pick}-s0", f"{pick}-s1", "all-s0", "all-s1"], "status"]) == {"trained"}
+    base = trials["initial_quality"].median()
+    gf = [(base - trials.loc[f"{pick}-s{s}", "quality"]) / (base - trials.loc[f"all-s{s}", "quality"]) for s in (0, 1)]
+    assert row["gain_fraction_mean"] == pytest.approx(np.mean(gf))
+    assert row["steps"] == trials["steps_done"].sum()                       # every step the search trained
+    assert row["fixed_steps"] == ex.fixed_steps(2, 4, STRATEGIES, [0], 2, 6)
+    assert [g["step"] for g in row["rung_spearman"]] == [2, 4]
+    assert row["rung_spearman"][1]["n_sets"] == len(ended)
+    assert "rung_reached" in res.columns and res.loc["all", "rung_reached"] == 3
+    text = (out / "summary.md").read_text()
+    assert "## Explore" in text and ("Rung gate passed" in text or "Warning: rung gate" in text)
+    assert LayerCard.load(out / "card").meta["parent_card_id"] == LayerCard.load(card_dir).card_id
+    assert (out / "frontier.png").is_file() and summary["explore"][0] == row
+
+
+@pytest.mark.slow
+def test_explore_under_ray_job_submit(card_dir, tmp_path):
+    """``layercard search mode=explore`` as a job on a real head (token auth on): it finishes and writes explore.json."""
+    from ray_head import start_head, stop_head, submit_job
+
+    head = start_head(tmp_path / "head")
+    out = tmp_path / "job"
+    try:
+        proc = submit_job(head, ["--submission-id", f"explore-{uuid.uuid4().hex[:8]}", "--working-dir", str(ROOT),
+                                 "--", sys.executable, "-m", "pipelines.search", "--config", str(SEARCH_YAML),
+                                 "--out", str(out), f"card={card_dir}", *EXPLORE, "seeds=[0]", "explore.pool_size=2",
+                                 "train.steps=4", "max_concurrent_trials=2"])
+    finally:
+        stop_head(head.temp_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (row,) = json.loads((out / "explore.json").read_text())
+    assert row["k"] == 2 and row["gain_fraction_mean"] is not None and row["steps"] <= 3 * 4
+    assert len(pd.read_parquet(out / "trials.parquet")) == 3
+
+
+@pytest.mark.slow
+def test_explore_table_smoke(ray_local, tmp_path):
+    """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model, merged
+    into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains)."""
+    from bench_scripts import load_benchmark
+
+    bench = load_benchmark("explore_table")
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--seeds", "0",
+            "--steps", "4"]
+    assert bench.main(args) == 0
+    (row,) = json.loads((tmp_path / "results" / "explore_tiny.json").read_text())
+    assert {"picked_layers", "gain_fraction_mean", "steps", "fixed_steps", "rung_spearman", "ablation_gain_fraction",
+            "ablation_steps", "best_fixed_strategy"} <= set(row)
+    assert row["task"] == "tiny" and row["ablation_steps"] > 0 and row["card_helps"] in (True, False)
+    ablation = json.loads((tmp_path / "work" / "tiny" / "explore-k2-ablation" / "search.json").read_text())
+    assert not any(c["objectives"] for c in ablation["candidates"])           # no card pick, no neighbour
+    stamp = (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns
+    assert bench.main([*args, "--resume"]) == 0
+    assert (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "results" / "explore_tiny.json").read_text()) == [row]
