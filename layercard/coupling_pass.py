@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layercard.adam_step import DEFAULT_INIT_SEED, lora_init_a, sign_step_tangent
 from layercard.coupling import (Sketch, ce_logit_grad, centered_softmax_weights, correlation,
                                 coupling_from_embeddings, linear_term, metric_embed)
 from layercard.directions import layer_directions, supervised_targets
@@ -50,6 +51,39 @@ def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, 
             tangent = tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
         out.setdefault(m.layer, {})[m.weight_name] = tangent
     return out
+
+
+ADAM_KEY = 1 << 20
+"""Pass-2 key of layer ℓ's sign-step direction: ``ADAM_KEY + ℓ`` (its Newton direction's key is ℓ)."""
+
+
+def adam_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, *, rank: int,
+                alpha: float | None = None, seed: int = DEFAULT_INIT_SEED, layers: Iterable[int] | None = None,
+                device: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Adam's first LoRA step per layer (:func:`layercard.adam_step.sign_step_tangent` of every target
+    module, A₀ seeded per module), keyed ``ADAM_KEY + ℓ``; dtypes/devices as :func:`layer_deltas`."""
+    params = dict(model.named_parameters())
+    wanted = set(layout.layers if layers is None else layers)
+    scaling = (alpha if alpha else 2.0 * rank) / rank
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for m in layout.modules:
+        if m.layer not in wanted:
+            continue
+        delta = sign_step_tangent(stats.C[m.key], lora_init_a(m.d_in, rank, m.key, seed), scaling)  # (d_out, d_in)
+        w = params[m.weight_name]
+        tangent = delta.T if m.transposed else delta
+        if device is None:
+            tangent = tangent.to(device=w.device, dtype=w.dtype)
+        else:
+            tangent = tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+        out.setdefault(ADAM_KEY + m.layer, {})[m.weight_name] = tangent
+    return out
+
+
+def direction_keys(layers: Iterable[int], adam: bool) -> list[int]:
+    """Pass 2's direction keys in matrix order: the Newton directions, then (``adam``) the sign steps."""
+    layers = list(layers)
+    return layers + ([ADAM_KEY + l for l in layers] if adam else [])
 
 
 def make_sketch(vocab: int, dim: int, above_vocab: int, seed: int) -> Sketch | None:
@@ -117,7 +151,16 @@ def _coupling_terms(model, deltas_by_layer, batches, layers, sketch, label_ids=N
 
 
 def attach_coupling(card, K: np.ndarray, b: np.ndarray, meta: dict | None = None) -> None:
-    """Store K, ρ and the layer columns ``b``, ``k_diag`` on the card."""
+    """Store K, ρ and the layer columns ``b``, ``k_diag`` on the card. A K of 2L × 2L holds the
+    sign-step directions too (:func:`direction_keys`): their block becomes ``coupling_adam`` and the
+    columns ``adam_b`` (the ℓ1 rate on the probe set) and ``adam_h`` (the curvature uᵀHu)."""
+    L = len(card.layers)
+    K, b = np.asarray(K, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if K.shape == (2 * L, 2 * L):
+        card.coupling_adam = K[L:, L:].copy()
+        card.layers["adam_b"] = b[L:].copy()
+        card.layers["adam_h"] = np.diag(K[L:, L:]).copy()
+        K, b = K[:L, :L], b[:L]
     card.coupling_k = np.asarray(K, dtype=np.float64)
     card.coupling = correlation(card.coupling_k)
     card.layers["b"] = np.asarray(b, dtype=np.float64)
@@ -126,13 +169,23 @@ def attach_coupling(card, K: np.ndarray, b: np.ndarray, meta: dict | None = None
 
 
 def coupling_pass(model: nn.Module, layout: ModelLayout, card, batches: list[dict], *, sketch: Sketch | None,
-                  eigs: dict | None = None, label_ids=None) -> None:
+                  eigs: dict | None = None, label_ids=None, adam: bool = True) -> None:
     """Single-process pass 2 on ``card`` (which must carry its statistics); ``eigs`` as in
-    :func:`layer_deltas`; ``label_ids``: the label loss (as pass 1 used)."""
+    :func:`layer_deltas`; ``label_ids``: the label loss (as pass 1 used); ``adam``: also the
+    sign-step directions of Adam's first LoRA step (:func:`adam_deltas`)."""
     if card.stats is None:
         raise LayercardError("the card carries no statistics (stats.safetensors); re-profile to compute coupling")
     rank, ridge = card.meta["rank"], card.meta["ridge"]
     deltas = layer_deltas(model, layout, card.stats, rank=rank, ridge=ridge, eigs=eigs)
-    K, b = coupling_terms(model, deltas, batches, list(layout.layers), sketch, label_ids)
+    if adam:
+        deltas.update(adam_deltas(model, layout, card.stats, rank=rank))
+    K, b = coupling_terms(model, deltas, batches, direction_keys(layout.layers, adam), sketch, label_ids)
     attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
-                                 "coupling_tokens": sum(loss_count(x["labels"], label_ids) for x in batches)})
+                                 "coupling_tokens": sum(loss_count(x["labels"], label_ids) for x in batches),
+                                 **adam_meta(rank, adam)})
+
+
+def adam_meta(rank: int, adam: bool) -> dict:
+    """What the sign-step directions were drawn with (LoRA scaling, A₀ seed rule)."""
+    return {"adam_directions": {"lora_alpha": 2.0 * rank, "init_seed": DEFAULT_INIT_SEED,
+                                "init": "uniform(±1/sqrt(d_in)) per module, seeded by (seed, module key)"}} if adam else {}

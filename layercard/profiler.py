@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from layercard.adam_step import lora_b_grad, lora_init_a
 from layercard.card import LAYER_COLUMNS, MODULE_COLUMNS, LayerCard, library_versions
 from layercard.discovery import ModelLayout, discover
 from layercard.errors import LayercardError
@@ -93,9 +94,20 @@ def _module_rows(layout: ModelLayout, stats: SufficientStats, rank: int, ridge: 
             eigs[group] = eig_psd(A)
         vals = module_metrics(A, stats.C[m.key], stats.gg[m.key], stats.n[group], ridge, rank, m.d_out,
                               eig=eigs[group])
+        vals.update(lora_init_gradient(stats.C[m.key], m.d_in, rank, m.key))
         rows.append({"layer": m.layer, "module": m.name, "target": m.target, "d_in": m.d_in, "d_out": m.d_out,
                      "n_tokens": stats.n[group], "group": group, "gg": stats.gg[m.key], **vals})
     return pd.DataFrame(rows)
+
+
+ADAM_COLUMNS = ["lora_grad_l1", "lora_grad_l2"]
+
+
+def lora_init_gradient(C, d_in: int, rank: int, key: str) -> dict:
+    """ℓ1 and ℓ2 norms of ∇_B L at PEFT's LoRA init (B = 0, A₀ as :func:`layercard.adam_step.lora_init_a`
+    draws it, lora_alpha = 2r): the loss decrease per unit of Adam's first step, and its gradient size."""
+    g = lora_b_grad(C, lora_init_a(d_in, rank, key), 2.0)
+    return {"lora_grad_l1": float(g.abs().sum()), "lora_grad_l2": float(torch.linalg.vector_norm(g))}
 
 
 def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
@@ -115,8 +127,11 @@ def aggregate_layers(modules: pd.DataFrame) -> pd.DataFrame:
             "energy": groups["energy"].sum(), "kappa": groups["kappa"].max(),
             "erank": groups["erank"].mean(), "d_eff": groups["d_eff"].mean(),
             "gain_adj": g["gain_adj"].sum(), "gain_adj_rank_r": g["gain_adj_rank_r"].sum(),
+            **({"lora_grad_l1": g["lora_grad_l1"].sum(), "lora_grad_l2": float(np.sqrt((g["lora_grad_l2"] ** 2).sum()))}
+               if "lora_grad_l1" in g.columns else {}),
         })
-    return pd.DataFrame(out)[LAYER_COLUMNS]
+    df = pd.DataFrame(out)
+    return df[LAYER_COLUMNS + [c for c in ADAM_COLUMNS if c in df.columns]]
 
 
 def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
@@ -143,7 +158,8 @@ def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, r
         "rank": rank, "ridge": ridge, "n_tokens": stats.n_tokens, "library_versions": library_versions(),
     }
     card_meta.update(meta or {})
-    return LayerCard(layers, modules[MODULE_COLUMNS + ["group", "gg"]], np.eye(L) * 0.0, None, card_meta, stats)
+    return LayerCard(layers, modules[MODULE_COLUMNS + ["group", "gg", *ADAM_COLUMNS]], np.eye(L) * 0.0, None,
+                     card_meta, stats)
 
 
 def profile_model(model: nn.Module, batches: Iterable[dict], *, target_modules=None, layers=None,

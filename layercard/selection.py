@@ -82,6 +82,7 @@ __all__ = [
     "pareto_front",
     "arrays_from_card",
     "card_cost",
+    "resolve_model",
     "COST_UNITS",
 ]
 
@@ -116,6 +117,8 @@ class CardArrays:
     lowest_cost: np.ndarray
     added_cost: np.ndarray
     cost_unit: str = "flops"
+    model: "GainModel | None" = None
+    """The set model Q scores sets with; None: the Newton model ``½ b̂ᵀ(K̂ + E)⁺b̂`` of K, b and weight."""
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)   # fresh on replace()
 
     def __post_init__(self):
@@ -163,6 +166,16 @@ class CardArrays:
     @property
     def unit_words(self) -> str:
         return _UNIT_WORDS[self.cost_unit]
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name if self.model is not None else "newton"
+
+    def gains(self, sets: np.ndarray) -> np.ndarray:
+        """Q of each row of ``sets`` (N, s) of positions, under this card's set model."""
+        if self.model is not None:
+            return self.model(sets)
+        return _batched_gains(self.K_eff, self.b_eff, sets)
 
     def positions(self, layers) -> list[int]:
         where = {int(l): i for i, l in enumerate(self.layers)}
@@ -242,11 +255,13 @@ def set_quality(A: CardArrays, layers) -> float:
     pos = A.positions(layers)
     if not pos:
         return 0.0
-    return float(_batched_gains(A.K_eff, A.b_eff, np.array([pos]))[0])
+    return float(A.gains(np.array([pos]))[0])
 
 
 def singleton_quality(A: CardArrays) -> np.ndarray:
-    """Q({ℓ}) = r_ℓ · b_ℓ² / (2 K_ℓℓ) per layer (0 where K_ℓℓ ≤ 0), shape (L,)."""
+    """Q({ℓ}) per layer, shape (L,); for the Newton model r_ℓ · b_ℓ² / (2 K_ℓℓ) (0 where K_ℓℓ ≤ 0)."""
+    if A.model is not None:
+        return A.gains(np.arange(A.L)[:, None])
     d = np.diag(A.K)
     ok = d > 0
     return np.where(ok, A.b_eff**2 / (2.0 * np.where(ok, d, 1.0)), 0.0)
@@ -270,7 +285,7 @@ def _enumerate(A: CardArrays) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
         for s in range(1, A.L + 1):
             block = np.array(list(itertools.combinations(range(A.L), s)), dtype=np.int64)
             sets.extend(block)
-            gains.append(_batched_gains(A.K_eff, A.b_eff, block))
+            gains.append(A.gains(block))
             costs.append(_batched_costs(A, block))
         sizes = np.array([len(s) for s in sets])
         A._cache["all"] = (sets, np.concatenate(gains), np.concatenate(costs), sizes)
@@ -298,11 +313,11 @@ def _to_selection(A: CardArrays, item, method: str) -> Selection:
 # ---------------------------------------------------------------------------------------------
 def _gains_with(A: CardArrays, S: list[int], cands: list[int]) -> np.ndarray:
     sets = np.array([sorted(S + [j]) for j in cands], dtype=np.int64)
-    return _batched_gains(A.K_eff, A.b_eff, sets)
+    return A.gains(sets)
 
 
 def _gain(A: CardArrays, S) -> float:
-    return float(_batched_gains(A.K_eff, A.b_eff, np.array([sorted(S)], dtype=np.int64))[0]) if S else 0.0
+    return float(A.gains(np.array([sorted(S)], dtype=np.int64))[0]) if S else 0.0
 
 
 def _cost(A: CardArrays, S) -> float:
@@ -512,10 +527,28 @@ def card_reliability(card) -> np.ndarray:
     return reliability(t["res2"].to_numpy(), t["gain_adj"].to_numpy(), t["kappa"].to_numpy())
 
 
-def arrays_from_card(card, cost_unit: str = "flops") -> CardArrays:
+def resolve_model(card, model: str | None) -> str:
+    """The set model to use: ``model`` as given, else the default when the card carries what it
+    needs (sign-step directions for ``adam``/``coverage``), else ``newton``."""
+    from layercard.gain_models import DEFAULT_MODEL
+
+    if model is not None:
+        return model
+    if DEFAULT_MODEL != "newton" and getattr(card, "coupling_adam", None) is None:
+        return "newton"
+    return DEFAULT_MODEL
+
+
+def arrays_from_card(card, cost_unit: str = "flops", model: str | None = None,
+                     step_budget: float | None = None) -> CardArrays:
     """CardArrays of a complete card: K and b from the coupling pass, the reliability from the
     statistics columns, and the cost decomposition probed from :func:`layercard.cost.predicted_cost`
-    (lowest_cost[ℓ] = cost({ℓ}); added_cost[ℓ] = cost({first, ℓ}) − cost({first}))."""
+    (lowest_cost[ℓ] = cost({ℓ}); added_cost[ℓ] = cost({first, ℓ}) − cost({first})). ``model``: the
+    set model (:mod:`layercard.gain_models`; None → :func:`resolve_model`), ``step_budget``: its
+    ρ = Σ lr_t (None → the default training recipe's)."""
+    from layercard.gain_models import gain_model_from_card
+
+    gain_model = gain_model_from_card(card, resolve_model(card, model), step_budget)
     _require_coupling(card)
     if cost_unit not in COST_UNITS:
         raise LayercardError(f"--budget-unit '{cost_unit}' is not one of {sorted(COST_UNITS)}")
@@ -532,4 +565,4 @@ def arrays_from_card(card, cost_unit: str = "flops") -> CardArrays:
     t = card.layers
     weight = card_reliability(card)
     return CardArrays(np.asarray(ids), card.coupling_k, t["b"].to_numpy(np.float64), weight,
-                      lowest, added, cost_unit)
+                      lowest, added, cost_unit, gain_model)

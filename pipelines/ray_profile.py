@@ -317,7 +317,9 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     """Pass 1 (+ pass 2 when coupling is enabled) on Ray; returns (card, loaded model, probe examples)."""
     import tempfile
 
-    from layercard.coupling_pass import attach_coupling, layer_deltas
+    from layercard.coupling_pass import adam_deltas, adam_meta, attach_coupling, direction_keys, layer_deltas
+    from layercard.data import batches_of
+    from layercard.losses import loss_count
     from layercard.coupling import coupling_from_embeddings
     from layercard.discovery import discover
     from layercard.models import describe_model
@@ -384,17 +386,24 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         probe = ray.data.from_items(shards, override_num_blocks=len(shards))
         deltas = layer_deltas(lm.model, layout, stats, rank=cfg.profile.rank, ridge=cfg.profile.ridge, device="cpu",
                               eigs=eigs)
+        adam = cfg.coupling.adam
+        if adam:
+            deltas.update(adam_deltas(lm.model, layout, stats, rank=cfg.profile.rank, device="cpu"))
         eigs = None
         sketch = sketch_for(cfg, lm.model.config.vocab_size)
         sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
-        refs = {s: ray.put({l: deltas[l] for l in layers}) for s, layers in enumerate(slices)}
-        agg = DirectionsSum(list(layout.layers), len(slices), coupling_from_embeddings)
+        refs = {s: ray.put({k: deltas[k] for k in direction_keys(layers, adam)}) for s, layers in enumerate(slices)}
+        agg = DirectionsSum(direction_keys(layout.layers, adam), len(slices), coupling_from_embeddings)
         used2 = _run_pool(probe, DirectionsActor, cfg, slices,
                           lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args}, len(shards), agg.add,
                           presharded=True)
         card.meta["ray_layout"]["pass2_actors_used"] = used2
         K, b = agg.result()
-        attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None})
+        label_ids = card.meta.get("label_token_ids")
+        probe_count = sum(loss_count(x["labels"], label_ids)
+                          for x in batches_of(probe_records, cfg.data.batch_size, lm.tokenizer.pad_id))
+        attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
+                                     "coupling_tokens": probe_count, **adam_meta(cfg.profile.rank, adam)})
         if progress:
             dt = time.perf_counter() - t0
             print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(shards)} shards "

@@ -28,6 +28,7 @@ from layercard.atomic import atomic_dir
 from layercard.card import LayerCard
 from layercard.data import LEGACY_SEQUENCE_FORMAT
 from layercard.errors import LayercardError
+from layercard.gain_models import DEFAULT_MODEL, FORMULAS, MODELS
 from layercard.lora_config import build_lora_config, card_rank_allocation, write_lora_config
 from layercard.selection import (
     COST_UNITS,
@@ -43,6 +44,10 @@ from layercard.selection import (
 OBJECTIVES = ("max-quality", "min-cost", "pareto")
 QUALITY_FORMULA = ("Q(S) = ½ b̂_Sᵀ (K̂_SS + E_SS)⁺ b̂_S; b̂ = √r ⊙ b, K̂ = (√r √rᵀ) ⊙ K, E = diag((1 − r) ⊙ diag K), "
                    "r = f²·min(1, √(κ_ref/κ)), f = 2·gain_adj/res2 (layercard.selection)")
+
+
+def _formula(A: CardArrays | None) -> str:
+    return FORMULAS.get(A.model_name, QUALITY_FORMULA) if A is not None else QUALITY_FORMULA
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="LoRA rank of every adapter (default: the card's rank)")
     p.add_argument("--rank-budget", type=int, help="total adapter parameters; ranks are spread over the layers")
     p.add_argument("--alpha", type=float, help="lora_alpha (default 2 x rank)")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help=f"set model that scores layer sets (default {DEFAULT_MODEL} when the card has its "
+                        "columns, else newton; see layercard.gain_models)")
+    p.add_argument("--step-budget", type=float, default=None,
+                   help="ρ = Σ lr_t of the training run the selection is for (adam/coverage models)")
+    p.add_argument("--train-config", default=None,
+                   help="a `layercard train` YAML: ρ from its lr, steps and warmup_steps (instead of --step-budget)")
     p.add_argument("--target-form", choices=("auto", "list", "regex"), default="auto",
                    help="target_modules as a list + layers_to_transform, or one regex (auto: regex when ambiguous)")
     return p
@@ -99,10 +111,27 @@ def _check_args(a) -> None:
 # ---------------------------------------------------------------------------------------------
 # Choosing
 # ---------------------------------------------------------------------------------------------
-def _arrays(card, unit: str, needed: bool) -> tuple[CardArrays | None, str | None]:
+def step_budget_of(a) -> float | None:
+    """ρ from --step-budget or --train-config (None: the set model's default recipe)."""
+    if a.step_budget is not None and a.train_config is not None:
+        raise LayercardError("give --step-budget or --train-config, not both")
+    if a.train_config is None:
+        if a.step_budget is not None and not a.step_budget > 0:
+            raise LayercardError(f"--step-budget must be > 0, got {a.step_budget}")
+        return a.step_budget
+    from layercard.adam_step import step_budget
+    from layercard.config import load_config
+    from layercard.train_config import TrainConfig
+
+    t = load_config(TrainConfig, a.train_config, [])
+    return step_budget(t.lr, t.steps, t.warmup_steps)
+
+
+def _arrays(card, unit: str, needed: bool, model: str | None = None,
+            rho: float | None = None) -> tuple[CardArrays | None, str | None]:
     """The card's selection arrays; a baseline without coupling or cost still runs (no predictions)."""
     try:
-        return arrays_from_card(card, unit), None
+        return arrays_from_card(card, unit, model=model, step_budget=rho), None
     except LayercardError as err:
         if needed:
             raise
@@ -190,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
     card = LayerCard.load(a.card, with_stats=False)
-    A, missing = _arrays(card, a.budget_unit, needed=bool(a.objective) or a.rank_budget is not None)
+    rho = step_budget_of(a)
+    A, missing = _arrays(card, a.budget_unit, needed=bool(a.objective) or a.rank_budget is not None,
+                         model=a.model, rho=rho)
     layers, method, front = _choose(card, a, A)
 
     ranks = None
@@ -214,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {"k": a.k, "budget": a.budget, "budget_unit": a.budget_unit, "target": a.target,
                        "seed": a.seed if a.strategy == "random" else None, "rank": config.r,
                        "rank_budget": a.rank_budget, "alpha": config.lora_alpha},
-        "quality_formula": QUALITY_FORMULA,
+        "quality_formula": _formula(A),
+        "quality_model": A.model_name if A is not None else None,
+        "step_budget": getattr(getattr(A, "model", None), "rho", None),
         **_predictions(card, A, layers, all_cost, all_gain),
         "all_layer_gain": all_gain,
         "all_layer_cost": all_cost,
@@ -234,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         selection["baselines"] = _baselines(card, A, len(layers), a.seed, all_cost, all_gain)
     pareto = None
     if front is not None:
-        pareto = {"card_id": card.card_id, "cost_unit": COST_UNITS[a.budget_unit], "quality_formula": QUALITY_FORMULA,
+        pareto = {"card_id": card.card_id, "cost_unit": COST_UNITS[a.budget_unit], "quality_formula": _formula(A),
                   "all_layer_gain": all_gain, "all_layer_cost": all_cost,
                   "sets": [{"layers": list(s.layers), "method": s.method,
                             **_predictions(card, A, list(s.layers), all_cost, all_gain)} for s in front]}

@@ -1,0 +1,193 @@
+"""Predictor leaderboard: which card score ranks measured layer sets (and single layers) best?
+
+For every task with a measured table (``benchmarks/results/paper_table.json``: every strategy at
+k = 3, 5, 8, seed-mean gain fraction) and a card of the same model and data (``--cards DIR`` holds
+``DIR/<task>``), every predictor the card can compute scores every measured set. Reported per task:
+
+* within-k Spearman ρ between the predictor and the measured gain fraction at each k, their mean,
+  and a permutation p-value of that mean (measured values shuffled within each k, one-sided);
+* where ``benchmarks/results/per_layer_<task>.json`` exists (every layer trained alone), the
+  Spearman ρ of the predictor's singleton score with the single-layer gain.
+
+Constants: the ``adam`` and ``coverage`` models use the step budget ρ = Σ lr_t of the task's own
+training recipe (from its archived search records) and nothing fitted; the ``newton`` model's
+reliability uses the card's median κ. No constant is fitted on any task, so leave-one-task-out
+holds trivially; a predictor that ever needs one must fit it on one task and be scored on the rest.
+
+    python benchmarks/predictors.py --cards runs/cards            # → benchmarks/results/predictors.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+KS = (3, 5, 8)
+
+
+def _sum_of(column: str):
+    def score(card, A, layers):
+        t = card.layers.set_index("layer")
+        return float(t.loc[list(layers), column].sum())
+    return score
+
+
+def _model(name: str):
+    def score(card, A, layers):
+        from layercard.selection import set_quality
+
+        return set_quality(A[name], layers)
+    return score
+
+
+def _shallow(card, A, layers) -> float:
+    return -float(np.mean(layers))
+
+
+PREDICTORS = {
+    # card set models (layercard.gain_models)
+    "adam Q (trust-region sign step)": _model("adam"),
+    "coverage Q": _model("coverage"),
+    "newton Q (½b̂ᵀK̂⁻¹b̂)": _model("newton"),
+    # free predictors: a card column summed over the set, or depth
+    "Σ adam_b (ℓ1 rate, probe)": _sum_of("adam_b"),
+    "Σ lora_grad_l1": _sum_of("lora_grad_l1"),
+    "Σ grad_norm": _sum_of("grad_norm"),
+    "Σ res2": _sum_of("res2"),
+    "Σ gain_adj": _sum_of("gain_adj"),
+    "Σ block_influence": _sum_of("block_influence"),
+    "shallowness (−mean layer)": _shallow,
+}
+FREE = [name for name in PREDICTORS if not name.endswith("Q") and "Q (" not in name]
+
+
+def spearman(x, y) -> float:
+    from layercard.candidates import spearman as sp
+
+    r = sp(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    return float("nan") if r is None else float(r)
+
+
+def measured_sets(rows: list[dict], task: str) -> dict[int, list[tuple[tuple[int, ...], float]]]:
+    """k → [(layers, seed-mean gain fraction)] over the fixed-k strategies (card and baselines)."""
+    acc: dict[tuple[int, tuple[int, ...]], list[float]] = {}
+    for r in rows:
+        if r["task"] != task or r["k"] not in KS or r["strategy"].startswith("min-cost") or r["strategy"] == "all":
+            continue
+        acc.setdefault((r["k"], tuple(r["layers"])), []).append(r["gain_fraction"])
+    out: dict[int, list] = {}
+    for (k, layers), v in sorted(acc.items()):
+        out.setdefault(k, []).append((layers, float(np.mean(v))))
+    return out
+
+
+def within_k(scores: dict[int, np.ndarray], measured: dict[int, np.ndarray], perms: int, seed: int = 0) -> dict:
+    """Spearman per k, its mean, and a one-sided permutation p-value of the mean."""
+    rho = {k: spearman(scores[k], measured[k]) for k in scores}
+    mean = float(np.nanmean(list(rho.values())))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(perms):
+        m = np.nanmean([spearman(scores[k], rng.permutation(measured[k])) for k in scores])
+        hits += m >= mean - 1e-12
+    return {"per_k": {str(k): v for k, v in rho.items()}, "mean": mean, "p_value": (hits + 1) / (perms + 1)}
+
+
+def recipe_budget(task: str) -> float:
+    """ρ = Σ lr_t of the task's training recipe, from its archived search records (one recipe per task)."""
+    from layercard.adam_step import step_budget
+
+    recipes = {json.dumps({k: r["recipe"][k] for k in ("lr", "steps", "warmup_steps")}, sort_keys=True)
+               for r in (json.loads(p.read_text()) for p in sorted((RESULTS / "searches" / task).glob("*.json")))}
+    if len(recipes) != 1:
+        raise SystemExit(f"{task}: archived searches use {len(recipes)} recipes, expected one")
+    r = json.loads(recipes.pop())
+    return step_budget(r["lr"], r["steps"], r["warmup_steps"])
+
+
+def task_board(task: str, card_dir: Path, rows: list[dict], perms: int) -> dict:
+    from layercard.card import LayerCard
+    from layercard.selection import arrays_from_card
+
+    card = LayerCard.load(card_dir, with_stats=False)
+    rho_budget = recipe_budget(task)
+    A = {m: arrays_from_card(card, model=m, step_budget=rho_budget) for m in ("newton", "adam", "coverage")}
+    sets = measured_sets(rows, task)
+    measured = {k: np.array([g for _, g in v]) for k, v in sets.items()}
+    board = {"task": task, "card_id": card.card_id, "step_budget": rho_budget,
+             "sets_per_k": {str(k): len(v) for k, v in sets.items()}, "sets": {}, "per_layer": None}
+    for name, fn in PREDICTORS.items():
+        scores = {k: np.array([fn(card, A, layers) for layers, _ in v]) for k, v in sets.items()}
+        board["sets"][name] = within_k(scores, measured, perms)
+    per_layer = RESULTS / f"per_layer_{task}.json"
+    if per_layer.exists():
+        d = json.loads(per_layer.read_text())
+        gains = np.asarray(d["measured_gain"], dtype=np.float64)
+        board["per_layer"] = {name: spearman([fn(card, A, (l,)) for l in d["layers"]], gains)
+                              for name, fn in PREDICTORS.items()}
+    return board
+
+
+def markdown(boards: list[dict], meta: dict) -> str:
+    lines = ["# Predictor leaderboard", "",
+             f"`{meta['command']}` at commit {meta['commit']} on {meta['machine']}.", "",
+             "Within-k Spearman ρ between a predictor and the measured gain fraction (seed means) of the "
+             "fixed-k sets (card and the seven baselines at k = 3, 5, 8), their mean, and the one-sided "
+             "permutation p-value of the mean; per layer: ρ with the single-layer gain where every layer "
+             "was trained alone. No constant is fitted on any task (ρ = Σ lr_t comes from each task's recipe).", ""]
+    for b in boards:
+        lines += [f"## {b['task']} (step budget ρ = {b['step_budget']:.4g}; sets per k: "
+                  f"{', '.join(f'{k}: {n}' for k, n in b['sets_per_k'].items())})", "",
+                  "| predictor | k = 3 | k = 5 | k = 8 | mean | p | per layer |", "|---|---|---|---|---|---|---|"]
+        order = sorted(b["sets"], key=lambda n: -np.nan_to_num(b["sets"][n]["mean"], nan=-9))
+        for name in order:
+            s = b["sets"][name]
+            pl = b["per_layer"][name] if b["per_layer"] else None
+            cells = [f"{s['per_k'].get(str(k), float('nan')):+.2f}" for k in KS]
+            lines.append(f"| {name} | {' | '.join(cells)} | **{s['mean']:+.2f}** | {s['p_value']:.3f} | "
+                         f"{'' if pl is None else f'{pl:+.2f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cards", required=True, type=Path, help="directory holding one card per task (DIR/<task>)")
+    p.add_argument("--tasks", nargs="+", default=None, help="tasks (default: every task of the table with a card)")
+    p.add_argument("--table", type=Path, default=RESULTS / "paper_table.json")
+    p.add_argument("--perms", type=int, default=2000, help="permutations for the p-values")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where predictors.{json,md} go")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from layercard.atomic import atomic_write_text
+
+    rows = json.loads(a.table.read_text())
+    tasks = a.tasks or sorted({r["task"] for r in rows if (a.cards / r["task"]).is_dir()})
+    if not tasks:
+        print(f"error: no card for any task of {a.table} under {a.cards}", file=sys.stderr)
+        return 2
+    for t in tasks:
+        if not (a.cards / t).is_dir():
+            print(f"error: no card for task '{t}' at {a.cards / t}", file=sys.stderr)
+            return 2
+    boards = [task_board(t, a.cards / t, rows, a.perms) for t in tasks]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commit": commit or None, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}"}
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out / "predictors.json", json.dumps({"meta": meta, "tasks": boards}, indent=1, default=float))
+    md = markdown(boards, meta)
+    atomic_write_text(a.out / "predictors.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
