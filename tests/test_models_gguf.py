@@ -65,7 +65,8 @@ def write_gguf(path: Path, state: dict[str, np.ndarray], config) -> None:
     for i in range(config.num_hidden_layers):
         for hf_name, name in BLOCK.items():
             t = state[f"model.layers.{i}.{hf_name}.weight"]
-            t = llama_cpp_permute(t, HEADS) if name == "attn_q" else llama_cpp_permute(t, KV_HEADS) if name == "attn_k" else t
+            if name in ("attn_q", "attn_k"):
+                t = llama_cpp_permute(t, HEADS if name == "attn_q" else KV_HEADS)
             w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -133,7 +133,8 @@ def test_chat_template_without_a_template_names_the_tokenizer(tmp_path):
 def test_shared_first_answer_token_is_named(tmp_path):
     tok = saved_tokenizer("gpt2", tmp_path)
     assert answer_token_ids(tok, ["negative", "positive"]) == [tok.tok.convert_tokens_to_ids(c) for c in "np"]
-    with pytest.raises(LayercardError, match=r"answers share a first token \(' negative' → 'Ġ' \(\d+\), ' positive' → 'Ġ'"):
+    shared = r"answers share a first token \(' negative' → 'Ġ' \(\d+\), ' positive' → 'Ġ'"
+    with pytest.raises(LayercardError, match=shared):
         answer_token_ids(tok, [" negative", " positive"])
 
 
@@ -189,7 +190,8 @@ def test_a_card_built_another_way_is_refused(tmp_path):
     have = sequence_format(tok, DataConfig(**PA, answer_eos=False))
     assert have == {"bos_id": 1, "answer_eos": False, "chat_template": None}
     check_sequence_format(dict(have), have, "card 'c'")
-    with pytest.raises(LayercardError, match="card 'c' was built from sequences with bos_id=None, this data gives bos_id=1"):
+    with pytest.raises(LayercardError, match="card 'c' was built from sequences with bos_id=None, "
+                                              "this data gives bos_id=1"):
         check_sequence_format(None, have, "card 'c'")
     with pytest.raises(LayercardError, match="answer_eos=True.*set data.answer_eos=true"):
         check_sequence_format({**have, "answer_eos": True}, have, "card 'c'")

@@ -154,7 +154,8 @@ def test_a_selection_without_a_sequence_format_takes_its_cards(tmp_path, weights
     fmt = {"bos_id": 1, "answer_eos": False, "chat_template": None}
     (tmp_path / "card" / "card.json").write_text(json.dumps({"weights_hash": weights_hash, "sequences": fmt}))
     assert training.read_selection(sel).sequences == fmt
-    with pytest.raises(LayercardError, match=r"selection 's' was built from sequences with bos_id=1, this data gives bos_id=None"):
+    with pytest.raises(LayercardError, match=r"selection 's' was built from sequences with bos_id=1, "
+                                              r"this data gives bos_id=None"):
         check_sequence_format(training.read_selection(sel).sequences, {**fmt, "bos_id": None}, "selection 's'")
 
 
