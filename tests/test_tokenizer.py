@@ -155,9 +155,9 @@ def committed_task_data() -> dict[str, DataConfig]:
     from layercard.profile_config import ProfileConfig
     from layercard.search_config import SearchConfig
     from layercard.train_config import TrainConfig
-    from tests.bench_scripts import load_benchmark
+    from layercard.task_recipes import TASKS
 
-    headline = load_benchmark("paper_table").TASKS["headline"]
+    headline = TASKS["headline"]
     profile = load_config(ProfileConfig, "configs/profile-smollm2.yaml")
     train = load_config(TrainConfig, "configs/train-smollm2.yaml", ["strategy=all", "selection=null"])
     search = load_config(SearchConfig, "configs/search-smollm2.yaml").train_config
