@@ -47,7 +47,8 @@ class DataConfig:
     the loss (on for the LM loss, off for the label loss, whose answers are class words)."""
     chat_template: bool = False
     """Render prompt/answer records with the tokenizer's chat template (user turn = prompt, assistant
-    turn = answer; only the assistant turn is supervised): for instruct models."""
+    turn = answer), for instruct models. Only the assistant turn as the template renders it is
+    supervised (the answer and the template's end of turn); the template writes its own BOS, if any."""
 
     def __post_init__(self):
         self.path = resolve_path(self.path)
