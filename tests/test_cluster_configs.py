@@ -167,7 +167,26 @@ def test_kuberay_required_keys():
 
 def test_runtime_env_file():
     env = docs(CLUSTER / "runtime-env.yaml")[0]
-    assert env["uv"]["packages"] and all(isinstance(v, str) for v in env["env_vars"].values())
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
+    # the nodes install the GPU lock, as the image does: every requirement pinned and hash-checked
+    from ray._private.runtime_env.validation import parse_and_validate_uv
+
+    lock = ROOT / env["uv"]
+    assert env["uv"] == "requirements-gpu.lock" and lock.is_file()
+    assert f"-r {env['uv']}" in (CLUSTER / "Dockerfile").read_text().replace("--require-hashes ", "")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        lines = parse_and_validate_uv(env["uv"])["packages"]
+    finally:
+        os.chdir(cwd)
+    text = "\n".join(lines)
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", text, flags=re.M)
+    assert ("torch", "2.13.0") in pins and not any(n == "ray" for n, _ in pins)
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text.split("\n", 2)[-1].lstrip())
+    assert all("--hash=sha256:" in b for b in blocks if "==" in b.split("\n")[0])
     assert "working_dir" not in env, "--working-dir . gives it on the command line"
 
 
