@@ -2,8 +2,12 @@
 
     layercard search --config configs/search-tiny.yaml --out runs/search card=runs/tiny-card budget=7e5
     layercard search --config configs/search-tiny.yaml --out runs/layers card=runs/tiny-card mode=per-layer
+    layercard search --config configs/search-tiny.yaml --out runs/explore card=runs/tiny-card mode=explore \
+        budget=null ks=[2]
     layercard search --resume runs/search
 
+``mode=explore`` (a card-seeded pool per k under successive halving, the best set trained on every
+seed, ``explore.json``) runs in :mod:`pipelines.explore` on the parts below.
 Setup → search → write. The driver checks everything before any Ray work: the card was profiled on
 the configured model (same weights hash), the candidates (:mod:`layercard.candidates`) include one
 within the budget. Then one Tune trial per (candidate within budget, training seed): a Tune function

@@ -155,6 +155,21 @@ def test_pool_respects_the_budget():
     assert pool and all(c.cost <= budget * (1 + 1e-12) and not c.over_budget for c in pool)
 
 
+def test_second_round_neighbours_are_the_best_new_ones_by_the_card_or_seeded_random():
+    from layercard.selection import arrays_from_card, set_quality
+
+    card = synthetic_card()
+    A = arrays_from_card(card)
+    survivors = [[0, 4, 8], [2, 6, 10]]
+    taken = {(0, 4, 8), (2, 6, 10), (1, 4, 8)}
+    every = {s for S in survivors for s in ex.swap_neighbours(card.layer_ids, S)} - taken
+    best = ex.neighbour_sets(card, survivors, 5, taken)
+    assert best == sorted(every, key=lambda s: -set_quality(A, list(s)))[:5]
+    drawn = ex.neighbour_sets(card, survivors, 5, taken, by_card=False, seed=1)
+    assert len(set(drawn)) == 5 and set(drawn) <= every and drawn == ex.neighbour_sets(
+        card, survivors, 5, taken, by_card=False, seed=1)
+
+
 # --------------------------------------------------------------------------- steps and judging (pure)
 def test_milestones_match_ray_ashas_rungs():
     from ray.tune.schedulers.async_hyperband import _Bracket
@@ -192,6 +207,15 @@ def test_explore_config_is_checked():
             load_config(SearchConfig, SEARCH_YAML, [*base, override])
     cfg = load_config(SearchConfig, SEARCH_YAML, base)
     assert not cfg.use_asha and cfg.grace_period == 1
+
+
+def test_explore_with_a_k_the_card_cannot_hold_exits_2_before_ray(card_dir, tmp_path, capsys):
+    from pipelines.search import main
+
+    rc = main(["--config", str(SEARCH_YAML), "--out", str(tmp_path / "o"), f"card={card_dir}", *EXPLORE, "ks=[4]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "config key 'ks' has [4]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_best_fixed_from_the_committed_paper_table():
