@@ -138,3 +138,53 @@ def test_resume_refuses_a_directory_others_can_write(tmp_path):
     with pytest.raises(LayercardError, match=r"refusing to resume from .*ckpt.* writable by group or others") as err:
         check_private(run, "run directory")
     assert "\n" not in str(err.value)
+
+
+REAL_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    from fake_cards import make_card
+    from layercard.store import CardStore
+
+    kind, target = sys.argv[1], sys.argv[2]
+    if kind == "card":
+        card = make_card(seed=1)
+        card.meta["note"] = "new"
+        card.save(target, overwrite=True)
+    else:
+        CardStore(target).publish(make_card(seed=1, created_at="2026-11-02T10:00:00+00:00"))
+""")
+
+
+def run_real_writer(kind: str, target: Path, step: str) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), KILL_ENV: step}
+    return subprocess.run([sys.executable, "-c", REAL_WRITER, kind, str(target), str(ROOT / "tests")], env=env,
+                          timeout=300).returncode
+
+
+@pytest.mark.parametrize("step", ["dir-synced", "dir-renamed"])
+def test_card_save_killed_keeps_a_loadable_card(tmp_path, step):
+    """LayerCard.save over an existing card, SIGKILLed before and after the swap: the card at the path
+    loads (checksums and id verified) and is the old one or the complete new one."""
+    from fake_cards import make_card
+
+    from layercard.card import LayerCard
+
+    target = tmp_path / "card"
+    make_card().save(target)
+    assert run_real_writer("card", target, step) == -signal.SIGKILL
+    loaded = LayerCard.load(target)
+    assert loaded.meta.get("note") == ("new" if step == "dir-renamed" else None)
+
+
+def test_store_publish_killed_before_the_rename_leaves_no_version(tmp_path):
+    from fake_cards import make_card
+
+    from layercard.store import CardStore
+
+    store = CardStore(tmp_path / "store")
+    old = store.publish(make_card())
+    assert run_real_writer("store", tmp_path / "store", "store-staged") == -signal.SIGKILL
+    assert [v.version for v in store.list_versions()] == [old.version]
+    store.load(old.version)                                    # every file still matches its manifest
+    assert store.publish(make_card(seed=1, created_at="2026-11-02T10:00:00+00:00")).version != old.version
