@@ -130,6 +130,15 @@ def weights_hash_meta(files: list[Path]) -> dict:
     return {"weights_hash_kind": WEIGHTS_HASH_KIND, "weights_hash_sampled": sampled_weights_hash(files)}
 
 
+def legacy_hash_note(meta: dict) -> str:
+    """What to add to a weights-hash mismatch when the record carries no ``weights_hash_kind``: it was
+    hashed by the sampled fingerprint, so the same weights now hash differently."""
+    if not meta.get("weights_hash") or meta.get("weights_hash_kind"):
+        return ""
+    return ("; that hash was recorded before weights hashes covered whole files (a sampled fingerprint, "
+            "the same weights hash differently now): re-profile the card (and select again)")
+
+
 def state_dict_hash(model: nn.Module) -> str:
     """sha256 over parameter names and bytes (meta tensors hash their shapes only)."""
     h = hashlib.sha256()

@@ -22,7 +22,7 @@ from torch import nn
 
 from layercard.errors import LayercardError
 from layercard.losses import label_sums, lm_loss_sum, shift_for_lm
-from layercard.models import ModelConfig
+from layercard.models import ModelConfig, legacy_hash_note
 
 ADAPTER_CONFIG = "adapter_config.json"
 SELECTION_FILE = "selection.json"
@@ -91,7 +91,7 @@ def check_selection_for_model(selection: Selection, weights_hash: str) -> None:
     if selection.weights_hash and selection.weights_hash != weights_hash:
         raise LayercardError(
             f"selection '{selection.path}' was made for another model: its weights hash is "
-            f"{selection.weights_hash}, the configured model's is {weights_hash}"
+            f"{selection.weights_hash}, the configured model's is {weights_hash}{legacy_hash_note(selection.meta)}"
         )
 
 

@@ -49,6 +49,7 @@ from layercard.candidates import (Candidate, build_candidates, check_budget_fits
 from layercard.card import LayerCard
 from layercard.config import apply_overrides, from_dict, load_config
 from layercard.errors import LayercardError
+from layercard.models import legacy_hash_note
 from layercard.search_config import SearchConfig
 
 SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
@@ -97,7 +98,7 @@ def check_card_for_model(card: LayerCard, card_dir: str, model_id: str, weights_
     if have != weights_hash:
         raise LayercardError(f"card '{card_dir}' was profiled on another model: its weights hash is {have} "
                              f"(model {card.meta.get('model_id')}), the search's train.model has weights hash "
-                             f"{weights_hash} (model {model_id})")
+                             f"{weights_hash} (model {model_id}){legacy_hash_note(card.meta)}")
 
 
 def _trial_lora(card: LayerCard, layers: list[int], cfg) -> tuple[dict, list[int] | None]:

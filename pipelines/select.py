@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     all_cost = _cost(card, all_layers) if A is not None else None
     selection = {
         "card_id": card.card_id,
-        "weights_hash": card.meta.get("weights_hash"),
+        "weights_hash": card.meta.get("weights_hash"), "weights_hash_kind": card.meta.get("weights_hash_kind"),
         "model_id": card.meta.get("model_id"),
         "sequences": card.meta.get("sequences") or LEGACY_SEQUENCE_FORMAT,   # how the card's sequences were built
         "layers": layers,

@@ -37,3 +37,24 @@ def test_hashes_are_cached_by_path_mtime_and_size(tmp_path, monkeypatch):
     assert list(cache) == [f"{f.resolve()}:{f.stat().st_mtime_ns}:{f.stat().st_size}"]
     assert _hash_files([f]) == first
     assert weights_hash_meta([f]) == {"weights_hash_kind": "sha256", "weights_hash_sampled": sampled_weights_hash([f])}
+
+
+def test_a_mismatch_against_a_record_without_a_hash_kind_says_why(tmp_path):
+    """A selection (or card) from before whole-file hashing names the reason its hash differs."""
+    from pathlib import Path
+
+    import pytest
+
+    from layercard.errors import LayercardError
+    from layercard.models import legacy_hash_note
+    from layercard.training import Selection, check_selection_for_model
+
+    old = Selection(Path("sel"), {}, [1], "2e13074395d67211", "c", {"weights_hash": "2e13074395d67211"})
+    with pytest.raises(LayercardError, match="recorded before weights hashes covered whole files.*re-profile"):
+        check_selection_for_model(old, "0123456789abcdef")
+    new = Selection(Path("sel"), {}, [1], "aaaaaaaaaaaaaaaa", "c",
+                    {"weights_hash": "aaaaaaaaaaaaaaaa", "weights_hash_kind": "sha256"})
+    with pytest.raises(LayercardError) as err:
+        check_selection_for_model(new, "0123456789abcdef")
+    assert "whole files" not in str(err.value)
+    assert legacy_hash_note({"weights_hash": "x", "weights_hash_kind": "state-dict"}) == ""
