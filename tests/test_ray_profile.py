@@ -59,6 +59,12 @@ def assert_same_card(card: LayerCard, ref: LayerCard, rtol=1e-6):
     scale = np.abs(ref.coupling_k).max()
     np.testing.assert_allclose(card.coupling_k / scale, ref.coupling_k / scale, atol=rtol)
     np.testing.assert_allclose(card.coupling, ref.coupling, atol=rtol)
+    scale = np.abs(ref.coupling_adam).max()          # Adam's sign-step directions, probed beside Δ*
+    np.testing.assert_allclose(card.coupling_adam / scale, ref.coupling_adam / scale, atol=rtol)
+    for col in ["adam_b", "adam_h", "lora_grad_l1", "lora_grad_l2"]:
+        np.testing.assert_allclose(card.layers[col].to_numpy(float), ref.layers[col].to_numpy(float), rtol=rtol,
+                                   err_msg=col)
+    assert card.meta["coupling_tokens"] == ref.meta["coupling_tokens"]
     assert card.meta["data_hash"] == ref.meta["data_hash"]
     assert card.meta["weights_hash"] == ref.meta["weights_hash"]
 

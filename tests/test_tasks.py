@@ -124,3 +124,29 @@ def test_smollm2_answers_are_single_distinct_tokens():
     tok = HFTokenizer.from_dir(model_path())
     assert all(len(tok.encode(a)) == 1 for a in tasks.SENTIMENT_ANSWERS)
     assert len(set(answer_token_ids(tok, tasks.SENTIMENT_ANSWERS))) == 2
+
+
+def test_read_outlets_maps_domains_to_answers_and_keeps_titles_only(tmp_path):
+    path = tmp_path / "NewsArticles.csv"
+    path.write_text('article_id,publish_date,article_source_link,title,subtitle,text\n'
+                    '1,d,http://www.bbc.co.uk/news/x,"Big  news",,"LONDON (BBC) - text"\n'
+                    '2,d,https://tass.com/world/1,"Pobeda flies",,"MOSCOW, /TASS/. text"\n'
+                    '3,d,http://example.org/a,"Unknown outlet",,"text"\n'        # not one of the nine: dropped
+                    '4,d,http://edition.cnn.com/a,"Other host",,"text"\n'       # cnn.com only as the whole host
+                    '5,d,http://cnn.com/a,"big NEWS",,"text"\n'                 # same title as 1: dropped
+                    '6,d,http://cnn.com/b,,,"no title"\n')
+    records = tasks.read_outlets(path)
+    assert [r["id"] for r in records] == ["1", "2"]
+    assert records[0] == {"prompt": "Title: Big news\nSource:", "answer": " BBC",
+                          "label": tasks.OUTLET_ANSWERS.index(" BBC"), "id": "1"}
+    assert records[1]["answer"] == " TASS" and "MOSCOW" not in records[1]["prompt"]
+    assert len(tasks.OUTLET_ANSWERS) == 9 and set(tasks.OUTLETS.values()) == set(tasks.OUTLET_ANSWERS)
+
+
+@pytest.mark.skipif(not (model_path() / "tokenizer.json").is_file(), reason="SmolLM2 not fetched (layercard fetch)")
+def test_smollm2_outlet_answers_have_distinct_first_tokens():
+    from layercard.label_loss import answer_token_ids
+    from layercard.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.from_dir(model_path())
+    assert len(set(answer_token_ids(tok, tasks.OUTLET_ANSWERS))) == 9
