@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from layercard.atomic import atomic_write_json, atomic_write_text
 from layercard.config import load_config
 from layercard.demo_config import DemoConfig
 from layercard.errors import LayercardError
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                      "median_step_s": metrics.get("median_step_s"),
                      "peak_memory_bytes": metrics.get("peak_memory_bytes"), "adapter": str(run_dir / "adapter")})
     table = comparison_table(rows)
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2, default=str))
-    (out / "comparison.md").write_text("```\n" + table + "\n```\n")
+    atomic_write_json(out / "comparison.json", rows, default=str)
+    atomic_write_text(out / "comparison.md", "```\n" + table + "\n```\n")
     print(table)
     print(f"\ncard: {card_dir}\nreport: {out / 'report' / 'report.html'}")
     for r in rows:
