@@ -35,11 +35,12 @@ __all__ = ["card_score", "shift_neighbours", "swap_neighbours", "stratified_sets
 RUNG_GATE = 0.8      # below this Spearman ρ a rung's ranking is not to be trusted for the task and recipe
 
 
-def card_score(card, budget_unit: str = "flops"):
-    """layers → the card's set score (the selection objective, :func:`layercard.selection.set_quality`)."""
+def card_score(card, budget_unit: str = "flops", arrays=None):
+    """layers → the card's set score (the selection objective, :func:`layercard.selection.set_quality`) on
+    ``arrays`` (a :class:`~layercard.selection.CardArrays`; None: ``arrays_from_card`` with its defaults)."""
     from layercard.selection import arrays_from_card, set_quality
 
-    arrays = arrays_from_card(card, budget_unit)
+    arrays = arrays if arrays is not None else arrays_from_card(card, budget_unit)
     return lambda layers: float(set_quality(arrays, list(layers)))
 
 
@@ -101,10 +102,11 @@ def stratified_sets(ids: list[int], k: int, n: int, seed: int, avoid: set = froz
 
 def build_pool(card, k: int, *, size: int, budget: float | None = None, budget_unit: str = "flops",
                strategies=(), random_seeds=(0,), n_shifts: int = 2, n_swaps: int = 2, shift_max: int = 2,
-               seed: int = 0, card_candidates: bool = True, prefix: str = "") -> list[Candidate]:
+               seed: int = 0, card_candidates: bool = True, prefix: str = "", arrays=None) -> list[Candidate]:
     """The explore pool at set size ``k`` (see the module doc): at most ``size`` distinct candidates
     within the budget (fewer only when the card has too few distinct sets), ids ``{prefix}c00``, ...
-    The all-layer strategy is not in the pool (the search trains it to the end apart)."""
+    The all-layer strategy is not in the pool (the search trains it to the end apart). ``arrays``: the
+    selection inputs the pick and the scores come from (None: the card's defaults)."""
     from layercard.baselines import baseline_layers
     from layercard.selection import arrays_from_card, select_max_quality
 
@@ -112,8 +114,8 @@ def build_pool(card, k: int, *, size: int, budget: float | None = None, budget_u
     if not 1 <= k <= len(ids):
         raise LayercardError(f"config key 'ks' has {k}: the card has {len(ids)} layers, so every k must be in "
                              f"1..{len(ids)}")
-    A = arrays_from_card(card, budget_unit)
-    score = card_score(card, budget_unit)
+    A = arrays if arrays is not None else arrays_from_card(card, budget_unit)
+    score = card_score(card, budget_unit, A)
     fits = _fits(card, budget, budget_unit)
     proposals: list[tuple[tuple, str, str | None, str | None]] = []   # (set, label, objective, strategy)
     pick = None
@@ -141,7 +143,7 @@ def build_pool(card, k: int, *, size: int, budget: float | None = None, budget_u
     avoid = set(distinct) | (set() if card_candidates else near)
     fill = [s for s in stratified_sets(ids, k, 4 * size, seed, avoid) if fits(s)][:size - len(distinct)]
     proposals += [(s, f"stratified k={k} #{i + 1}", None, "stratified") for i, s in enumerate(fill)]
-    return make_candidates(card, proposals, size, budget, budget_unit, prefix)
+    return make_candidates(card, proposals, size, budget, budget_unit, prefix, A)
 
 
 def _fits(card, budget, budget_unit):
@@ -152,12 +154,12 @@ def _fits(card, budget, budget_unit):
     return lambda layers: card_cost(card, list(layers), budget_unit) <= budget * (1 + 1e-12)
 
 
-def make_candidates(card, proposals, size, budget, budget_unit, prefix) -> list[Candidate]:
+def make_candidates(card, proposals, size, budget, budget_unit, prefix, arrays=None) -> list[Candidate]:
     """Distinct sets in proposal order (each keeps every label), at most ``size``, with predictions."""
     from layercard.cost import predicted_cost
     from layercard.selection import card_cost
 
-    score = card_score(card, budget_unit)
+    score = card_score(card, budget_unit, arrays)
     all_gain = score(card.layer_ids)
     by_set: dict[tuple, Candidate] = {}
     for layers, label, objective, strategy in proposals:
@@ -182,7 +184,7 @@ def make_candidates(card, proposals, size, budget, budget_unit, prefix) -> list[
 
 
 def neighbour_sets(card, survivors: list[list[int]], n: int, taken: set, *, budget=None, budget_unit: str = "flops",
-                   shift_max: int = 2, by_card: bool = True, seed: int = 0) -> list[tuple[int, ...]]:
+                   shift_max: int = 2, by_card: bool = True, seed: int = 0, arrays=None) -> list[tuple[int, ...]]:
     """Second round: ``n`` one-shift / one-swap neighbours of the survivors not in ``taken`` and within the
     budget — the best by the card's score (``by_card``), else a seeded random draw."""
     ids = [int(l) for l in card.layer_ids]
@@ -191,7 +193,7 @@ def neighbour_sets(card, survivors: list[list[int]], n: int, taken: set, *, budg
                               for s in [*shift_neighbours(ids, layers, shift_max), *swap_neighbours(ids, layers)]
                               if s not in taken and fits(s)))
     if by_card:
-        return _best(sets, card_score(card, budget_unit), n, set())
+        return _best(sets, card_score(card, budget_unit, arrays), n, set())
     rng = np.random.default_rng(seed)
     return [sets[i] for i in sorted(rng.permutation(len(sets))[:n])]
 
