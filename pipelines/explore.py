@@ -175,7 +175,7 @@ def run_phase(s: search.Setup, p: ExplorePlan, name: str, trials: dict, asha: bo
     base_eval = search._base_eval(sp)
     rung_rows = s.plan.eval[:s.cfg.explore.rung_eval_examples]
     trainable = search._trainable(sp, base_eval, loop={"rung_eval_every": p.grace}, rung_eval=rung_rows)
-    if search._exists(experiment):
+    if tune.Tuner.can_restore(experiment):      # an interrupted run of this phase saved its state
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
