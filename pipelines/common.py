@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from layercard.config import load_config
 from layercard.errors import LayercardError
@@ -15,6 +18,9 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. profile.rank=16")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's INFO lines, worker output and library warnings on the terminal "
+                        "(default: they go to the log file, see $LAYERCARD_LOG_DIR)")
     return p
 
 
@@ -27,12 +33,101 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str, extra
 
 
 def run_main(fn: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a pipeline main; a LayercardError becomes one line on stderr and exit status 2."""
+    """Run a pipeline main; a LayercardError becomes one line on stderr and exit status 2.
+
+    ``--verbose`` anywhere in ``argv`` is taken out here (every command accepts it) and sets
+    ``LAYERCARD_VERBOSE=1``; without it the console keeps to the pipeline's own lines (see :func:`quiet_console`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_console()
     try:
         return fn(argv) or 0
     except LayercardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- what reaches the terminal
+VERBOSE_ENV = "LAYERCARD_VERBOSE"
+LOG_DIR_ENV = "LAYERCARD_LOG_DIR"
+_LOG: dict = {}
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def log_path() -> Path:
+    """This process's log file: ``$LAYERCARD_LOG_DIR`` or ``<cache root>/logs``, one file per run (created on first write)."""
+    if "path" not in _LOG:
+        from layercard.paths import cache_root
+
+        root = Path(os.environ.get(LOG_DIR_ENV) or cache_root() / "logs").expanduser()
+        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "layercard"
+        _LOG["path"] = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{prog}-{os.getpid()}.log"
+    return _LOG["path"]
+
+
+def _file_handler() -> logging.Handler:
+    if "handler" not in _LOG:
+        path = log_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(path, delay=True, encoding="utf-8")
+        except OSError:                                   # no writable log dir: drop the messages, never fail a run
+            handler = logging.NullHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        _LOG["handler"] = handler
+    return _LOG["handler"]
+
+
+class _ConsoleFilter(logging.Filter):
+    """On the terminal: WARNING and above, except Ray's start-up notice about token authentication."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and record.filename != "authentication_token_setup.py"
+
+
+def reroute_logger(name: str) -> None:
+    """Send ``name``'s INFO lines to the log file; its terminal handlers keep WARNING and above."""
+    logger = logging.getLogger(name)
+    handler = _file_handler()
+    if handler not in logger.handlers:
+        logger.addHandler(handler)
+    for h in logger.handlers:
+        if h is not handler and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                and not any(isinstance(f, _ConsoleFilter) for f in h.filters):
+            h.addFilter(_ConsoleFilter())
+
+
+def quiet_console() -> None:
+    """Unless verbose: Python warnings (deprecations and the like) go to the log file, not the terminal.
+    Idempotent; Ray's own loggers are rerouted where Ray starts (:func:`ray_init_kwargs`)."""
+    if verbose() or _LOG.get("warnings"):
+        return
+    logging.captureWarnings(True)
+    warn_log = logging.getLogger("py.warnings")
+    warn_log.addHandler(_file_handler())
+    warn_log.propagate = False
+    _LOG["warnings"] = True
+
+
+def ray_init_kwargs() -> dict:
+    """``ray.init`` arguments for a person at the terminal: unless verbose, Ray's INFO lines (driver and Ray
+    Data) go to the log file, workers' output stays in Ray's own logs (``/tmp/ray/session_latest/logs``
+    locally, the job's logs under ``ray job submit``)."""
+    if verbose():
+        return {"log_to_driver": True}
+    import ray.data  # noqa: F401  (configures the ray.data logger, rerouted below)
+
+    quiet_console()
+    for name in ("ray", "ray.data"):
+        reroute_logger(name)
+    return {"log_to_driver": False}
 
 
 def init_ray(address: str | None, **kwargs):
@@ -41,6 +136,7 @@ def init_ray(address: str | None, **kwargs):
 
     if ray.is_initialized():
         return ray
+    kwargs = {**ray_init_kwargs(), **kwargs}
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:

@@ -436,7 +436,9 @@ def _cost_on_actor(card, cfg: ProfileConfig, records: list[dict], ray, lm) -> No
     t0 = time.perf_counter()
     measured = ray.get(task.remote(card, cfg, records))
     card.layers, card.meta, card.stats = measured.layers, measured.meta, stats
-    print(f"cost: measured on a Ray worker in {time.perf_counter() - t0:.1f}s, R² {card.meta.get('cost_r2')}")
+    r2 = card.meta.get("cost_r2")
+    print(f"cost: measured on a Ray worker in {time.perf_counter() - t0:.1f}s"
+          + (f", R² of predicted step time {r2:.3f}" if r2 is not None else ""))
 
 
 class DirectionsSum:

@@ -414,8 +414,10 @@ def connect_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    from pipelines.common import ray_init_kwargs
+
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-             log_to_driver=True)
+             **ray_init_kwargs())
 
 
 def check_resources(cfg: TrainConfig) -> None:

@@ -6,6 +6,9 @@ import os
 # One thread per process: the suite runs a driver plus Ray workers on 2 cores, and OpenMP
 # spin-waiting between them costs several times the work (measured: 42 s vs 8 s of CPU).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Pipelines keep warnings and Ray's INFO lines off the terminal unless verbose; tests run verbose so
+# pytest sees every warning (tests/test_console.py checks the quiet default).
+os.environ.setdefault("LAYERCARD_VERBOSE", "1")
 
 import pytest
 import torch

@@ -1,0 +1,65 @@
+"""What reaches the terminal: without --verbose, warnings and library INFO lines go to the log file."""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import pytest
+
+from pipelines import common
+
+
+@pytest.fixture
+def quiet(tmp_path, monkeypatch):
+    """The quiet default (conftest runs the suite verbose), with a fresh log file under tmp_path."""
+    monkeypatch.delenv(common.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(common.LOG_DIR_ENV, str(tmp_path / "logs"))
+    monkeypatch.setattr(common, "_LOG", {})
+    yield tmp_path / "logs"
+    handler = common._LOG.get("handler")
+    logging.captureWarnings(False)
+    for name in ("py.warnings", "lc-test"):
+        if handler is not None and handler in logging.getLogger(name).handlers:
+            logging.getLogger(name).removeHandler(handler)
+    logging.getLogger("py.warnings").propagate = True
+
+
+def _warn_and_info(argv):
+    warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+    print("the pipeline's own line")
+    return 0 if argv == ["x=1"] else 1
+
+
+def test_warnings_go_to_the_log_file(quiet, capfd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert common.run_main(_warn_and_info, ["x=1"]) == 0
+    out, err = capfd.readouterr()
+    assert "the pipeline's own line" in out
+    assert "is_gradient_checkpointing" not in out + err
+    (log,) = quiet.iterdir()
+    assert "FutureWarning" in log.read_text()
+
+
+def test_verbose_keeps_warnings_on_the_terminal(quiet, monkeypatch):
+    with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):
+        assert common.run_main(_warn_and_info, ["--verbose", "x=1"]) == 0   # --verbose is taken out of argv
+    assert common.verbose()
+    assert not quiet.exists()
+
+
+def test_library_info_lines_go_to_the_log_file(quiet):
+    stream = io.StringIO()
+    logger = logging.getLogger("lc-test")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [logging.StreamHandler(stream)]
+    common.reroute_logger("lc-test")
+    common.reroute_logger("lc-test")                      # idempotent
+    logger.info("Started a local Ray instance.")
+    logger.warning("a real problem")
+    assert stream.getvalue() == "a real problem\n"
+    (log,) = quiet.iterdir()
+    text = log.read_text()
+    assert "Started a local Ray instance." in text and text.count("a real problem") == 1
