@@ -20,6 +20,9 @@ class DemoConfig:
     """Min-cost selection: cheapest set with predicted gain ≥ target × the all-layer gain."""
     fetch: list[str] = field(default_factory=list)
     """Tasks to fetch and prepare first (``layercard fetch --prepare``), e.g. [sentiment]; [] for none."""
+    benchmark: str | None = None
+    """A task of ``benchmarks/results/paper_table.json`` whose measured figures (the committed benchmark:
+    longer training, 3 seeds, runs side by side) are printed below the demo's own table; None: none."""
 
     def __post_init__(self):
         if self.k < 1:

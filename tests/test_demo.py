@@ -54,3 +54,31 @@ def test_base_eval_cache_is_keyed(tmp_path):
     blocked.write_text("")
     write_base_eval(blocked / "base_eval.json", "k1", m)             # unwritable: no cache, no error
     assert read_base_eval(blocked / "base_eval.json", "k1") is None
+
+
+def test_benchmark_table_beside_the_smoke_run(tmp_path):
+    """The demo prints the committed benchmark's figures for its own runs (and the best other set of k)."""
+    from pipelines.demo import benchmark_table
+
+    def row(strategy, k, seed, layers, quality, ratio=0.5, shared=(1.0, 1.0)):
+        return {"task": "t", "strategy": strategy, "k": k, "seed": seed, "layers": layers, "quality": quality,
+                "quality_name": "label_loss", "base_quality": 0.5, "gain_fraction": (0.5 - quality) / 0.1,
+                "step_time_ratio": ratio, "shared_fraction": shared[0], "reference_shared_fraction": shared[1]}
+
+    rows = [row("card", 2, s, [2, 3], 0.42) for s in (0, 1)]
+    rows += [row("min-cost@0.95", 3, s, [1, 2, 3], 0.41) for s in (0, 1)]
+    rows += [row("all", 4, s, [0, 1, 2, 3], 0.40, 1.0) for s in (0, 1)]
+    rows += [row("bottom", 2, 0, [0, 1], 0.39, 0.9), row("bottom", 2, 1, [0, 1], 0.39, 0.1, (0.0, 1.0)),
+             row("top", 2, 0, [2, 3], 0.45), row("card", 3, 0, [0, 2, 3], 0.30), row("other", 1, 0, [0], 0.45)]
+    path = tmp_path / "paper_table.json"
+    path.write_text(json.dumps(rows))
+    text = benchmark_table("t", 2, 0.95, path)
+    lines = {line.split("  ")[0]: line for line in text.splitlines()[2:]}
+    assert list(lines) == ["base model (no LoRA)", "card max-quality k=2", "card min-cost 0.95", "all layers",
+                           "best other k=2: bottom"]
+    assert "0.5000" in lines["base model (no LoRA)"]
+    assert "0.4200 ± 0.0000" in lines["card max-quality k=2"] and "0.80" in lines["card max-quality k=2"]
+    assert "1–3" in lines["card min-cost 0.95"] and "0–3" in lines["all layers"]
+    assert lines["best other k=2: bottom"].split()[-2] == "0.90"     # a seed timed unlike its reference is left out
+    assert benchmark_table("missing", 2, 0.95, path) is None
+    assert benchmark_table("t", 2, 0.95, tmp_path / "none.json") is None
