@@ -123,7 +123,7 @@ def step_budget_of(a) -> float | None:
     from layercard.config import load_config
     from layercard.train_config import TrainConfig
 
-    t = load_config(TrainConfig, a.train_config, [])
+    t = load_config(TrainConfig, a.train_config, ["selection=null", "strategy=all"])   # only lr, steps, warmup matter
     return step_budget(t.lr, t.steps, t.warmup_steps)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,18 @@ def test_library_info_lines_go_to_the_log_file(quiet):
     (log,) = quiet.iterdir()
     text = log.read_text()
     assert "Started a local Ray instance." in text and text.count("a real problem") == 1
+
+
+def test_select_step_budget_from_a_train_config():
+    """``layercard select --train-config`` reads ρ = Σ lr_t from a train YAML that names no selection."""
+    from argparse import Namespace
+
+    from layercard.adam_step import step_budget
+    from layercard.config import load_config
+    from layercard.train_config import TrainConfig
+    from pipelines.select import step_budget_of
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "train-smollm2.yaml")
+    t = load_config(TrainConfig, path, ["strategy=all"])
+    rho = step_budget_of(Namespace(step_budget=None, train_config=path))
+    assert rho == pytest.approx(step_budget(t.lr, t.steps, t.warmup_steps)) and rho > 0
