@@ -480,6 +480,8 @@ def run(cfg: TrainConfig, out: str | Path) -> dict:
     out.mkdir(parents=True)
     private_dir(storage)
     t0 = time.perf_counter()
+    print(f"training: {cfg.steps} steps on {cfg.num_workers} Ray Train worker(s), adapted layers "
+          f"{plan.layers if plan.layers else 'all'} ...", flush=True)
     result = fit(cfg, plan, storage)
     wall = time.perf_counter() - t0
     if result.error:
