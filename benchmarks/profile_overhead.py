@@ -6,7 +6,7 @@ Single process (one model, built once: the statistics collection, the solve for 
 coupling pass timed apart) and on a local Ray with 1 and 2 actors (end to end, actor start-up and
 model load included: what a user waits for), side by side in one run (this machine is noisy:
 compare ratios, not seconds). Also the GEMM-FLOP floor of pass 1: the statistics are A = XᵀX per
-input group and C = XᵀG per module (DESIGN §1), i.e. one weight-gradient GEMM per module plus a
+input group and C = XᵀG per module (docs/design.md §1), i.e. one weight-gradient GEMM per module plus a
 d_in² Gram per input — for an MLP down-projection (d_in = 4·hidden here) the Gram alone is 4× its
 forward GEMM. So pass 1 cannot cost less than (plain + statistics FLOPs) / plain FLOPs times a plain
 forward+backward, however it is implemented. Writes benchmarks/results/profile_overhead.json.

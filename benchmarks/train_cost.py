@@ -1,4 +1,4 @@
-"""Measured LoRA training cost vs. the lowest adapted layer (DESIGN §1, Cost).
+"""Measured LoRA training cost vs. the lowest adapted layer (docs/design.md §1, Cost).
 
     python benchmarks/train_cost.py                      # 8-layer random Qwen3, 1 worker, ~8 min on 2 cores
     python benchmarks/train_cost.py --smoke              # hidden 64, 4 steps

@@ -1,4 +1,4 @@
-"""Baseline layer choices that card-guided selection must beat (DESIGN.md §3).
+"""Baseline layer choices that card-guided selection must beat (docs/design.md §3).
 
 Each strategy returns k distinct card layer indices, ascending. Positions are by depth among the
 card's layers (a card may hold a subset of the model's layers): "top" is the k deepest layers,

@@ -1,4 +1,4 @@
-"""Analytic LoRA training cost (DESIGN §1 "Cost"): pure arithmetic on module shapes, no hooks, no I/O.
+"""Analytic LoRA training cost (docs/design.md §1 "Cost"): pure arithmetic on module shapes, no hooks, no I/O.
 
 Cost is not additive over layers. A training step with adapters on a layer set S pays
 

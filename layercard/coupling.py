@@ -1,4 +1,4 @@
-"""Layer coupling maths (DESIGN.md §1 "Layer coupling"): pure torch/numpy, no hooks, no I/O.
+"""Layer coupling maths (docs/design.md §1 "Layer coupling"): pure torch/numpy, no hooks, no I/O.
 
 For layer ℓ let u_ℓ ∈ R^{T×V} be the change of the logits at T supervised tokens caused by the
 layer's best update Δ*_ℓ (a JVP, see :mod:`layercard.directions`). With the summed softmax

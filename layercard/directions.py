@@ -1,4 +1,4 @@
-"""Output-space directions u = J·Δ of parameter updates, by forward-mode AD (DESIGN.md §1).
+"""Output-space directions u = J·Δ of parameter updates, by forward-mode AD (docs/design.md §1).
 
 ``torch.func.jvp`` through ``torch.func.functional_call`` differentiates the model's logits with
 respect to ONLY the parameters named in ``deltas`` (every other parameter and buffer is read from

@@ -1,4 +1,4 @@
-"""Per-module Layer Card maths from streaming sufficient statistics (DESIGN.md §1).
+"""Per-module Layer Card maths from streaming sufficient statistics (docs/design.md §1).
 
 Everything here is a small pure function on the statistics of one linear module:
 
@@ -185,7 +185,7 @@ def gain_adj(res2: float, gg: float, n: int, d_out: int, d_eff: float) -> float:
 
     Why: with H = X(A+λI)⁻¹Xᵀ (the ridge hat matrix, tr H = d_eff), res2 = tr(GᵀHG) and
     gg − res2 = tr(Gᵀ(I−H)G). If G has i.i.d. noise of variance s² per entry, the noise puts
-    s²·d_out·tr H = s²·d_out·d_eff into res2 (DESIGN §1: ill-conditioned / high-d_eff modules
+    s²·d_out·tr H = s²·d_out·d_eff into res2 (docs/design.md §1: ill-conditioned / high-d_eff modules
     "fit" more noise) and s²·d_out·(n − d_eff) into the part the adapter cannot fit. So the
     unfit residual divided by its degrees of freedom d_out·(n − d_eff) is the usual unbiased
     regression estimate of s² (the max(·, 1) guards n <= d_eff). Subtracting the expected
@@ -209,7 +209,7 @@ def rank_r_noise(s2: float, d_out: int, d_eff: float, rank: int) -> float:
 
 def gain_adj_rank_r(res2_rank_r: float, res2: float, gg: float, n: int, d_out: int, d_eff: float,
                     rank: int) -> float:
-    """Noise-adjusted gain of the best *rank-r* update, the adapter actually trained (DESIGN §1's
+    """Noise-adjusted gain of the best *rank-r* update, the adapter actually trained (docs/design.md §1's
     Res²_r "matches the LoRA rank"):  ½ · max(res2_rank_r − rank_r_noise(s², d_out, d_eff, r), 0),
     with s² from :func:`noise_variance`. A full-rank fit of n tokens in d_eff dimensions absorbs
     s²·d_out·d_eff of noise; a rank-r adapter only the noise along its r directions, about

@@ -1,4 +1,4 @@
-"""Card-guided layer selection (DESIGN.md §3): pure numpy on a few per-layer arrays.
+"""Card-guided layer selection (docs/design.md §3): pure numpy on a few per-layer arrays.
 
 **Predicted quality of a layer set S** (the number every objective maximises or constrains)::
 
@@ -8,7 +8,7 @@
     f_ℓ  = clip(2 · gain_adj_ℓ / res2_ℓ, 0, 1)                       (0 when res2_ℓ = 0)
     g_ℓ  = min(1, sqrt(κ_ref / κ_ℓ)),  κ_ref = median_ℓ κ_ℓ          (0 when κ_ℓ = ∞)
 
-With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled layers it is
+With every r_ℓ = 1 this is docs/design.md §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled layers it is
 Σ_{ℓ∈S} r_ℓ · b_ℓ² / (2 K_ℓℓ). Why each term:
 
 * ½ b_Sᵀ K_SS⁺ b_S (K, b from the coupling pass; ⁺ = pseudo-inverse, rcond 1e-10, as in
@@ -25,7 +25,7 @@ With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled
   b̂, giving the formula. Unlike scaling b alone, this keeps b̂ consistent with the metric: two
   near-duplicate layers of unequal reliability cannot buy a huge spurious gain along their tiny
   difference direction; Q(S) is at most the unweighted gain (r ≡ 1) and stays monotone in S.
-* f_ℓ², the noise-surviving share (DESIGN §1, noise amplification). ``gain_adj`` = ½(res2 −
+* f_ℓ², the noise-surviving share (docs/design.md §1, noise amplification). ``gain_adj`` = ½(res2 −
   s²·d_out·d_eff) removes the noise an ill-conditioned / high-d_eff module fits
   (:func:`layercard.metrics.gain_adj`). Δ*_ℓ is fitted on the calibration tokens the probe set is
   drawn from, so its direction holds signal S and fitted noise N; on new data the linear term along
@@ -35,7 +35,7 @@ With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled
   of sentiment layers 0–16 (which train well), but its own k = 5 pick trained worse (81 % of the
   all-layer gain against 98 %) and it ranked the headline sets worse (Spearman 0.2 against 0.8) —
   README, paper table. The card carries both columns.
-* g_ℓ, slow to fit (DESIGN §1). Momentum/Adam-type training needs ~√κ steps for the slowest
+* g_ℓ, slow to fit (docs/design.md §1). Momentum/Adam-type training needs ~√κ steps for the slowest
   feature direction, so within a step budget sized for a typical layer (κ_ref, the card's median κ)
   a layer with κ_ℓ > κ_ref reaches ~√(κ_ref/κ_ℓ) of its gain; better-conditioned layers gain no
   bonus beyond a full fit (the min). The reference is relative on purpose: the pilot saw
@@ -44,7 +44,7 @@ With every r_ℓ = 1 this is DESIGN §1's ½ b_Sᵀ K_SS⁻¹ b_S; for uncoupled
   layers keeps 0.3 %.
 
 **Cost of a set** (any unit: FLOPs/token or seconds/step). Training pays the backward from the
-top down to the lowest adapted layer, plus a small per-adapter term (DESIGN §1), so::
+top down to the lowest adapted layer, plus a small per-adapter term (docs/design.md §1), so::
 
     cost(S) = lowest_cost[min S] + Σ_{ℓ ∈ S, ℓ ≠ min S} added_cost[ℓ]
 

@@ -1,4 +1,4 @@
-"""Streaming sufficient statistics (DESIGN §1): plain float64 sums that add across batches,
+"""Streaming sufficient statistics (docs/design.md §1): plain float64 sums that add across batches,
 data shards and machines.
 
 Per *input group* g (modules that read the same tensor: q/k/v, gate/up) ``A_g = XᵀX`` and the

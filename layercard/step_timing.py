@@ -6,7 +6,7 @@ AdamW step. The median over ``steps`` timed steps after ``warmup`` steps is kept
 
 **Which adapters are measured.** The card column for layer ℓ is the step with an adapter on ℓ
 *only*: the lowest adapted layer is ℓ and the adapter count is held at one, so the column isolates
-what DESIGN §1 says drives cost — the depth of the backward. With ``suffix_sets`` the adapters on
+what docs/design.md §1 says drives cost — the depth of the backward. With ``suffix_sets`` the adapters on
 ℓ..L−1 are measured too (ℓ = first gives all layers); those points vary the adapter count at a
 fixed depth, which is what lets :func:`layercard.cost.calibrate_step_time` separate the
 per-adapter cost from the backprop cost. Unmeasured layers are linearly interpolated.

@@ -2,7 +2,7 @@
 guard, evaluation and peak memory. ``pipelines/train.py`` wires them into Ray Train workers.
 
 Why the backprop-depth guard: with adapters only on layers >= l0, autograd computes no activation
-gradient below l0 -- that is where the cost saving of a high selection comes from (DESIGN §1,
+gradient below l0 -- that is where the cost saving of a high selection comes from (docs/design.md §1,
 Cost). Three common habits silently undo it: ``enable_input_require_grads`` (makes the embedding
 output require grad, so every block's backward runs), gradient checkpointing on the frozen lower
 blocks (re-entrant checkpointing needs inputs that require grad), and trainable embeddings.

@@ -93,7 +93,7 @@ def trial_key(candidate_id: str, seed: int) -> str:
 
 
 def check_card_for_model(card: LayerCard, card_dir: str, model_id: str, weights_hash: str) -> None:
-    """The card must describe the model the trials train (its weights hash, DESIGN §2)."""
+    """The card must describe the model the trials train (its weights hash, docs/design.md §2)."""
     have = card.meta.get("weights_hash")
     if have != weights_hash:
         raise LayercardError(f"card '{card_dir}' was profiled on another model: its weights hash is {have} "

@@ -1,6 +1,6 @@
 """``layercard select CARD_DIR --out DIR``: choose layers from a Layer Card and write a PEFT LoraConfig.
 
-Objectives (DESIGN §3; the predicted quality Q(S) and cost model are in :mod:`layercard.selection`):
+Objectives (docs/design.md §3; the predicted quality Q(S) and cost model are in :mod:`layercard.selection`):
 
     --objective max-quality --k K [--budget B]     best Q with |S| ≤ K and/or cost ≤ B
     --objective min-cost --target T                cheapest S with Q(S) ≥ T · Q(all layers)

@@ -1,4 +1,4 @@
-"""Float64 brute-force reference tests for layercard.metrics (DESIGN.md §1).
+"""Float64 brute-force reference tests for layercard.metrics (docs/design.md §1).
 
 References are computed in numpy directly from X (n × d_in) and G (n × d_out), independently of
 the eigh route used by the library.

@@ -121,7 +121,7 @@ def test_quality_is_the_coupling_gain_of_the_reliability_model():
     ones = CardArrays(A.layers, A.K, A.b, np.ones(7), A.lowest_cost, A.added_cost)
     for S in ([0], [1, 4], [0, 2, 3, 6], list(range(7))):
         assert set_quality(A, S) == pytest.approx(set_gain(K_hat, np.sqrt(r) * A.b, S), rel=1e-9)
-        assert set_quality(ones, S) == pytest.approx(set_gain(A.K, A.b, S), rel=1e-9)   # r ≡ 1: DESIGN §1
+        assert set_quality(ones, S) == pytest.approx(set_gain(A.K, A.b, S), rel=1e-9)   # r ≡ 1: docs/design.md §1
         assert set_quality(A, S) <= set_quality(ones, S) * (1 + 1e-9)
 
 
