@@ -1,4 +1,4 @@
-"""The step LoRA-with-Adam really takes, from the card's statistics (docs: README "Selection").
+"""The step LoRA-with-Adam really takes, from the card's statistics (docs/design.md §3).
 
 PEFT starts LoRA at B = 0 with a random A₀ (``kaiming_uniform_(a=√5)``: entries uniform in
 ±1/√d_in), so the first step moves B only. With C = XᵀG (d_in × d_out) the summed-loss gradient of

@@ -34,7 +34,7 @@ With every r_ℓ = 1 this is docs/design.md §1's ½ b_Sᵀ K_SS⁻¹ b_S; for u
   noise a rank-r fit absorbs, ~15× less on SmolLM2). It fixed the full-rank f's near-zero rating
   of sentiment layers 0–16 (which train well), but its own k = 5 pick trained worse (81 % of the
   all-layer gain against 98 %) and it ranked the headline sets worse (Spearman 0.2 against 0.8) —
-  README, paper table. The card carries both columns.
+  benchmarks/README.md, paper_table.py. The card carries both columns.
 * g_ℓ, slow to fit (docs/design.md §1). Momentum/Adam-type training needs ~√κ steps for the slowest
   feature direction, so within a step budget sized for a typical layer (κ_ref, the card's median κ)
   a layer with κ_ℓ > κ_ref reaches ~√(κ_ref/κ_ℓ) of its gain; better-conditioned layers gain no
