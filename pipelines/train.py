@@ -521,4 +521,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pipelines.common import run_main
+
+    sys.exit(run_main(main))   # --verbose like every command
