@@ -60,14 +60,32 @@ def strategy_of(label: str, n_layers: int) -> tuple[str, int] | None:
     return name, int(m["k"])
 
 
-def card_predictor(card):
-    """layers → a loaded card's predicted gain fraction Q(S)/Q(all layers) under the *current* selection
-    formula (so a table rebuilt after a formula change shows what the code now predicts)."""
+def card_predictor(card, rho: float | None = None):
+    """layers → a loaded card's predicted gain fraction Q(S)/Q(all layers) under the *current* default
+    set model (so a table rebuilt after a model change shows what the code now predicts); ``rho``: the
+    recipe's step budget Σ lr_t."""
     from layercard import selection as sel
 
-    arrays = sel.arrays_from_card(card)
+    arrays = sel.arrays_from_card(card, step_budget=rho)
     full = sel.set_quality(arrays, arrays.layers)
     return lambda layers: sel.set_quality(arrays, layers) / full if full > 0 else None
+
+
+LEGACY_SCORE = "newton"   # the set model of card-guided rows written before rows named their score
+
+
+def card_guided(strategy: str) -> bool:
+    return strategy == "card" or strategy.startswith("min-cost")
+
+
+def score_of(row: dict) -> str | None:
+    """The set model that picked a card-guided row's layers (None for a baseline)."""
+    return (row.get("score") or LEGACY_SCORE) if card_guided(row["strategy"]) else None
+
+
+def set_key(row: dict) -> tuple:
+    """(strategy, score, k): one table set. Card-guided sets of different set models are different sets."""
+    return row["strategy"], score_of(row), row["k"]
 
 
 def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
@@ -81,6 +99,8 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
     all_id = next(c for c, r in cands.iterrows() if "all" in list(r["labels"]))
     shared = shared_fractions(_events(search_dir))
     ref = {int(t["seed"]): t for _, t in trials[trials["candidate"] == all_id].iterrows()}
+    doc = search_dir / "search.json"
+    score = json.loads(doc.read_text()).get("quality_model", LEGACY_SCORE) if doc.is_file() else LEGACY_SCORE
     rows = []
     for _, t in trials.iterrows():
         c = cands.loc[t["candidate"]]
@@ -97,7 +117,8 @@ def paper_rows(task: str, search_dir: Path, predict=None) -> list[dict]:
                 continue
             strategy, k = parsed
             rows.append({
-                "task": task, "strategy": strategy, "k": k if not strategy.startswith("min-cost") else len(c["layers"]),
+                "task": task, "strategy": strategy, "score": score if card_guided(strategy) else None,
+                "k": k if not strategy.startswith("min-cost") else len(c["layers"]),
                 "seed": seed, "layers": layers, "quality": q,
                 "quality_name": t["quality_name"], "base_quality": base,
                 "gain_fraction": (base - q) / (base - q_all) if base != q_all else None,
@@ -116,6 +137,14 @@ ARCHIVE = "searches"   # under --results: one record per finished search (search
 
 # train keys that change how a trial is scheduled, checkpointed or cached, not what it learns
 SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_failures", "base_eval_cache")
+
+
+def recipe_budget(records: list[dict]) -> float | None:
+    """ρ = Σ lr_t of the task's recipe (one per table: :func:`search_records` refuses a mix)."""
+    from layercard.adam_step import step_budget
+
+    r = records[0]["recipe"] if records else None
+    return step_budget(r["lr"], r["steps"], r["warmup_steps"]) if r else None
 
 
 def recipe_of(config: dict) -> dict:
@@ -245,13 +274,14 @@ def search_records(task: str, work: Path, archive: Path, live: list[dict] | None
 def check_sets(records: list[dict]) -> None:
     """A (strategy, k) must name the same layers in every search: two cards of one source could, in
     principle, pick a near-tie differently, and then their rows are not one strategy."""
-    seen: dict[tuple[str, int], tuple[list[int], str]] = {}
+    seen: dict[tuple, tuple[list[int], str]] = {}
     for rec in records:
         for r in rec["rows"]:
-            key = (r["strategy"], r["k"])
+            key = set_key(r)
             layers, where = seen.setdefault(key, (r["layers"], rec["search"]))
             if layers != r["layers"]:
-                raise SystemExit(f"error: {key[0]} k={key[1]} is layers {r['layers']} in {rec['search']} but "
+                what = key[0] if key[1] in (None, LEGACY_SCORE) else f"{key[0]} ({key[1]})"
+                raise SystemExit(f"error: {what} k={key[2]} is layers {r['layers']} in {rec['search']} but "
                                  f"{layers} in {where}: one table needs one set per strategy")
 
 
@@ -274,7 +304,7 @@ def merged_rows(records: list[dict], predict=None) -> list[dict]:
     rows, at = [], {}
     for rec in records:
         for r in rec["rows"]:
-            key, r = (r["strategy"], r["k"], r["seed"]), {**r, "search": rec["search"]}
+            key, r = (*set_key(r), r["seed"]), {**r, "score": score_of(r), "search": rec["search"]}
             if predict is not None:
                 r["predicted_gain_fraction"] = predict(r["layers"])
             if key not in at:
@@ -338,13 +368,13 @@ def uneven_sharing(row: dict) -> bool:
 def grouped(rows: list[dict]) -> list[dict]:
     """Means and sds over seeds per (task, strategy, k), in a stable order."""
     order = ["card", "min-cost", "top", "bottom", "mid", "uniform", "random", "grad-norm", "block-influence", "all"]
-    keys = sorted({(r["task"], r["strategy"], r["k"]) for r in rows},
+    keys = sorted({(r["task"], *set_key(r)) for r in rows},
                   key=lambda x: (x[0], order.index(x[1].split("@")[0]) if x[1].split("@")[0] in order else 99,
-                                 x[1], x[2]))
+                                 x[1], x[2] or "", x[3]))
     out = []
-    for task, strategy, k in keys:
-        rs = [r for r in rows if (r["task"], r["strategy"], r["k"]) == (task, strategy, k)]
-        g = {"task": task, "strategy": strategy, "k": k, "n_seeds": len(rs), "layers": rs[0]["layers"],
+    for task, strategy, score, k in keys:
+        rs = [r for r in rows if (r["task"], *set_key(r)) == (task, strategy, score, k)]
+        g = {"task": task, "strategy": strategy, "score": score, "k": k, "n_seeds": len(rs), "layers": rs[0]["layers"],
              "quality_name": rs[0]["quality_name"]}
         for col in ("quality", "gain_fraction", "accuracy", "peak_mem_ratio", "predicted_gain_fraction",
                     "base_quality"):
@@ -432,7 +462,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   "step-time ratio | peak-mem ratio | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in g:
-            lines.append(f"| {r['strategy']} | {r['k']} | {r['layers']} | {_fmt(r['quality'], r['quality_sd'], '.4f')} | "
+            name = r["strategy"] if r.get("score") is None else f"{r['strategy']} ({r['score']})"
+            lines.append(f"| {name} | {r['k']} | {r['layers']} | {_fmt(r['quality'], r['quality_sd'], '.4f')} | "
                          f"{_fmt(r['gain_fraction'], r['gain_fraction_sd'])} | {_fmt(r['predicted_gain_fraction'], None)} | "
                          f"{_fmt(r['accuracy'], r['accuracy_sd'])} | "
                          f"{_fmt(r['step_time_ratio'], r['step_time_ratio_sd'], '.2f')}{' †' * r['uneven_sharing']} | "
@@ -512,25 +543,34 @@ def search_config(task: str, card_dir: Path, args):
     return load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
 
 
-def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple[str, int], list[int]], int]:
-    """((strategy, k) → the seeds this scope asks for that no finished search has trained yet, rows the scope asks for)."""
+def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple, list[int]], int]:
+    """((strategy, score, k) → the seeds this scope asks for that no finished search has trained yet, rows the scope asks for)."""
     from layercard.candidates import build_candidates
     from layercard.card import LayerCard
 
+    from layercard.adam_step import step_budget
+    from layercard.selection import resolve_model
+
     card = LayerCard.load(card_dir, with_stats=False)
-    have = {(r["strategy"], r["k"], r["seed"]) for r in rows}
+    have = {(r["strategy"], score_of(r), r["k"], r["seed"]) for r in rows}
+    score = resolve_model(card, cfg.model)
+    t = cfg.train_config
     out: dict[tuple[str, int], list[int]] = {}
     wanted = set()
     for c in build_candidates(card, ks=cfg.ks, targets=cfg.targets, strategies=cfg.strategies,
-                              random_seeds=cfg.random_seeds, budget_fractions=cfg.budget_fractions):
+                              random_seeds=cfg.random_seeds, budget_fractions=cfg.budget_fractions,
+                              model=cfg.model, step_budget=step_budget(t.lr, t.steps, t.warmup_steps)):
         for label in c.labels:
             parsed = strategy_of(label, len(c.layers))
             if parsed is None:
                 continue
-            wanted |= {(*parsed, seed) for seed in cfg.seeds}
-            seeds = [seed for seed in cfg.seeds if (*parsed, seed) not in have]
+            strategy, k = parsed
+            k = len(c.layers) if strategy.startswith("min-cost") else k
+            key = (strategy, score if card_guided(strategy) else None, k)
+            wanted |= {(*key, seed) for seed in cfg.seeds}
+            seeds = [seed for seed in cfg.seeds if (*key, seed) not in have]
             if seeds:
-                out[parsed] = seeds
+                out[key] = seeds
     return out, len(wanted)
 
 
@@ -569,8 +609,8 @@ def print_missing(args) -> int:
             Path(args.work), archive, []) else []
         lacking, wanted = missing_rows(task_dir / "card", cfg, rows)
         print(f"{task}: {sum(len(v) for v in lacking.values())} of {wanted} rows missing")
-        for (strategy, k), seeds in lacking.items():
-            print(f"  {strategy} k={k}: seeds {seeds}")
+        for (strategy, score, k), seeds in lacking.items():
+            print(f"  {strategy}{f' ({score})' if score else ''} k={k}: seeds {seeds}")
     return 0
 
 
@@ -635,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         card = LayerCard.load(card_dir, with_stats=False) if (card_dir / "card.json").is_file() else None
         if card is None:
             print(f"note: no card under {card_dir}: predicted gain fractions as each search recorded them", flush=True)
-        task_rows = merged_rows(records, card_predictor(card) if card else None)
+        task_rows = merged_rows(records, card_predictor(card, recipe_budget(records)) if card else None)
         rows += task_rows
         agreement[task] = prediction_agreement(grouped(task_rows), card_rivals(card) if card else None)
         minutes[task] = sum(r["minutes"] or 0.0 for r in records)

@@ -91,13 +91,14 @@ def _proposals(card, A, *, mode: str, ks, budget, budget_fractions, targets, str
 
 def build_candidates(card, *, mode: str = "subsets", ks=(1, 2), budget: float | None = None,
                      budget_unit: str = "flops", budget_fractions=(1.0,), targets=(), strategies=(),
-                     random_seeds=(0,)) -> list[Candidate]:
+                     random_seeds=(0,), model: str | None = None, step_budget: float | None = None) -> list[Candidate]:
     """Every distinct layer set to try on ``card`` (a LayerCard with coupling and cost columns),
-    with predictions; ids ``c00``, ``c01``, ... in proposal order (card-guided first)."""
+    with predictions; ids ``c00``, ``c01``, ... in proposal order (card-guided first). ``model`` and
+    ``step_budget``: the set model and its ρ (:func:`layercard.selection.arrays_from_card`)."""
     from layercard.cost import predicted_cost
     from layercard.selection import arrays_from_card, card_cost, set_quality
 
-    A = arrays_from_card(card, budget_unit)
+    A = arrays_from_card(card, budget_unit, model=model, step_budget=step_budget)
     proposals = _proposals(card, A, mode=mode, ks=list(ks), budget=budget, budget_fractions=list(budget_fractions),
                            targets=list(targets), strategies=list(strategies), random_seeds=list(random_seeds))
     all_gain = set_quality(A, card.layer_ids)

@@ -121,6 +121,9 @@ class SearchConfig:
     """Baselines trained beside the card-guided sets (layercard.baselines.STRATEGIES)."""
     random_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the ``random`` baseline (one candidate per seed and k)."""
+    model: str | None = None
+    """Set model the card-guided sets are chosen with (layercard.gain_models: newton, adam, coverage);
+    None: the default when the card carries its columns. Its step budget ρ = Σ lr_t is the ``train`` recipe's."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds: every candidate is trained once per seed (results are averaged)."""
     max_concurrent_trials: int = 2
@@ -162,6 +165,10 @@ class SearchConfig:
                 raise LayercardError(f"config key 'budget' must be a number, got {self.budget!r}") from None
         if self.budget is not None and not self.budget > 0:
             raise LayercardError(f"config key 'budget' must be > 0, got {self.budget}")
+        from layercard.gain_models import MODELS
+
+        if self.model is not None and self.model not in MODELS:
+            raise LayercardError(f"config key 'model' is {self.model!r}; use one of {', '.join(MODELS)} (or null)")
         _check_list("ks", self.ks, lambda k: k >= 1, ">= 1", nonempty=self.mode == "subsets")
         _check_list("budget_fractions", self.budget_fractions, lambda f: 0 < f <= 1, "in (0, 1]")
         _check_list("targets", self.targets, lambda f: 0 < f <= 1, "in (0, 1]")

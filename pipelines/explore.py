@@ -62,6 +62,11 @@ class ExplorePlan:
 
 def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:
     """The rungs, the round-1 pool per k and the step budget, from the config and card alone."""
+    from layercard.adam_step import step_budget
+    from layercard.selection import arrays_from_card
+
+    arrays = arrays_from_card(card, cfg.budget_unit, model=cfg.model, step_budget=step_budget(
+        cfg.train_config.lr, cfg.train_config.steps, cfg.train_config.warmup_steps))   # the card's set model
     t, e = cfg.train_config, cfg.explore
     ids = list(card.layer_ids)
     bad = [k for k in cfg.ks if not 1 <= k < len(ids)]
@@ -87,7 +92,7 @@ def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:
         pools[k] = ex.build_pool(card, k, size=sizes[k], budget=cfg.budget, budget_unit=cfg.budget_unit,
                                  strategies=cfg.strategies, random_seeds=cfg.random_seeds, n_shifts=e.n_shifts,
                                  n_swaps=e.n_swaps, shift_max=e.shift_max, seed=e.seed,
-                                 card_candidates=e.card_candidates, prefix=f"k{k}")
+                                 card_candidates=e.card_candidates, prefix=f"k{k}", arrays=arrays)
         if len(pools[k]) < 2:
             raise LayercardError(f"the explore pool at k={k} has {len(pools[k])} set(s) within the budget "
                                  f"{cfg.budget}: raise the budget or choose another k")

@@ -126,7 +126,8 @@ def setup(cfg: SearchConfig, out: Path) -> Setup:
     check_sequence_format(card.meta.get("sequences"), plan.sequences, f"card '{cfg.card}'")
     candidates = build_candidates(card, mode=cfg.mode, ks=cfg.ks, budget=cfg.budget, budget_unit=cfg.budget_unit,
                                   budget_fractions=cfg.budget_fractions, targets=cfg.targets,
-                                  strategies=cfg.strategies, random_seeds=cfg.random_seeds)
+                                  strategies=cfg.strategies, random_seeds=cfg.random_seeds,
+                                  model=cfg.model, step_budget=recipe_step_budget(cfg.train_config))
     check_budget_fits(candidates, cfg.budget, cfg.budget_unit)
     trials = {}
     for c in training_order(candidates):        # Tune starts trials in this order
@@ -678,8 +679,18 @@ def check_resumable(out: Path, saved: dict) -> None:
     check_private(Path(storage).expanduser().resolve() if storage else out / "tune", "search storage")
 
 
+def recipe_step_budget(train) -> float:
+    """ρ = Σ lr_t of the trials' recipe (what the adam/coverage set models need)."""
+    from layercard.adam_step import step_budget
+
+    return step_budget(train.lr, train.steps, train.warmup_steps)
+
+
 def _save_search(s: Setup) -> None:
+    from layercard.selection import resolve_model
+
     doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
+           "quality_model": resolve_model(s.card, s.cfg.model), "step_budget": recipe_step_budget(s.cfg.train_config),
            "candidates": [c.to_dict() for c in s.candidates], "trials": s.trials}
     atomic_write_json(s.out / SEARCH_FILE, doc, default=str)
 

@@ -74,7 +74,7 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
     assert minutes == pytest.approx(5.0)
     text = paper.markdown(rows, {"machine": "test", "runtime_min": 1.0, "search_minutes": {"sentiment": minutes}})
     assert "trials took 5 min" in text
-    assert "| card | 2 | [5, 6] |" in text and "label loss" in text
+    assert "| card (newton) | 2 | [5, 6] |" in text and "label loss" in text
     assert "| 0.800 |" in text                         # the card's predicted gain fraction beside the measured one
     # a predictor (the current card formula) replaces the fraction the search recorded
     rows = paper.paper_rows("sentiment", tmp_path / "search", predict=lambda layers: len(layers) / 8)
@@ -211,7 +211,8 @@ def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
             {"strategy": "all", "k": 6, "seed": 1}, {"strategy": "bottom", "k": 2, "seed": 0}]   # last: not asked
     lacking, wanted = paper.missing_rows(tmp_path / "card", cfg, rows)
     assert wanted == (2 + 2 + 1) * 2                    # card k=2, 3; top k=2, 3; all — each over 2 seeds
-    assert lacking == {("card", 2): [0, 1], ("card", 3): [0, 1], ("top", 3): [0, 1], ("all", 6): [0]}
+    assert lacking == {("card", "newton", 2): [0, 1], ("card", "newton", 3): [0, 1], ("top", None, 3): [0, 1],
+                       ("all", None, 6): [0]}
 
 
 def _brute_shared(spans: dict[str, tuple[float, float]], key: str, dt: float = 1e-3) -> float:
@@ -266,7 +267,7 @@ def test_ratios_of_a_trial_and_a_reference_that_did_not_share_alike_are_marked(p
     seed0 = [r for r in rows if r["seed"] == 0]
     text = paper.markdown(seed0, {"machine": "test", "runtime_min": 1.0})
     bottom = next(line for line in text.splitlines() if line.startswith("| bottom |"))
-    card = next(line for line in text.splitlines() if line.startswith("| card |"))
+    card = next(line for line in text.splitlines() if line.startswith("| card (newton) |"))
     assert "†" in bottom and "†" not in card and "did not share the machine alike" in text
 
 
