@@ -75,9 +75,13 @@ def _add_rank_r_gain(tables: dict, meta: dict, path: Path) -> None:
     layers["gain_adj_rank_r"] = layers["layer"].map(per_layer).to_numpy(np.float64)
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path, *, with_stats: bool = True) -> dict:
     """card.json of the card directory ``path``, checked: an object of a schema this code reads, every
-    listed file present and matching its sha256, and the card id the hash of those hashes."""
+    listed file present and matching its sha256, and the card id the hash of those hashes.
+
+    ``with_stats=False`` leaves ``stats.safetensors`` unread (not hashed): a caller that only needs the
+    tables does not pay for the statistics (1.65 GB for SmolLM2). The card id is still checked — it
+    is recomputed from the listed hashes, so no file has to be read for it."""
     meta_path = path / "card.json"
     if not meta_path.is_file():
         raise LayercardError(f"'{path}' is not a Layer Card: card.json is missing")
@@ -98,6 +102,8 @@ def read_meta(path: Path) -> dict:
         f = path / name
         if "/" in name or name.startswith(".") or not f.is_file():
             raise LayercardError(f"card '{path}': file '{name}' is missing")
+        if name == STATS_FILE and not with_stats:
+            continue
         if sha256_file(f) != digest:
             raise LayercardError(f"card '{path}': '{name}' does not match its checksum in card.json (truncated or edited)")
     for name in TABLES:
@@ -216,7 +222,7 @@ class LayerCard:
     @classmethod
     def load(cls, path: str | Path, *, with_stats: bool = True) -> "LayerCard":
         path = Path(path)
-        meta = read_meta(path)
+        meta = read_meta(path, with_stats=with_stats)   # the statistics are hashed only when they are read
         tables = {name: _read_table(path, name) for name in TABLES}
         if meta["schema_version"] < 2:
             _add_rank_r_gain(tables, meta, path)

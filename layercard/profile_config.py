@@ -9,6 +9,15 @@ from layercard.errors import LayercardError
 from layercard.models import ModelConfig
 
 
+SAVE_STATS_AUTO_BYTES = 2 * 1024 ** 3
+"""``profile.save_stats: null`` writes the statistics when they are smaller than this."""
+
+
+def should_save_stats(setting: bool | None, stats_bytes: int) -> bool:
+    """``profile.save_stats`` resolved for statistics of ``stats_bytes`` bytes."""
+    return stats_bytes < SAVE_STATS_AUTO_BYTES if setting is None else bool(setting)
+
+
 @dataclass
 class ProbeSettings:
     """What to profile."""
@@ -28,6 +37,11 @@ class ProbeSettings:
     where the quality that matters is telling the classes apart, not learning the answer format)."""
     label_answers: list[str] | None = None
     """The answer strings for ``loss: label``, e.g. [" negative", " positive"]."""
+    save_stats: bool | None = None
+    """Write the summed statistics (``stats.safetensors``: float64 A per input group and C per module)
+    into the card. null: only when they are under :data:`SAVE_STATS_AUTO_BYTES` (2 GiB; SmolLM2's are
+    1.65 GB, a Qwen3-8B's ~106 GiB); true: always; false: never. The card's tables, selection and
+    training need no statistics; re-solving a card at another rank or ridge does."""
 
     def __post_init__(self):
         if self.rank < 1:

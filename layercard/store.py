@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from layercard.atomic import crash_point, fsync_tree
-from layercard.card import sha256_file
+from layercard.card import STATS_FILE, sha256_file
 from layercard.errors import LayercardError
 
 MANIFEST = "_VERSION.json"
@@ -305,26 +305,29 @@ class CardStore:
 
         v = version if isinstance(version, CardVersion) else self.get(version)
         if self.fs.type_name == "local":
-            self._verify(v, v.path)
+            self._verify(v, v.path, with_stats)
             card = LayerCard.load(v.path, with_stats=with_stats)
         else:
             with tempfile.TemporaryDirectory(prefix="layercard-load-") as tmp:
                 pafs.copy_files(v.path, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-                self._verify(v, tmp)
+                self._verify(v, tmp, with_stats)
                 card = LayerCard.load(tmp, with_stats=with_stats)
         if card.card_id != v.card_id:
             raise LayercardError(f"version {v.version}: card id {card.card_id} does not match its manifest ({v.card_id})")
         return card
 
-    def _verify(self, v: CardVersion, local_dir: str | Path) -> None:
+    def _verify(self, v: CardVersion, local_dir: str | Path, with_stats: bool = True) -> None:
         """Every file the manifest lists, present with the sha256 it records (card.json and extra files
-        included): a file edited or swapped on the store is named, whatever card.json now says."""
+        included): a file edited or swapped on the store is named, whatever card.json now says.
+        ``with_stats=False``: the statistics file, which will not be read, is not hashed."""
         if not isinstance(v.files, dict) or not v.files:
             raise LayercardError(f"version {v.version}: its manifest lists no files")
         for name, digest in sorted(v.files.items()):
             f = Path(local_dir) / str(name)
             if "/" in str(name) or not f.is_file():
                 raise LayercardError(f"version {v.version}: '{name}' is missing from the store")
+            if name == STATS_FILE and not with_stats:
+                continue
             if _sha256_file(f) != digest:
                 raise LayercardError(f"version {v.version}: '{name}' does not match its sha256 in {MANIFEST}")
 

@@ -17,7 +17,7 @@ from layercard.data import batches_of, examples_hash, load_examples, sequence_fo
 from layercard.errors import LayercardError
 from layercard.label_loss import check_answer_tokens
 from layercard.models import load_model
-from layercard.profile_config import ProfileConfig
+from layercard.profile_config import ProfileConfig, should_save_stats
 from layercard.profiler import profile_model
 from pipelines.common import parse_config, run_main
 
@@ -123,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         raise LayercardError(f"output '{out}' already exists (pass --overwrite to replace it)")
     card = run_profile(cfg)
-    card.save(out, overwrite=args.overwrite)
-    print(f"card {card.card_id} written to {out}")
+    stats_bytes = sum(t.nbytes for t in card.stats.to_tensors()[0].values()) if card.stats is not None else 0
+    with_stats = should_save_stats(cfg.profile.save_stats, stats_bytes)
+    card.save(out, overwrite=args.overwrite, with_stats=with_stats)
+    print(f"card {card.card_id} written to {out}" + ("" if with_stats or card.stats is None else
+          f" (statistics, {stats_bytes / 2**30:.2f} GiB, not saved: profile.save_stats="
+          f"{str(cfg.profile.save_stats).lower() if cfg.profile.save_stats is not None else 'null'})"))
     return 0
 
 

@@ -376,3 +376,15 @@ def test_other_major_library_version_warns_and_loads(saved, tmp_path):
     with pytest.warns(UserWarning, match=r"another major version of pyarrow 1\.0\.0") as rec:
         LayerCard.load(card)
     assert not any("torch" in str(w.message) for w in rec)
+
+
+def test_load_without_stats_does_not_read_the_statistics(saved, tmp_path):
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    (card / "stats.safetensors").write_bytes(b"not statistics" * 1000)   # card.json keeps the old hash
+    loaded = LayerCard.load(card, with_stats=False)
+    assert loaded.stats is None and loaded.card_id == json.loads((saved / "card.json").read_text())["card_id"]
+    with pytest.raises(LayercardError) as exc:
+        LayerCard.load(card, with_stats=True)
+    msg = str(exc.value)
+    assert "'stats.safetensors' does not match its checksum" in msg and "\n" not in msg

@@ -131,3 +131,25 @@ def test_console_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"written to {out}" in proc.stdout
     assert LayerCard.load(out).meta["n_records"] == 16
+
+
+def test_profile_saves_small_statistics_by_default(card_dir):
+    assert (card_dir / "stats.safetensors").is_file()   # save_stats: null, statistics under 2 GiB
+    assert LayerCard.load(card_dir, with_stats=True).stats is not None
+
+
+def test_profile_without_statistics_still_selects(tmp_path, capsys):
+    out = tmp_path / "card"
+    assert cli.main(["profile", "--config", TINY, "--out", str(out), "cost.measure=false",
+                     "profile.save_stats=false"]) == 0
+    assert "not saved: profile.save_stats=false" in capsys.readouterr().out
+    assert not (out / "stats.safetensors").exists()
+    assert LayerCard.load(out).stats is None
+    assert cli.main(["select", str(out), "--out", str(tmp_path / "sel"), "--k", "2"]) == 0
+
+
+def test_save_stats_threshold():
+    from layercard.profile_config import SAVE_STATS_AUTO_BYTES, should_save_stats
+
+    assert should_save_stats(None, SAVE_STATS_AUTO_BYTES - 1) and not should_save_stats(None, SAVE_STATS_AUTO_BYTES)
+    assert should_save_stats(True, 10 * SAVE_STATS_AUTO_BYTES) and not should_save_stats(False, 1)
