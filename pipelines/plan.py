@@ -1,7 +1,8 @@
-"""``layercard plan --config configs/qwen3-8b.yaml --gpus N --gpu-mem-gb M``
+"""``layercard plan --config configs/qwen3-8b.yaml --gpus N --gpu-mem-gb M [--json FILE]``
 
-Builds the model on ``meta`` (no weights, no memory), prints the statistics memory per layer
-slice and the actor layout, and exits 2 if the layout cannot fit, saying how many GPUs it needs.
+Builds the model on ``meta`` (no weights, no memory), prints the memory per actor and layer slice,
+the driver's memory and its solve time, and exits 2 if the actor layout cannot fit, saying how many
+GPUs it needs. A driver bigger than ``--head-mem-gb`` is a one-line warning (exit 0).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from layercard.config import load_config
 from layercard.discovery import discover
 from layercard.errors import LayercardError
 from layercard.models import DTYPES, build_meta_model
-from layercard.plan import GIB, plan_layout
+from layercard.plan import GIB, driver_memory, plan_layout
 from layercard.profile_config import ProfileConfig
 from pipelines.common import run_main
 
@@ -22,10 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-mem-gb", type=float, required=True)
+    p.add_argument("--head-mem-gb", type=float, default=128.0,
+                   help="memory of the node the driver runs on (default 128: cluster/'s head)")
+    p.add_argument("--cpu-gflops", type=float, default=100.0,
+                   help="float64 GFLOP/s assumed for the driver's eigh/SVD (default 100)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     if args.gpus < 1 or args.gpu_mem_gb <= 0:
         raise LayercardError("--gpus must be >= 1 and --gpu-mem-gb > 0")
+    if args.head_mem_gb <= 0 or args.cpu_gflops <= 0:
+        raise LayercardError("--head-mem-gb and --cpu-gflops must be > 0")
     cfg = load_config(ProfileConfig, args.config, args.overrides)
     model = build_meta_model(cfg.model)
     layout = discover(model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
@@ -38,6 +46,25 @@ def main(argv: list[str] | None = None) -> int:
                        heads=hc.num_attention_heads if cfg.model.attn_implementation == "eager" else 0)
     print(f"model {type(model).__name__}: {len(layout.layers)} layers, weights {weights / GIB:.1f} GiB ({cfg.model.dtype})")
     print(plan.table() if plan.fits else plan.table().splitlines()[0] + "\n" + "\n".join(plan.table().splitlines()[1:4]) + "\n  …")
+    drv = driver_memory(layout, plan.slices, coupling=cfg.coupling.enabled, adam=cfg.coupling.adam,
+                        delta_bytes=8 if cfg.model.dtype == "float64" else 4)
+    solve_s = drv.solve_flops / (args.cpu_gflops * 1e9)
+    print(f"driver: {drv.peak_bytes / GIB:.1f} GiB at peak ({drv.peak_phase}): statistics {drv.stats_bytes / GIB:.1f}, "
+          f"a slice's result {drv.slice_result_bytes / GIB:.1f}, eigendecompositions kept {drv.eig_cache_bytes / GIB:.1f}, "
+          f"Δ* {drv.delta_bytes / GIB:.1f} + object store {drv.object_store_bytes / GIB:.1f}")
+    print(f"driver solve: {drv.solve_flops:.2e} float64 FLOPs (eigh solved {drv.eigh_solves}×), "
+          f"~{_duration(solve_s)} at an assumed {args.cpu_gflops:g} GFLOP/s")
+    if args.json:
+        _write_json(args.json, {
+            "driver_bytes": drv.peak_bytes, "actor_bytes": max(plan.per_actor_bytes),
+            "actor_bytes_per_slice": plan.per_actor_bytes, "stat_bytes_per_slice": plan.stat_bytes,
+            "weights_bytes": weights, "layer_slices": plan.layer_slices, "replicas": plan.replicas,
+            "slices": plan.slices, "fits": plan.fits, "gpus": args.gpus, "gpu_mem_gb": args.gpu_mem_gb,
+            "driver_peak_phase": drv.peak_phase, "driver_phases_bytes": drv.phases,
+            "driver_stats_bytes": drv.stats_bytes, "driver_slice_result_bytes": drv.slice_result_bytes,
+            "driver_eig_cache_bytes": drv.eig_cache_bytes, "driver_delta_bytes": drv.delta_bytes,
+            "driver_object_store_bytes": drv.object_store_bytes, "head_mem_gb": args.head_mem_gb,
+            "solve_flops": drv.solve_flops, "solve_s": solve_s, "cpu_gflops_assumed": args.cpu_gflops})
     if not plan.fits:
         need = f"at least {plan.gpus_needed} GPUs of {args.gpu_mem_gb:g} GB" if plan.gpus_needed else \
             f"GPUs with more than {args.gpu_mem_gb:g} GB (one layer per actor does not fit; lower data.batch_size)"
@@ -45,7 +72,24 @@ def main(argv: list[str] | None = None) -> int:
                              f"(largest actor {max(plan.per_actor_bytes) / GIB:.1f} GiB)")
     print(f"fits: ray.num_actors={args.gpus} ray.layer_slices={plan.layer_slices} "
           f"({plan.replicas} data replica(s) per slice), ray.num_gpus_per_actor=1")
+    if drv.peak_bytes > args.head_mem_gb * GIB:
+        print(f"warning: the driver needs {drv.peak_bytes / GIB:.0f} GiB ({drv.peak_phase}), more than the head's "
+              f"{args.head_mem_gb:g} GiB (--head-mem-gb): it holds every layer's statistics", file=sys.stderr)
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _write_json(path: str, obj: dict) -> None:
+    import json
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise LayercardError(f"cannot write --json '{path}': {err.strerror}") from None
 
 
 if __name__ == "__main__":
