@@ -146,3 +146,51 @@ def init_ray(address: str | None, **kwargs):
     except ConnectionError as err:
         raise LayercardError(f"cannot connect to the Ray cluster at '{address}': {str(err).splitlines()[0]}") from None
     return ray
+
+
+# Filesystems every node can mount at the same path; FUSE mounts (gcsfuse, s3fs, juicefs, sshfs)
+# are taken to be network filesystems too.
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "wekafs",
+                      "virtiofs"}
+
+
+def mount_fstype(path: str | Path, mounts: str | None = None) -> str:
+    """Type of the filesystem ``path`` lies on: the longest mount point above it in ``mounts``
+    (the text of /proc/mounts; read when None). "" when unknown."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    path = str(Path(path).expanduser().resolve())
+    best, fstype = -1, ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, fstype = len(point), parts[2]
+    return fstype
+
+
+def check_storage_reachable(path: str, nodes: int, key: str, *, uri_ok: bool = True,
+                            mounts: str | None = None) -> None:
+    """Ray Train/Tune storage must be reachable from every node: with more than one node, refuse a
+    path on a node-local filesystem (a URI, or a path on NFS/Lustre/… or a FUSE mount, passes)."""
+    if nodes <= 1 or "://" in str(path):
+        return
+    fstype = mount_fstype(path, mounts)
+    if fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse."):
+        return
+    where = f"a shared path (NFS, Lustre, … mounted on every node){' or a URI (s3://…, gs://…)' if uri_ok else ''}"
+    raise LayercardError(f"storage path '{path}' is on this node's {fstype or 'local'} filesystem, but the Ray "
+                         f"cluster has {nodes} nodes whose workers cannot reach it: set {key} to {where}")
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

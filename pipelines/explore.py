@@ -231,6 +231,9 @@ def execute(s: search.Setup, p: ExplorePlan) -> dict:
     (s.out / EXPLORE_DIR).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # each report waits for one (NOTES)
     connect_ray(t.address)
+    from pipelines.common import alive_nodes, check_storage_reachable
+
+    check_storage_reachable(s.storage, alive_nodes(), "storage_path")
     search._check_trial_fits(cfg)
     stop = s.out / search.STOP_FILE
     if cfg.stop_after_trials:

@@ -135,8 +135,21 @@ def _examples(batch) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- actors
+def check_weights_hash(loaded: str, expected: str | None, model: str) -> None:
+    """An actor's model must be the driver's: a node holding other files at the same path (an older
+    download, a partial copy) would otherwise add another model's statistics to the card."""
+    if expected is not None and loaded != expected:
+        raise LayercardError(f"an actor loaded model '{model}' with weights hash {loaded}, the driver's has {expected}: "
+                             f"every node must hold the same model files at that path")
+
+
+def _model_name(model_cfg) -> str:
+    return str(model_cfg.path or model_cfg.gguf_file or "model.config (random weights)")
+
+
 class _SliceActor:
-    def __init__(self, model_cfg, profile_cfg, batch_size: int, layers: list[int], slice_id: int):
+    def __init__(self, model_cfg, profile_cfg, batch_size: int, layers: list[int], slice_id: int,
+                 weights_hash: str | None = None):
         import torch
 
         from layercard.discovery import discover
@@ -144,6 +157,7 @@ class _SliceActor:
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.lm = load_model(model_cfg)
+        check_weights_hash(self.lm.weights_hash, weights_hash, _model_name(model_cfg))
         self.layout = discover(self.lm.model, profile_cfg.target_modules, layers, model_cfg.block_path)
         self.batch_size, self.slice_id = batch_size, slice_id
         self.label_ids = None   # the LM loss; profile.loss: label → the answer tokens (checked by the driver)
@@ -362,7 +376,8 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
             stats += _stats_from_bytes(row["stats"])
 
         used1 = _run_pool(tokenized, StatsActor, cfg, slices, lambda s, layers: {
-            "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir}, num_shards, add)
+            "fail_once_at_shard": cfg.ray.fail_once_at_shard, "marker_dir": marker_dir,
+            "weights_hash": lm.weights_hash}, num_shards, add)
     dt = time.perf_counter() - t0
     if progress:
         print(f"pass 1: {stats.n_tokens} tokens on {used1} of {cfg.ray.num_actors} actors × {len(slices)} slices, "
@@ -395,7 +410,8 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         refs = {s: ray.put({k: deltas[k] for k in direction_keys(layers, adam)}) for s, layers in enumerate(slices)}
         agg = DirectionsSum(direction_keys(layout.layers, adam), len(slices), coupling_from_embeddings)
         used2 = _run_pool(probe, DirectionsActor, cfg, slices,
-                          lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args}, len(shards), agg.add,
+                          lambda s, layers: {"deltas": refs[s], "sketch_args": sketch_args,
+                                             "weights_hash": lm.weights_hash}, len(shards), agg.add,
                           presharded=True)
         card.meta["ray_layout"]["pass2_actors_used"] = used2
         K, b = agg.result()
@@ -420,6 +436,7 @@ def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
     from pipelines.profile import add_cost
 
     lm = load_model(cfg.model)
+    check_weights_hash(lm.weights_hash, card.meta.get("weights_hash"), _model_name(cfg.model))
     add_cost(card, cfg, lm.model, batches_of(records, cfg.data.batch_size, lm.tokenizer.pad_id)[0], progress=False)
     return card
 

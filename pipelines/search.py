@@ -359,6 +359,9 @@ def _run_tune(s: Setup, restore: bool):
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # each report waits for one (NOTES)
     connect_ray(s.cfg.train_config.address)
+    from pipelines.common import alive_nodes, check_storage_reachable
+
+    check_storage_reachable(s.storage, alive_nodes(), "storage_path")
     _check_trial_fits(s.cfg)
     stop = s.out / STOP_FILE
     if s.cfg.stop_after_trials:

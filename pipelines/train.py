@@ -476,6 +476,9 @@ def run(cfg: TrainConfig, out: str | Path) -> dict:
     check_private(storage / cfg.name, "training run")
     plan = prepare(cfg)                       # bad selection / data fail here, before Ray starts
     connect_ray(cfg.address)
+    from pipelines.common import alive_nodes, check_storage_reachable
+
+    check_storage_reachable(str(storage), alive_nodes(), "storage_path", uri_ok=False)
     check_resources(cfg)
     out.mkdir(parents=True)
     private_dir(storage)

@@ -393,3 +393,50 @@ def test_secret_scanner_catches_text(text):
 ])
 def test_secret_scanner_passes_references(ok):
     assert secret_findings_in_yaml(ok) == [] and secret_findings_in_text(yaml.safe_dump(ok)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train / Tune storage on a multi-node cluster
+# ---------------------------------------------------------------------------------------------
+MOUNTS = """overlay / overlay rw 0 0
+/dev/nvme0n1p1 /home ext4 rw 0 0
+fs.example:/export /mnt/shared nfs4 rw 0 0
+gcsfuse /mnt/bucket fuse.gcsfuse rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path,nodes,ok", [
+    ("/home/me/runs", 1, True),                 # one node: any path
+    ("/home/me/runs", 3, False),                # node-local disk on 3 nodes
+    ("/mnt/shared/runs", 3, True),              # NFS mounted at the same path everywhere
+    ("/mnt/bucket/runs", 2, True),              # a FUSE-mounted bucket
+    ("/mnt/shared-not/runs", 2, False),         # a sibling of the mount point is not on it
+    ("s3://bucket/runs", 8, True),              # a URI
+])
+def test_storage_must_be_reachable_from_every_node(path, nodes, ok):
+    from layercard.errors import LayercardError
+    from pipelines.common import check_storage_reachable
+
+    if ok:
+        check_storage_reachable(path, nodes, "storage_path", mounts=MOUNTS)
+        return
+    with pytest.raises(LayercardError) as exc:
+        check_storage_reachable(path, nodes, "storage_path", mounts=MOUNTS)
+    msg = str(exc.value)
+    assert f"'{path}'" in msg and f"{nodes} nodes" in msg and "storage_path" in msg and "URI" in msg and "\n" not in msg
+
+
+def test_train_storage_error_offers_no_uri():
+    from layercard.errors import LayercardError
+    from pipelines.common import check_storage_reachable
+
+    with pytest.raises(LayercardError) as exc:   # pipelines.train takes local paths only
+        check_storage_reachable("/home/me/runs", 2, "storage_path", uri_ok=False, mounts=MOUNTS)
+    assert "shared path" in str(exc.value) and "URI" not in str(exc.value)
+
+
+def test_storage_on_this_machines_filesystems():
+    from pipelines.common import check_storage_reachable, mount_fstype
+
+    assert mount_fstype("/") != ""                         # /proc/mounts read and matched
+    check_storage_reachable("/tmp/x", 1, "storage_path")   # a single-node cluster never refuses

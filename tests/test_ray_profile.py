@@ -148,3 +148,17 @@ def test_ray_reader_picks_the_local_readers_records(ray_local, tmp_path, shuffle
         assert len(want) == 20 and [{c: r[c] for c in cols} for r in got] == [{c: r[c] for c in cols} for r in want], name
     if shuffle:   # the shuffle did something
         assert [r["text"] for r in want] != [r["text"] for r in rows[:20]]
+
+
+def test_actor_refuses_a_model_other_than_the_drivers():
+    from layercard.models import describe_model
+    from pipelines.ray_profile import StatsActor
+
+    cfg = cfg_with()
+    driver_hash = describe_model(cfg.model).weights_hash
+    actor = StatsActor(cfg.model, cfg.profile, 2, [0, 1], 0, weights_hash=driver_hash)   # the driver's model: fine
+    assert actor.lm.weights_hash == driver_hash
+    with pytest.raises(LayercardError) as exc:
+        StatsActor(cfg.model, cfg.profile, 2, [0, 1], 0, weights_hash="0123456789abcdef")
+    msg = str(exc.value)
+    assert driver_hash in msg and "0123456789abcdef" in msg and "model.config" in msg and "\n" not in msg
