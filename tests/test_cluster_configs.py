@@ -254,9 +254,17 @@ def _all_pods():
 
 
 def test_token_auth_everywhere():
+    (_, rc), = manifests("RayCluster")
+    # Ray pods: KubeRay's authOptions, so the operator injects the token and uses it itself (RayJob
+    # status polling); the containers carry no second, hand-written copy.
+    assert rc["spec"]["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
+    ray_pods = {"ray-head"} | {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]}
     for name, pod in _all_pods():
         for c in containers(pod):
             env = env_of(c)
+            if name in ray_pods:
+                assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), f"{name}: the token comes from authOptions"
+                continue
             assert env.get("RAY_AUTH_MODE") == "token", f"{name}: RAY_AUTH_MODE is not token"
             ref = env.get("RAY_AUTH_TOKEN")
             assert isinstance(ref, dict) and ref["secretKeyRef"]["name"] == TOKEN_SECRET, \
@@ -279,6 +287,40 @@ def test_local_dashboards_listen_on_localhost():
     (_, rc), = manifests("RayCluster")
     assert rc["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", "never expose the dashboard"
     assert manifests("NetworkPolicy"), "the in-cluster dashboard needs a NetworkPolicy"
+
+
+def _policies_for(path: Path, cluster: str) -> list[dict]:
+    """NetworkPolicies in ``path`` that select the pods of RayCluster ``cluster``."""
+    return [d for d in docs(path) if d.get("kind") == "NetworkPolicy"
+            and d["spec"]["podSelector"].get("matchLabels", {}).get("ray.io/cluster") == cluster]
+
+
+def test_network_policy_admits_the_operator_to_the_dashboard():
+    (path, rc), = manifests("RayCluster")
+    (policy,), name = _policies_for(path, rc["metadata"]["name"]), rc["metadata"]["name"]
+    operator = [r for r in policy["spec"]["ingress"] for peer in r["from"]
+                if peer.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}
+                and "namespaceSelector" in peer]        # the operator runs in its own namespace
+    assert operator, f"{path.name}: no ingress rule admits the KubeRay operator"
+    assert all([p["port"] for p in r["ports"]] == [8265] for r in operator), "the operator needs the dashboard only"
+    assert name in str(policy["spec"]["podSelector"])
+
+
+def test_dashboard_on_all_interfaces_only_behind_the_policy_in_the_same_file():
+    for path, rc in manifests("RayCluster"):
+        host = rc["spec"]["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host", "127.0.0.1")
+        if host in ("127.0.0.1", "localhost"):
+            continue
+        policies = _policies_for(path, rc["metadata"]["name"])
+        assert policies, f"{path.name}: dashboard-host {host} without a NetworkPolicy in the same file"
+        for policy in policies:
+            assert "Ingress" in policy["spec"]["policyTypes"]
+            for rule in policy["spec"]["ingress"]:
+                assert rule.get("from"), f"{path.name}: an ingress rule without 'from' admits every pod"
+                own = all(p.get("podSelector", {}).get("matchLabels", {}).get("ray.io/cluster") == rc["metadata"]["name"]
+                          for p in rule["from"])
+                assert own or [p["port"] for p in rule.get("ports", [])] == [8265], \
+                    f"{path.name}: a rule admits pods outside the cluster to more than the dashboard"
 
 
 # ---------------------------------------------------------------------------------------------
