@@ -14,7 +14,7 @@ from layercard.discovery import discover
 from layercard.errors import LayercardError
 from layercard.models import DTYPES, build_meta_model
 from layercard.plan import GIB, driver_memory, plan_layout
-from layercard.profile_config import ProfileConfig
+from layercard.profile_config import ProfileConfig, should_save_stats
 from pipelines.common import run_main
 
 
@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
           f"Δ* {drv.delta_bytes / GIB:.1f} + object store {drv.object_store_bytes / GIB:.1f}")
     print(f"driver solve: {drv.solve_flops:.2e} float64 FLOPs (eigh solved {drv.eigh_solves}×), "
           f"~{_duration(solve_s)} at an assumed {args.cpu_gflops:g} GFLOP/s")
+    saved = should_save_stats(cfg.profile.save_stats, drv.stats_bytes)
+    print(f"stats.safetensors: {drv.stats_bytes / GIB:.1f} GiB, " + ("written" if saved else "not written")
+          + f" (profile.save_stats={_yaml(cfg.profile.save_stats)})")
     if args.json:
         _write_json(args.json, {
+            "stats_file_bytes": drv.stats_bytes if saved else 0,
             "driver_bytes": drv.peak_bytes, "actor_bytes": max(plan.per_actor_bytes),
             "actor_bytes_per_slice": plan.per_actor_bytes, "stat_bytes_per_slice": plan.stat_bytes,
             "weights_bytes": weights, "layer_slices": plan.layer_slices, "replicas": plan.replicas,
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: the driver needs {drv.peak_bytes / GIB:.0f} GiB ({drv.peak_phase}), more than the head's "
               f"{args.head_mem_gb:g} GiB (--head-mem-gb): it holds every layer's statistics", file=sys.stderr)
     return 0
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value).lower()
 
 
 def _duration(seconds: float) -> str:

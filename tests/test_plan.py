@@ -92,6 +92,7 @@ def test_plan_json_matches_a_brute_force_sum_over_the_real_modules(tmp_path, cap
     assert plan["driver_bytes"] / GIB > 128                 # well above the head the cluster/ YAML gives
     assert plan["solve_flops"] >= 2 * 9 * sum(float(d) ** 3 for _, d in groups)   # each eigh twice
     assert plan["solve_s"] == pytest.approx(plan["solve_flops"] / 100e9)
+    assert plan["stats_file_bytes"] == 0                     # ~106 GiB: not saved unless asked
 
     weights = 2 * sum(p.numel() for p in model.parameters())
     tokens = cfg.data.batch_size * cfg.data.max_seq_len
@@ -110,3 +111,13 @@ def test_driver_under_the_head_memory_gives_no_warning(capsys):
     assert cli(["plan", "--config", CONFIG, "--gpus", "8", "--gpu-mem-gb", "80", "--head-mem-gb", "512"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and "driver: " in captured.out and "GFLOP/s" in captured.out
+    assert "stats.safetensors: 105.8 GiB, not written (profile.save_stats=null)" in captured.out
+
+
+@pytest.mark.parametrize("extra,words", [(["--head-mem-gb", "0"], "--head-mem-gb"),
+                                         (["--cpu-gflops", "-1"], "--cpu-gflops"),
+                                         (["--json", "/nonexistent-dir/plan.json"], "/nonexistent-dir/plan.json")])
+def test_plan_bad_input(capsys, extra, words):
+    assert cli(["plan", "--config", CONFIG, "--gpus", "8", "--gpu-mem-gb", "80", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and words in err and "\n" not in err
