@@ -43,14 +43,17 @@ def layer_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, 
         if group not in eigs:
             eigs[group] = eig_psd(stats.A[group])
         delta = best_rank_r_update(stats.A[group], stats.C[m.key], ridge, rank, eig=eigs[group])  # (d_out, d_in)
-        w = params[m.weight_name]
-        tangent = delta.T if m.transposed else delta
-        if device is None:
-            tangent = tangent.to(device=w.device, dtype=w.dtype)
-        else:
-            tangent = tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
-        out.setdefault(m.layer, {})[m.weight_name] = tangent
+        out.setdefault(m.layer, {})[m.weight_name] = _tangent(delta, m, params[m.weight_name], device)
     return out
+
+
+def _tangent(delta: torch.Tensor, m, w: torch.Tensor, device: str | None) -> torch.Tensor:
+    """A (d_out, d_in) update as a tangent of weight ``w``: its shape (Conv1D: transposed), and its
+    dtype/device, or float32/float64 on ``device`` (a driver holding a ``meta`` model)."""
+    tangent = delta.T if m.transposed else delta
+    if device is None:
+        return tangent.to(device=w.device, dtype=w.dtype)
+    return tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
 
 
 ADAM_KEY = 1 << 20
@@ -70,13 +73,7 @@ def adam_deltas(model: nn.Module, layout: ModelLayout, stats: SufficientStats, *
         if m.layer not in wanted:
             continue
         delta = sign_step_tangent(stats.C[m.key], lora_init_a(m.d_in, rank, m.key, seed), scaling)  # (d_out, d_in)
-        w = params[m.weight_name]
-        tangent = delta.T if m.transposed else delta
-        if device is None:
-            tangent = tangent.to(device=w.device, dtype=w.dtype)
-        else:
-            tangent = tangent.to(device=device, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
-        out.setdefault(ADAM_KEY + m.layer, {})[m.weight_name] = tangent
+        out.setdefault(ADAM_KEY + m.layer, {})[m.weight_name] = _tangent(delta, m, params[m.weight_name], device)
     return out
 
 
