@@ -44,6 +44,23 @@ class Candidate:
     def k(self) -> int:
         return len(self.layers)
 
+    def add_proposal(self, label: str, objective: str | None, strategy: str | None) -> None:
+        """Record one more proposal that chose this set (labels kept in order, kinds once)."""
+        self.labels.append(label)
+        if objective and objective not in self.objectives:
+            self.objectives.append(objective)
+        if strategy and strategy not in self.strategies:
+            self.strategies.append(strategy)
+
+    def predict(self, card, gain: float, all_gain: float) -> None:
+        """Fill the predicted gain (and its fraction of ``all_gain``) and the predicted costs."""
+        from layercard.cost import predicted_cost
+
+        self.predicted_gain = gain
+        self.predicted_gain_fraction = gain / all_gain if all_gain > 0 else None
+        pc = predicted_cost(card, self.layers)
+        self.predicted_flops_per_token, self.predicted_step_seconds = pc["flops_per_token"], pc["step_seconds"]
+
     @property
     def card_guided(self) -> bool:
         return bool(self.objectives)
@@ -95,7 +112,6 @@ def build_candidates(card, *, mode: str = "subsets", ks=(1, 2), budget: float | 
     """Every distinct layer set to try on ``card`` (a LayerCard with coupling and cost columns),
     with predictions; ids ``c00``, ``c01``, ... in proposal order (card-guided first). ``model`` and
     ``step_budget``: the set model and its ρ (:func:`layercard.selection.arrays_from_card`)."""
-    from layercard.cost import predicted_cost
     from layercard.selection import arrays_from_card, card_cost, set_quality
 
     A = arrays_from_card(card, budget_unit, model=model, step_budget=step_budget)
@@ -108,16 +124,9 @@ def build_candidates(card, *, mode: str = "subsets", ks=(1, 2), budget: float | 
         c = by_set.get(key)
         if c is None:
             c = by_set[key] = Candidate(id=f"c{len(by_set):02d}", layers=list(key), labels=[])
-        c.labels.append(label)
-        if objective and objective not in c.objectives:
-            c.objectives.append(objective)
-        if strategy and strategy not in c.strategies:
-            c.strategies.append(strategy)
+        c.add_proposal(label, objective, strategy)
     for c in by_set.values():
-        c.predicted_gain = set_quality(A, c.layers)
-        c.predicted_gain_fraction = c.predicted_gain / all_gain if all_gain > 0 else None
-        pc = predicted_cost(card, c.layers)
-        c.predicted_flops_per_token, c.predicted_step_seconds = pc["flops_per_token"], pc["step_seconds"]
+        c.predict(card, set_quality(A, c.layers), all_gain)
         c.cost = card_cost(card, c.layers, budget_unit)
         c.over_budget = budget is not None and c.cost > budget * (1 + 1e-12)
     return list(by_set.values())

@@ -156,7 +156,6 @@ def _fits(card, budget, budget_unit):
 
 def make_candidates(card, proposals, size, budget, budget_unit, prefix, arrays=None) -> list[Candidate]:
     """Distinct sets in proposal order (each keeps every label), at most ``size``, with predictions."""
-    from layercard.cost import predicted_cost
     from layercard.selection import card_cost
 
     score = card_score(card, budget_unit, arrays)
@@ -168,16 +167,9 @@ def make_candidates(card, proposals, size, budget, budget_unit, prefix, arrays=N
             if len(by_set) >= size:
                 continue
             c = by_set[layers] = Candidate(id=f"{prefix}c{len(by_set):02d}", layers=list(layers), labels=[])
-        c.labels.append(label)
-        if objective and objective not in c.objectives:
-            c.objectives.append(objective)
-        if strategy and strategy not in c.strategies:
-            c.strategies.append(strategy)
+        c.add_proposal(label, objective, strategy)
     for c in by_set.values():
-        c.predicted_gain = score(c.layers)
-        c.predicted_gain_fraction = c.predicted_gain / all_gain if all_gain > 0 else None
-        pc = predicted_cost(card, c.layers)
-        c.predicted_flops_per_token, c.predicted_step_seconds = pc["flops_per_token"], pc["step_seconds"]
+        c.predict(card, score(c.layers), all_gain)
         c.cost = card_cost(card, c.layers, budget_unit)
         c.over_budget = budget is not None and c.cost > budget * (1 + 1e-12)
     return list(by_set.values())
