@@ -28,6 +28,16 @@ MODULE_COLUMNS = ["layer", "module", "target", "d_in", "d_out", "n_tokens", *STA
 COUPLING_COLUMNS = ["layer_i", "layer_j", "rho", "k"]
 TABLES = {"layers.parquet": LAYER_COLUMNS, "modules.parquet": MODULE_COLUMNS, "coupling.parquet": COUPLING_COLUMNS}
 STATS_FILE = "stats.safetensors"
+STATS_SLICE_PREFIX = "stats-slice-"   # a Ray profile's statistics: one file per layer slice, by its owner
+
+
+def stats_slice_file(slice_id: int) -> str:
+    return f"{STATS_SLICE_PREFIX}{slice_id:03d}.safetensors"
+
+
+def is_stats_file(name: str) -> bool:
+    """The statistics: ``stats.safetensors``, or one ``stats-slice-NNN.safetensors`` per layer slice."""
+    return name == STATS_FILE or (name.startswith(STATS_SLICE_PREFIX) and name.endswith(".safetensors"))
 
 
 def library_versions() -> dict[str, str]:
@@ -75,6 +85,17 @@ def _add_rank_r_gain(tables: dict, meta: dict, path: Path) -> None:
     layers["gain_adj_rank_r"] = layers["layer"].map(per_layer).to_numpy(np.float64)
 
 
+def _read_stats(path: Path, name: str) -> SufficientStats:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / name), framework="pt") as f:
+            return SufficientStats.from_tensors({n: f.get_tensor(n) for n in f.keys()}, f.metadata())
+    except (OSError, ValueError, RuntimeError) as err:   # safetensors' header errors
+        raise LayercardError(f"card '{path}': '{name}' is not a readable safetensors file "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
 def read_meta(path: Path, *, with_stats: bool = True) -> dict:
     """card.json of the card directory ``path``, checked: an object of a schema this code reads, every
     listed file present and matching its sha256, and the card id the hash of those hashes.
@@ -102,7 +123,7 @@ def read_meta(path: Path, *, with_stats: bool = True) -> dict:
         f = path / name
         if "/" in name or name.startswith(".") or not f.is_file():
             raise LayercardError(f"card '{path}': file '{name}' is missing")
-        if name == STATS_FILE and not with_stats:
+        if is_stats_file(name) and not with_stats:
             continue
         if sha256_file(f) != digest:
             raise LayercardError(f"card '{path}': '{name}' does not match its checksum in card.json (truncated or edited)")
@@ -204,7 +225,9 @@ class LayerCard:
         self.modules.to_parquet(tmp / "modules.parquet", index=False)
         self.coupling_frame().to_parquet(tmp / "coupling.parquet", index=False)
         files = list(TABLES)
-        if with_stats and self.stats is not None:
+        if with_stats and self.stats is not None and hasattr(self.stats, "write"):
+            files += self.stats.write(tmp)   # statistics left where they were summed (a Ray profile's owners)
+        elif with_stats and self.stats is not None:
             tensors, header = self.stats.to_tensors()
             from safetensors.torch import save_file
 
@@ -240,13 +263,7 @@ class LayerCard:
         k = cp["k"].to_numpy(np.float64).reshape(L, L)
         k_adam = cp["k_adam"].to_numpy(np.float64).reshape(L, L) if "k_adam" in cp.columns else None
         stats = None
-        if with_stats and STATS_FILE in meta["files"]:
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path / STATS_FILE), framework="pt") as f:
-                    stats = SufficientStats.from_tensors({n: f.get_tensor(n) for n in f.keys()}, f.metadata())
-            except (OSError, ValueError, RuntimeError) as err:   # safetensors' header errors
-                raise LayercardError(f"card '{path}': '{STATS_FILE}' is not a readable safetensors file "
-                                     f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        for name in sorted(n for n in meta["files"] if is_stats_file(n)) if with_stats else []:
+            part = _read_stats(path, name)
+            stats = part if stats is None else stats + part   # slices hold disjoint layers
         return cls(layers, tables["modules.parquet"], rho, None if np.isnan(k).all() else k, meta, stats, k_adam)

@@ -234,7 +234,7 @@ def batches_of(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[
 
 def examples_hash(examples) -> str:
     """Order-independent digest of tokenised records (so sharded and single-process runs agree)."""
-    digests = sorted(hashlib.sha256(json.dumps([list(e["input_ids"]), list(e["labels"])]).encode()).hexdigest()
+    digests = sorted(hashlib.sha256(json.dumps([list(map(int, e["input_ids"])), list(map(int, e["labels"]))]).encode()).hexdigest()
                      for e in examples)
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 

@@ -94,6 +94,9 @@ class RaySettings:
     num_cpus_per_actor: float = 1.0
     fail_once_at_shard: int | None = None
     """Test-only fault injection: the actor processing this shard dies once (retried by Ray)."""
+    fail_once_in: str = "pass1"
+    """Test-only: the phase of that fault — ``pass1`` (the actor summing the shard), ``reduce`` (the
+    slice owner receiving it from a replica) or ``pass2`` (the actor probing that probe shard)."""
     fault_marker_dir: str | None = None
     """Where the fault injection leaves its marker (default: a temporary directory)."""
 
@@ -102,6 +105,9 @@ class RaySettings:
             raise LayercardError(f"config key 'ray.num_actors' must be >= 0, got {self.num_actors}")
         if self.layer_slices < 1:
             raise LayercardError(f"config key 'ray.layer_slices' must be >= 1, got {self.layer_slices}")
+        if self.fail_once_in not in ("pass1", "reduce", "pass2"):
+            raise LayercardError(f"config key 'ray.fail_once_in' must be one of pass1, reduce, pass2, got "
+                                 f"'{self.fail_once_in}'")
         if self.num_actors and self.num_actors % self.layer_slices:
             raise LayercardError(
                 f"config key 'ray.num_actors' ({self.num_actors}) must be a multiple of ray.layer_slices ({self.layer_slices})")

@@ -140,6 +140,16 @@ def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, r
 
     ``eigs``: a dict that receives each input group's eigendecomposition (one eigh per shared A),
     for :func:`layercard.coupling_pass.layer_deltas` to reuse instead of solving them again."""
+    layers, modules = card_rows(layout, stats, rank=rank, ridge=ridge, eigs=eigs)
+    card = card_from_rows(layout, layers, modules, stats.n_tokens, rank=rank, ridge=ridge, meta=meta)
+    card.stats = stats
+    return card
+
+
+def card_rows(layout: ModelLayout, stats: SufficientStats, *, rank: int, ridge: float,
+              eigs: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-layer and per-module rows of ``layout``'s layers. Each layer's rows need only its own
+    statistics, so a Ray slice owner solves its slice and the driver concatenates the rows."""
     if rank < 1:
         raise LayercardError(f"rank must be >= 1, got {rank}")
     if not ridge > 0:
@@ -148,18 +158,24 @@ def card_from_stats(layout: ModelLayout, stats: SufficientStats, *, rank: int, r
         raise LayercardError("statistics are empty: no calibration token was seen")
     modules = _module_rows(layout, stats, rank, ridge, eigs)
     layers = aggregate_layers(modules)
-    bi = [stats.bi_sum.get(l, np.nan) / stats.bi_n[l] if stats.bi_n.get(l) else np.nan for l in layers["layer"]]
-    layers["block_influence"] = bi
-    L = len(layers)
+    layers["block_influence"] = [stats.bi_sum.get(l, np.nan) / stats.bi_n[l] if stats.bi_n.get(l) else np.nan
+                                 for l in layers["layer"]]
+    return layers, modules[MODULE_COLUMNS + ["group", "gg", *ADAM_COLUMNS]]
+
+
+def card_from_rows(layout: ModelLayout, layers: pd.DataFrame, modules: pd.DataFrame, n_tokens: int, *,
+                   rank: int, ridge: float, meta: dict | None = None) -> LayerCard:
+    """A card (no coupling yet, no statistics) from rows :func:`card_rows` solved."""
     card_meta = {
         "block_path": layout.block_path, "layers_pattern": layout.layers_pattern, "num_layers": layout.num_layers,
         "layers": list(layout.layers), "target_modules": layout.targets, "modules": sorted({m.name for m in layout.modules}),
         "block_modules": list(layout.block_modules),
-        "rank": rank, "ridge": ridge, "n_tokens": stats.n_tokens, "library_versions": library_versions(),
+        "rank": rank, "ridge": ridge, "n_tokens": n_tokens, "library_versions": library_versions(),
     }
     card_meta.update(meta or {})
-    return LayerCard(layers, modules[MODULE_COLUMNS + ["group", "gg", *ADAM_COLUMNS]], np.eye(L) * 0.0, None,
-                     card_meta, stats)
+    L = len(layers)
+    return LayerCard(layers.reset_index(drop=True), modules.reset_index(drop=True), np.eye(L) * 0.0, None,
+                     card_meta, None)
 
 
 def profile_model(model: nn.Module, batches: Iterable[dict], *, target_modules=None, layers=None,

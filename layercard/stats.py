@@ -58,6 +58,11 @@ class SufficientStats:
     def n_tokens(self) -> int:
         return max(self.n.values(), default=0)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the A and C matrices (what ``stats.safetensors`` holds, less its header)."""
+        return sum(t.nbytes for t in [*self.A.values(), *self.C.values()])
+
     def add_sums(self, A: dict, n: dict, C: dict, gg: dict, group_of: dict) -> None:
         """Add sums (any float dtype, kept on their device: XᵀX per group with its token counts,
         XᵀG and ‖G‖² per module) into the float64 totals; new keys get float64 copies."""
@@ -65,13 +70,13 @@ class SufficientStats:
             if k in self.A:
                 if self.A[k].shape != a.shape:
                     raise LayercardError(f"statistics for group '{k}' have shapes {tuple(self.A[k].shape)} and {tuple(a.shape)}")
-                self.A[k] += a.to(torch.float64)
+                self.A[k] += a.to(device=self.A[k].device, dtype=torch.float64)
                 self.n[k] += n[k]
             else:
                 self.A[k], self.n[k] = a.to(torch.float64, copy=True), n[k]
         for k, c in C.items():
             if k in self.C:
-                self.C[k] += c.to(torch.float64)
+                self.C[k] += c.to(device=self.C[k].device, dtype=torch.float64)
             else:
                 self.C[k] = c.to(torch.float64, copy=True)
             self.gg[k] = self.gg.get(k, 0.0) + float(gg[k])

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from layercard.atomic import crash_point, fsync_tree
-from layercard.card import STATS_FILE, sha256_file
+from layercard.card import is_stats_file, sha256_file
 from layercard.errors import LayercardError
 
 MANIFEST = "_VERSION.json"
@@ -326,7 +326,7 @@ class CardStore:
             f = Path(local_dir) / str(name)
             if "/" in str(name) or not f.is_file():
                 raise LayercardError(f"version {v.version}: '{name}' is missing from the store")
-            if name == STATS_FILE and not with_stats:
+            if is_stats_file(str(name)) and not with_stats:
                 continue
             if _sha256_file(f) != digest:
                 raise LayercardError(f"version {v.version}: '{name}' does not match its sha256 in {MANIFEST}")

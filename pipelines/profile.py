@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         raise LayercardError(f"output '{out}' already exists (pass --overwrite to replace it)")
     card = run_profile(cfg)
-    stats_bytes = sum(t.nbytes for t in card.stats.to_tensors()[0].values()) if card.stats is not None else 0
+    stats_bytes = card.stats.nbytes if card.stats is not None else 0
     with_stats = should_save_stats(cfg.profile.save_stats, stats_bytes)
     card.save(out, overwrite=args.overwrite, with_stats=with_stats)
     print(f"card {card.card_id} written to {out}" + ("" if with_stats or card.stats is None else
