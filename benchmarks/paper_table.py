@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from layercard.task_recipes import TASKS  # noqa: E402  (the tasks' recipes, shared with the other benchmarks)
+from layercard.data.task_recipes import TASKS  # noqa: E402  (the tasks' recipes, shared with the other benchmarks)
 
 LABEL = re.compile(r"^(?P<name>[\w-]+)(?: k=(?P<k>\d+))?(?: target=(?P<target>[\d.]+))?")
 
@@ -64,7 +64,7 @@ def card_predictor(card, rho: float | None = None):
     """layers → a loaded card's predicted gain fraction Q(S)/Q(all layers) under the *current* default
     set model (so a table rebuilt after a model change shows what the code now predicts); ``rho``: the
     recipe's step budget Σ lr_t."""
-    from layercard import selection as sel
+    from layercard.select import selection as sel
 
     arrays = sel.arrays_from_card(card, step_budget=rho)
     full = sel.set_quality(arrays, arrays.layers)
@@ -141,7 +141,7 @@ SCHEDULING_KEYS = ("cpus_per_worker", "report_every", "checkpoint_every", "max_f
 
 def recipe_budget(records: list[dict]) -> float | None:
     """ρ = Σ lr_t of the task's recipe (one per table: :func:`search_records` refuses a mix)."""
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
 
     r = records[0]["recipe"] if records else None
     return step_budget(r["lr"], r["steps"], r["warmup_steps"]) if r else None
@@ -196,8 +196,8 @@ def card_source(doc: dict) -> dict:
     The table needs one source, not one card file: profiling the same source on another CPU gives a card
     equal up to float rounding (another card_id) — :func:`check_sets` then catches any set it would pick
     differently. A search whose card is gone is known by its card_id alone."""
-    from layercard.card import LayerCard
-    from layercard.store import config_hash
+    from layercard.card.layer_card import LayerCard
+    from layercard.card.store import config_hash
 
     path = Path(doc.get("card") or "")
     if not (path / "card.json").is_file():
@@ -421,7 +421,7 @@ def prediction_agreement(groups: list[dict], rivals: dict | None = None) -> dict
     sets other than all layers: Spearman ρ over every set and within each k holding ≥ 3 sets, and how many
     sets trained better than predicted — among all of them and among those adapting a layer ≤ ``LOW``.
     ``rivals`` (name → layers → score, e.g. :func:`card_rivals`): the same ρ over every set for each."""
-    from layercard.candidates import spearman
+    from layercard.select.candidates import spearman
 
     sets = [g for g in groups if g["strategy"] != "all" and g["gain_fraction"] is not None
             and g["predicted_gain_fraction"] is not None]
@@ -500,7 +500,7 @@ def plot_frontier(rows: list[dict], task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from layercard.candidates import pareto_mask
+    from layercard.select.candidates import pareto_mask
 
     g = [r for r in grouped(rows) if r["task"] == task and r["gain_fraction"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -530,7 +530,7 @@ def plot_frontier(rows: list[dict], task: str, path: Path) -> None:
 
 
 def ensure_card(task: str, work: Path, extra: list[str]) -> Path:
-    from layercard.task_recipes import ensure_card as ensure
+    from layercard.data.task_recipes import ensure_card as ensure
 
     return ensure(task, work, extra, ROOT / "configs" / "profile-smollm2.yaml")
 
@@ -547,7 +547,7 @@ def scope_of(config: dict) -> dict:
 def search_config(task: str, card_dir: Path, args):
     """The SearchConfig of this scope: configs/search-smollm2.yaml + the task's and the command's overrides."""
     from layercard.config import load_config
-    from layercard.search_config import SearchConfig
+    from layercard.search.config import SearchConfig
 
     # one base-model eval per task, shared by its searches (the file is keyed by weights, eval data, batching)
     overrides = [f"card={card_dir}", f"ks={json.dumps(args.ks)}", f"targets={json.dumps(args.targets)}",
@@ -560,11 +560,11 @@ def search_config(task: str, card_dir: Path, args):
 
 def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple, list[int]], int]:
     """((strategy, score, k) → the seeds this scope asks for that no finished search has trained yet, rows the scope asks for)."""
-    from layercard.candidates import build_candidates
-    from layercard.card import LayerCard
+    from layercard.select.candidates import build_candidates
+    from layercard.card.layer_card import LayerCard
 
-    from layercard.adam_step import step_budget
-    from layercard.selection import resolve_model
+    from layercard.profile.adam_step import step_budget
+    from layercard.select.selection import resolve_model
 
     card = LayerCard.load(card_dir, with_stats=False)
     have = {(r["strategy"], score_of(r), r["k"], r["seed"]) for r in rows}
@@ -666,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.missing:
         return print_missing(args)
     if not args.rebuild:
-        from layercard.fetch import verify
-        from layercard.tasks import prepare_task
+        from layercard.data.fetch import verify
+        from layercard.data.tasks import prepare_task
 
         verify(None, ["smollm2", "vader", "news"] if "headline" in args.tasks else ["smollm2", "vader"])
         for task in args.tasks:
@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rebuild:
         for task in args.tasks:
             run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     results = Path(args.results)
     archive = results / ARCHIVE

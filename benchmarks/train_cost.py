@@ -50,7 +50,7 @@ def write_selection(path: Path, layers: list[int], weights_hash: str, r: int) ->
 def profile_card(mcfg, rank: int, seq: int):
     """A card of the benchmark model (configs/tiny.yaml's data, no coupling pass) with its cost model."""
     from layercard.config import load_config
-    from layercard.profile_config import ProfileConfig
+    from layercard.profile.config import ProfileConfig
     from pipelines.profile import run_profile
 
     cfg = load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml",
@@ -64,7 +64,7 @@ def predicted(card, layers: list[int]) -> dict:
     nothing) and analytic FLOPs/token."""
     if card is None:
         return {"predicted_step_s": None, "predicted_flops_per_token": None}
-    from layercard.cost import predicted_cost
+    from layercard.profile.cost import predicted_cost
 
     cost = predicted_cost(card, layers)
     return {"predicted_step_s": cost.get("step_seconds"), "predicted_flops_per_token": cost["flops_per_token"]}
@@ -119,16 +119,16 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray
 
-    from layercard.data import DataConfig
+    from layercard.data.examples import DataConfig
     from layercard.models import ModelConfig, load_model
-    from layercard.train_config import TrainConfig
+    from layercard.train.config import TrainConfig
     from pipelines import train
 
     mcfg = ModelConfig(config=model_config(args.layers, args.hidden))
     whash = load_model(mcfg).weights_hash
     card = None
     if args.card:
-        from layercard.card import LayerCard
+        from layercard.card.layer_card import LayerCard
 
         card = LayerCard.load(args.card, with_stats=False)
     elif not args.no_card:
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
 
     result = {"model": mcfg.config, "args": vars(args), "rows": rows, "card_id": card.card_id if card else None,
               "r2_step_s": r2_of("predicted_step_s"), "r2_flops": r2_of("predicted_flops_per_token"),
-              "versions": __import__("layercard.card", fromlist=["library_versions"]).library_versions()}
+              "versions": __import__("layercard.card.layer_card", fromlist=["library_versions"]).library_versions()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

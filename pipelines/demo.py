@@ -14,8 +14,8 @@ from layercard.atomic import atomic_write_json, atomic_write_text
 from layercard.config import load_config
 from layercard.demo_config import DemoConfig
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
-from layercard.train_config import TrainConfig
+from layercard.profile.config import ProfileConfig
+from layercard.train.config import TrainConfig
 from pipelines.common import parse_config, run_main
 
 
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(DemoConfig, argv, "python -m pipelines.demo", __doc__.splitlines()[0])
     out = Path(args.out)
     if cfg.fetch:
-        from layercard.fetch import fetch_all
-        from layercard.tasks import prepare_task
+        from layercard.data.fetch import fetch_all
+        from layercard.data.tasks import prepare_task
 
         fetch_all()
         for task in cfg.fetch:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     tcfg_base = [*cfg.train_overrides]
     load_config(TrainConfig, cfg.train_config, [*tcfg_base, "strategy=all"])   # fail early on a bad train config
 
-    from layercard.report import write_report
+    from layercard.card.report import write_report
     from pipelines import select as select_cmd
     from pipelines import train as train_cmd
     from pipelines.profile import run_profile
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     card_dir = out / "card"
     if not (card_dir / "card.json").exists():
         run_profile(pcfg).save(card_dir)
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     card = LayerCard.load(card_dir, with_stats=False)
     write_report(card, out / "report")

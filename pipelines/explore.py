@@ -7,7 +7,7 @@
 
 Phases, each one Ray Tune experiment under the search's storage (``NAME-<phase>``), run in order:
 
-1. ``k<K>-r1`` per k: the pool of :func:`layercard.explore.build_pool` on the first seed under ASHA
+1. ``k<K>-r1`` per k: the pool of :func:`layercard.search.pool.build_pool` on the first seed under ASHA
    (``time_attr="step"``, metric ``rung_quality``: the label loss, else the eval loss, on the first
    ``explore.rung_eval_examples`` eval examples, evaluated every ``grace_period`` steps without touching
    the training RNG). Survivors of the last rung train to ``train.steps``.
@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from layercard import explore as ex
+from layercard.search import pool as ex
 from layercard.atomic import atomic_write_json, private_dir
-from layercard.candidates import Candidate
+from layercard.select.candidates import Candidate
 from layercard.config import apply_overrides, from_dict
 from layercard.errors import LayercardError
-from layercard.search_config import SearchConfig
+from layercard.search.config import SearchConfig
 from pipelines import search
 
 EXPLORE_DIR = "explore"          # OUT/explore: one JSON per finished phase, the rung log
@@ -62,8 +62,8 @@ class ExplorePlan:
 
 def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:
     """The rungs, the round-1 pool per k and the step budget, from the config and card alone."""
-    from layercard.adam_step import step_budget
-    from layercard.selection import arrays_from_card
+    from layercard.profile.adam_step import step_budget
+    from layercard.select.selection import arrays_from_card
 
     arrays = arrays_from_card(card, cfg.budget_unit, model=cfg.model, step_budget=step_budget(
         cfg.train_config.lr, cfg.train_config.steps, cfg.train_config.warmup_steps))   # the card's set model

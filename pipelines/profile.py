@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 from layercard.config import to_dict
-from layercard.coupling_pass import coupling_pass, make_sketch
+from layercard.profile.coupling_pass import coupling_pass, make_sketch
 from layercard.discovery import discover
-from layercard.data import batches_of, examples_hash, load_examples, sequence_format
+from layercard.data.examples import batches_of, examples_hash, load_examples, sequence_format
 from layercard.errors import LayercardError
-from layercard.label_loss import check_answer_tokens
+from layercard.train.label_loss import check_answer_tokens
 from layercard.models import load_model
-from layercard.profile_config import ProfileConfig, should_save_stats
-from layercard.profiler import profile_model
+from layercard.profile.config import ProfileConfig, should_save_stats
+from layercard.profile.profiler import profile_model
 from pipelines.common import parse_config, run_main
 
 
@@ -83,8 +83,8 @@ def add_coupling_local(card, cfg: ProfileConfig, lm, examples, progress: bool = 
 def add_cost(card, cfg: ProfileConfig, model, batch: dict, progress: bool = True) -> None:
     """Analytic cost columns; with ``cost.measure`` also timed PEFT steps (lowest layer at
     ``cost.points`` depths) that calibrate the predicted seconds/step (``meta['cost_r2']``)."""
-    from layercard.cost import add_cost_columns, dims_from_model
-    from layercard.step_timing import StepTimingConfig, measure_card_cost
+    from layercard.profile.cost import add_cost_columns, dims_from_model
+    from layercard.train.step_timing import StepTimingConfig, measure_card_cost
 
     layout = discover(model, cfg.profile.target_modules, cfg.profile.layers, cfg.model.block_path)
     if not cfg.cost.measure:

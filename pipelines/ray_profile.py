@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
+from layercard.profile.config import ProfileConfig
 
 
 # ----------------------------------------------------------------------------- serialisation
@@ -37,7 +37,7 @@ def _stats_from_bytes(data: bytes):
     from safetensors import safe_open
     import tempfile
 
-    from layercard.stats import SufficientStats
+    from layercard.profile.stats import SufficientStats
 
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
         f.write(data)
@@ -69,7 +69,7 @@ def read_dataset(cfg: ProfileConfig):
     """
     import ray.data
 
-    from layercard.data import check_columns, resolve_format, select_records
+    from layercard.data.examples import check_columns, resolve_format, select_records
 
     path, fmt = resolve_format(cfg.data)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -105,7 +105,7 @@ _TOKENIZERS: dict = {}
 
 def tokenize_batch(batch, model_cfg, data_cfg, num_shards: int):
     """Ray Data task: raw records → input_ids / labels (+ content-hash shard id)."""
-    from layercard.data import tokenize_record
+    from layercard.data.examples import tokenize_record
     from layercard.models import load_tokenizer
 
     key = repr(model_cfg)
@@ -162,12 +162,12 @@ class _SliceActor:
         self.batch_size, self.slice_id = batch_size, slice_id
         self.label_ids = None   # the LM loss; profile.loss: label → the answer tokens (checked by the driver)
         if profile_cfg.loss == "label":
-            from layercard.label_loss import answer_token_ids
+            from layercard.train.label_loss import answer_token_ids
 
             self.label_ids = answer_token_ids(self.lm.tokenizer, profile_cfg.label_answers)
 
     def _batches(self, batch):
-        from layercard.data import batches_of
+        from layercard.data.examples import batches_of
 
         return batches_of(_examples(batch), self.batch_size, self.lm.tokenizer.pad_id)
 
@@ -207,7 +207,7 @@ class StatsActor(_SliceActor):
             os._exit(1)
 
     def __call__(self, batch):
-        from layercard.profiler import collect_stats
+        from layercard.profile.profiler import collect_stats
 
         shard = int(batch["shard"][0])
         self._maybe_fail(shard)
@@ -223,7 +223,7 @@ class DirectionsActor(_SliceActor):
         super().__init__(*args, **kwargs)
         import ray
 
-        from layercard.coupling import Sketch
+        from layercard.profile.coupling import Sketch
 
         if isinstance(deltas, ray.ObjectRef):   # fetched from the object store, not pickled into the UDF
             deltas = ray.get(deltas)
@@ -233,7 +233,7 @@ class DirectionsActor(_SliceActor):
         self.sketch = Sketch(*sketch_args) if sketch_args else None
 
     def __call__(self, batch):
-        from layercard.coupling_pass import full_precision, probe_terms
+        from layercard.profile.coupling_pass import full_precision, probe_terms
 
         batch = _shard_rows(batch)
         shard = int(batch["shard"][0])
@@ -331,14 +331,14 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     """Pass 1 (+ pass 2 when coupling is enabled) on Ray; returns (card, loaded model, probe examples)."""
     import tempfile
 
-    from layercard.coupling_pass import adam_deltas, adam_meta, attach_coupling, direction_keys, layer_deltas
-    from layercard.data import batches_of
-    from layercard.losses import loss_count
-    from layercard.coupling import coupling_from_embeddings
+    from layercard.profile.coupling_pass import adam_deltas, adam_meta, attach_coupling, direction_keys, layer_deltas
+    from layercard.data.examples import batches_of
+    from layercard.train.losses import loss_count
+    from layercard.profile.coupling import coupling_from_embeddings
     from layercard.discovery import discover
     from layercard.models import describe_model
-    from layercard.profiler import card_from_stats
-    from layercard.stats import SufficientStats
+    from layercard.profile.profiler import card_from_stats
+    from layercard.profile.stats import SufficientStats
     from pipelines.common import init_ray
 
     ray = init_ray(cfg.ray.address)
@@ -356,7 +356,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     n_records = tokenized.count()
     if n_records == 0:
         raise LayercardError(f"data '{cfg.data.path}' is empty")
-    from layercard.data import examples_hash
+    from layercard.data.examples import examples_hash
     from pipelines.profile import card_meta, profile_label_ids, sketch_for
 
     records = list(_records(tokenized))   # token ids only: small next to the statistics
@@ -431,7 +431,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
 
 def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
     """Runs where a probe actor would (same GPU/CPU request): load the model, time PEFT steps."""
-    from layercard.data import batches_of
+    from layercard.data.examples import batches_of
     from layercard.models import load_model
     from pipelines.profile import add_cost
 
@@ -442,7 +442,7 @@ def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
 
 
 def _cost_on_actor(card, cfg: ProfileConfig, records: list[dict], ray, lm) -> None:
-    from layercard.data import batches_of
+    from layercard.data.examples import batches_of
     from pipelines.profile import add_cost
 
     if not cfg.cost.measure:   # analytic columns only: the driver's copy of the model has the shapes

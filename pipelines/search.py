@@ -9,7 +9,7 @@
 ``mode=explore`` (a card-seeded pool per k under successive halving, the best set trained on every
 seed, ``explore.json``) runs in :mod:`pipelines.explore` on the parts below.
 Setup → search → write. The driver checks everything before any Ray work: the card was profiled on
-the configured model (same weights hash), the candidates (:mod:`layercard.candidates`) include one
+the configured model (same weights hash), the candidates (:mod:`layercard.select.candidates`) include one
 within the budget. Then one Tune trial per (candidate within budget, training seed): a Tune function
 that builds and fits a ``TorchTrainer`` running the training pipeline's own worker,
 :func:`pipelines.train.train_func`, on the config dict of :func:`pipelines.train.worker_config`
@@ -44,13 +44,13 @@ from ray.tune import Callback
 
 from layercard.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, check_private, \
     private_dir
-from layercard.candidates import (Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations,
+from layercard.select.candidates import (Candidate, build_candidates, check_budget_fits, pareto_mask, per_layer_correlations,
                                   training_order)
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from layercard.config import apply_overrides, from_dict, load_config
 from layercard.errors import LayercardError
 from layercard.models import legacy_hash_note
-from layercard.search_config import SearchConfig
+from layercard.search.config import SearchConfig
 
 SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
 EVENTS_FILE = "trial_events.jsonl"  # start / complete / error of every trial, as the driver saw them
@@ -104,8 +104,8 @@ def check_card_for_model(card: LayerCard, card_dir: str, model_id: str, weights_
 def _trial_lora(card: LayerCard, layers: list[int], cfg) -> tuple[dict, list[int] | None]:
     """The PEFT LoraConfig ``layercard select`` would write for ``layers``, as a JSON dict; the layers
     to pass the worker (None when the config names its layers in a regex: PEFT forbids both)."""
-    from layercard.lora_config import build_lora_config
-    from layercard.training import lora_to_dict
+    from layercard.select.lora_config import build_lora_config
+    from layercard.train.training import lora_to_dict
 
     t = cfg.train_config
     lora, _ = build_lora_config(card, layers, r=t.lora_r, alpha=t.lora_alpha)
@@ -115,7 +115,7 @@ def _trial_lora(card: LayerCard, layers: list[int], cfg) -> tuple[dict, list[int
 
 def setup(cfg: SearchConfig, out: Path) -> Setup:
     """Load and check the card, build the candidates, tokenize the data: every input error before Ray."""
-    from layercard.data import check_sequence_format
+    from layercard.data.examples import check_sequence_format
     from pipelines.train import prepare
 
     if not cfg.card:
@@ -643,7 +643,7 @@ def write_outputs(s: Setup, grid) -> dict:
     atomic_write_text(s.out / "summary.md", summary_markdown(s, rows, per_layer, card_dir))
     version = None
     if s.cfg.store:
-        from layercard.store import CardStore
+        from layercard.card.store import CardStore
 
         version = CardStore(s.cfg.store).publish(card_dir, summary={"search": str(s.out)}).version
     counts = {st: sum(r["status"] == st for r in rows) for st in STATUSES}
@@ -684,13 +684,13 @@ def check_resumable(out: Path, saved: dict) -> None:
 
 def recipe_step_budget(train) -> float:
     """ρ = Σ lr_t of the trials' recipe (what the adam/coverage set models need)."""
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
 
     return step_budget(train.lr, train.steps, train.warmup_steps)
 
 
 def _save_search(s: Setup) -> None:
-    from layercard.selection import resolve_model
+    from layercard.select.selection import resolve_model
 
     doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
            "quality_model": resolve_model(s.card, s.cfg.model), "step_budget": recipe_step_budget(s.cfg.train_config),

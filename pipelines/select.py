@@ -1,6 +1,6 @@
 """``layercard select CARD_DIR --out DIR``: choose layers from a Layer Card and write a PEFT LoraConfig.
 
-Objectives (docs/design.md §3; the predicted quality Q(S) and cost model are in :mod:`layercard.selection`):
+Objectives (docs/design.md §3; the predicted quality Q(S) and cost model are in :mod:`layercard.select.selection`):
 
     --objective max-quality --k K [--budget B]     best Q with |S| ≤ K and/or cost ≤ B
     --objective min-cost --target T                cheapest S with Q(S) ≥ T · Q(all layers)
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from layercard.baselines import STRATEGIES, baseline_layers
+from layercard.select.baselines import STRATEGIES, baseline_layers
 from layercard.atomic import atomic_dir
-from layercard.card import LayerCard
-from layercard.data import LEGACY_SEQUENCE_FORMAT
+from layercard.card.layer_card import LayerCard
+from layercard.data.examples import LEGACY_SEQUENCE_FORMAT
 from layercard.errors import LayercardError
-from layercard.gain_models import DEFAULT_MODEL, FORMULAS, MODELS
-from layercard.lora_config import build_lora_config, card_rank_allocation, write_lora_config
-from layercard.selection import (
+from layercard.select.gain_models import DEFAULT_MODEL, FORMULAS, MODELS
+from layercard.select.lora_config import build_lora_config, card_rank_allocation, write_lora_config
+from layercard.select.selection import (
     COST_UNITS,
     CardArrays,
     arrays_from_card,
@@ -43,7 +43,7 @@ from layercard.selection import (
 
 OBJECTIVES = ("max-quality", "min-cost", "pareto")
 QUALITY_FORMULA = ("Q(S) = ½ b̂_Sᵀ (K̂_SS + E_SS)⁺ b̂_S; b̂ = √r ⊙ b, K̂ = (√r √rᵀ) ⊙ K, E = diag((1 − r) ⊙ diag K), "
-                   "r = f²·min(1, √(κ_ref/κ)), f = 2·gain_adj/res2 (layercard.selection)")
+                   "r = f²·min(1, √(κ_ref/κ)), f = 2·gain_adj/res2 (layercard.select.selection)")
 
 
 def _formula(A: CardArrays | None) -> str:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="lora_alpha (default 2 x rank)")
     p.add_argument("--model", choices=MODELS, default=None,
                    help=f"set model that scores layer sets (default {DEFAULT_MODEL} when the card has its "
-                        "columns, else newton; see layercard.gain_models)")
+                        "columns, else newton; see layercard.select.gain_models)")
     p.add_argument("--step-budget", type=float, default=None,
                    help="ρ = Σ lr_t of the training run the selection is for (adam/coverage models)")
     p.add_argument("--train-config", default=None,
@@ -119,9 +119,9 @@ def step_budget_of(a) -> float | None:
         if a.step_budget is not None and not a.step_budget > 0:
             raise LayercardError(f"--step-budget must be > 0, got {a.step_budget}")
         return a.step_budget
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
     from layercard.config import load_config
-    from layercard.train_config import TrainConfig
+    from layercard.train.config import TrainConfig
 
     t = load_config(TrainConfig, a.train_config, ["selection=null", "strategy=all"])   # only lr, steps, warmup matter
     return step_budget(t.lr, t.steps, t.warmup_steps)
@@ -157,7 +157,7 @@ def _choose(card, a, A: CardArrays | None):
 # Reporting
 # ---------------------------------------------------------------------------------------------
 def _cost(card, layers) -> dict:
-    from layercard.cost import predicted_cost
+    from layercard.profile.cost import predicted_cost
 
     c = predicted_cost(card, layers)
     return {"flops_per_token": c["flops_per_token"], "step_seconds": c["step_seconds"],

@@ -28,8 +28,8 @@ from pathlib import Path
 from layercard.atomic import atomic_dir, atomic_write_json, check_private, private_dir
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.label_loss import check_answer_tokens
-from layercard.train_config import TrainConfig
+from layercard.train.label_loss import check_answer_tokens
+from layercard.train.config import TrainConfig
 
 FAULT_MARKER = ".fault_injected"
 
@@ -66,8 +66,8 @@ def split_eval(examples: list[dict], fraction: float, seed: int, num_workers: in
 
 
 def prepare(cfg: TrainConfig) -> Plan:
-    from layercard import training
-    from layercard.data import check_sequence_format, load_examples, sequence_format
+    from layercard.train import training
+    from layercard.data.examples import check_sequence_format, load_examples, sequence_format
 
     tokenizer, model_id, weights_hash = training.model_identity(cfg.model)
     sequences = sequence_format(tokenizer, cfg.data)
@@ -136,7 +136,7 @@ def base_eval_key(cfg: TrainConfig, plan: Plan) -> str:
     the label answers, dtype and device kind, workers (each sums its own eval shard)."""
     import hashlib
 
-    from layercard.data import examples_hash
+    from layercard.data.examples import examples_hash
 
     ident = {"weights": plan.weights_hash, "eval": examples_hash(plan.eval), "labels": plan.label_token_ids,
              "accuracy": plan.with_accuracy, "dtype": cfg.model.dtype, "gpu": cfg.use_gpu,
@@ -167,7 +167,7 @@ def write_base_eval(path: str | Path | None, key: str, metrics: dict) -> None:
 # --------------------------------------------------------------------------- the Ray Train worker
 def _batches_once(shard, batch_size: int, pad_id: int):
     """One pass over a Ray Data shard of tokenized examples, as padded micro-batches."""
-    from layercard.data import collate
+    from layercard.data.examples import collate
 
     for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield collate([{"input_ids": list(ids), "labels": list(lab)}
@@ -232,7 +232,7 @@ def _build_engine(config: dict, device, world: int):
     """Frozen base → PEFT LoRA on the configured layers (depth guard checked) → DeepSpeed engine."""
     import deepspeed
 
-    from layercard import training
+    from layercard.train import training
     from layercard.models import ModelConfig, load_model
 
     model_cfg = ModelConfig(**config["model"])
@@ -258,7 +258,7 @@ def _train_step(engine, batch: dict, device, label_ids=None) -> tuple[float, int
     ``label_ids``, the mean label loss over examples —, non-pad tokens)."""
     import torch
 
-    from layercard.losses import loss_count, supervised_loss_sum
+    from layercard.train.losses import loss_count, supervised_loss_sum
 
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     loss = supervised_loss_sum(engine, ids, mask, labels, label_ids) / max(loss_count(labels, label_ids), 1)
@@ -285,7 +285,7 @@ def train_func(config: dict) -> None:
 
     device = ray.train.torch.get_device()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    from layercard import training
+    from layercard.train import training
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

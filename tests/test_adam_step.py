@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from layercard.adam_step import (expected_l1_rate, lora_b_grad, lora_init_a, sign_step_tangent, step_budget,
+from layercard.profile.adam_step import (expected_l1_rate, lora_b_grad, lora_init_a, sign_step_tangent, step_budget,
                                  trust_region_gain)
 from layercard.errors import LayercardError
-from layercard.gain_models import AdamGain, CoverageGain, _similarity
-from layercard.selection import CardArrays, select_max_quality, select_min_cost, set_quality, singleton_quality
+from layercard.select.gain_models import AdamGain, CoverageGain, _similarity
+from layercard.select.selection import CardArrays, select_max_quality, select_min_cost, set_quality, singleton_quality
 
 from test_coupling import _lm_batch, _tiny_lm  # the shared tiny float64 LM and batch
 
 
 def _stats_and_layout(model, batches):
     from layercard.discovery import discover
-    from layercard.profiler import collect_stats
+    from layercard.profile.profiler import collect_stats
 
     layout = discover(model)
     return layout, collect_stats(model, layout, batches)
@@ -35,7 +35,7 @@ def test_lora_b_grad_matches_autograd_through_a_real_peft_model():
     autograd of the summed loss through a PEFT LoRA model (float64), for every target module."""
     from peft import LoraConfig, get_peft_model
 
-    from layercard.losses import supervised_loss_sum
+    from layercard.train.losses import supervised_loss_sum
 
     model = _tiny_lm("qwen3")
     batches = [_lm_batch(13), _lm_batch(14)]
@@ -93,10 +93,10 @@ def test_adam_b_and_h_are_the_first_and_second_derivative_along_the_sign_step():
     probe set to 1e-6 (and a central difference of the real loss to 1 %: the sign step is a long
     tangent, so the O(h²) error of a step the RMSNorm's float32 rounding allows is ~0.3 %), and
     K_adam's diagonal the p-metric of u from a central difference of the logits; the Gram is PSD."""
-    from layercard.coupling_pass import ADAM_KEY, adam_deltas, coupling_terms, direction_keys
-    from layercard.directions import _perturbed, finite_difference_directions
-    from layercard.coupling import centered_softmax_weights
-    from layercard.losses import supervised_loss_sum
+    from layercard.profile.coupling_pass import ADAM_KEY, adam_deltas, coupling_terms, direction_keys
+    from layercard.profile.directions import _perturbed, finite_difference_directions
+    from layercard.profile.coupling import centered_softmax_weights
+    from layercard.train.losses import supervised_loss_sum
 
     model = _tiny_lm("qwen3")
     batch = _lm_batch(13)
@@ -130,10 +130,10 @@ def test_adam_b_and_h_are_the_first_and_second_derivative_along_the_sign_step():
 
 
 def test_profiled_card_carries_the_adam_columns_and_round_trips(tmp_path):
-    from layercard.card import LayerCard
-    from layercard.coupling_pass import coupling_pass
+    from layercard.card.layer_card import LayerCard
+    from layercard.profile.coupling_pass import coupling_pass
     from layercard.discovery import discover
-    from layercard.profiler import profile_model
+    from layercard.profile.profiler import profile_model
 
     model = _tiny_lm("llama")
     batches = [_lm_batch(13), _lm_batch(14)]
@@ -242,8 +242,8 @@ def test_card_without_sign_step_columns_falls_back_or_names_the_missing_columns(
 
     import pandas as pd
 
-    from layercard.gain_models import gain_model_from_card
-    from layercard.selection import resolve_model
+    from layercard.select.gain_models import gain_model_from_card
+    from layercard.select.selection import resolve_model
 
     card = SimpleNamespace(layers=pd.DataFrame({"layer": [0, 1]}), coupling_adam=None, meta={})
     assert resolve_model(card, None) in ("newton",) or resolve_model(card, None) == "newton"

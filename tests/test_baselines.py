@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercard.baselines import STRATEGIES, baseline_layers, baseline_positions
-from layercard.card import LayerCard, STAT_COLUMNS
+from layercard.select.baselines import STRATEGIES, baseline_layers, baseline_positions
+from layercard.card.layer_card import LayerCard, STAT_COLUMNS
 from layercard.errors import LayercardError
 
 

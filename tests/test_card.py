@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
+from layercard.profile.config import ProfileConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_COLUMNS = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank",
@@ -278,7 +278,7 @@ def test_edited_checksum_list_cannot_hide_a_table(saved, tmp_path):
 
 def _as_schema_1(saved: Path, card: Path, drop_module_columns=()) -> None:
     """Rewrite a saved card as schema 1 wrote it: no gain_adj_rank_r column (checksums updated)."""
-    from layercard.card import card_id_of, sha256_file
+    from layercard.card.layer_card import card_id_of, sha256_file
 
     shutil.copytree(saved, card)
     meta = json.loads((card / "card.json").read_text())
@@ -317,7 +317,7 @@ def _rewrite(card: Path, edit) -> None:
 
 def test_edited_table_with_updated_checksum_is_refused_under_the_old_id(saved, tmp_path):
     """Forging a card: change a table and write its new sha256 into card.json, keeping the id."""
-    from layercard.card import sha256_file
+    from layercard.card.layer_card import sha256_file
 
     card = tmp_path / "card"
     shutil.copytree(saved, card)
@@ -349,7 +349,7 @@ def test_files_entry_of_the_wrong_type(saved, tmp_path, files):
 
 
 def test_table_that_is_not_parquet_with_a_matching_hash(saved, tmp_path):
-    from layercard.card import card_id_of, sha256_file
+    from layercard.card.layer_card import card_id_of, sha256_file
 
     card = tmp_path / "card"
     shutil.copytree(saved, card)
@@ -365,7 +365,7 @@ def test_table_that_is_not_parquet_with_a_matching_hash(saved, tmp_path):
 
 
 def test_other_major_library_version_warns_and_loads(saved, tmp_path):
-    from layercard.card import card_id_of, library_versions
+    from layercard.card.layer_card import card_id_of, library_versions
 
     card = tmp_path / "card"
     shutil.copytree(saved, card)

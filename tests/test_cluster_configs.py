@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from layercard.config import load_config
-from layercard.drift import ReprofileConfig
-from layercard.profile_config import ProfileConfig
+from layercard.card.drift import ReprofileConfig
+from layercard.profile.config import ProfileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

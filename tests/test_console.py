@@ -70,9 +70,9 @@ def test_select_step_budget_from_a_train_config():
     """``layercard select --train-config`` reads ρ = Σ lr_t from a train YAML that names no selection."""
     from argparse import Namespace
 
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
     from layercard.config import load_config
-    from layercard.train_config import TrainConfig
+    from layercard.train.config import TrainConfig
     from pipelines.select import step_budget_of
 
     path = str(Path(__file__).resolve().parents[1] / "configs" / "train-smollm2.yaml")

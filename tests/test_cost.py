@@ -1,4 +1,4 @@
-"""Cost model (layercard.cost) and measured step time (layercard.step_timing).
+"""Cost model (layercard.profile.cost) and measured step time (layercard.train.step_timing).
 
 The analytic FLOPs are checked against torch's own FLOP counter on real forward/backward passes,
 and against a count from the nn.Linear weight shapes; the measured step time against a real PEFT
@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from layercard import cost
-from layercard.card import LayerCard
+from layercard.profile import cost
+from layercard.card.layer_card import LayerCard
 from layercard.discovery import discover
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig, load_model, state_dict_hash
-from layercard.profiler import profile_model
-from layercard.step_timing import (StepMeasurement, StepTimingConfig, add_step_columns, measure_card_cost,
+from layercard.profile.profiler import profile_model
+from layercard.train.step_timing import (StepMeasurement, StepTimingConfig, add_step_columns, measure_card_cost,
                                    measured_layers)
 
 TINY = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -243,7 +243,7 @@ def test_step_timing_on_real_peft_steps(model, batches, card, one_thread):
 
 
 def test_step_timing_rejects_a_batch_without_targets(model, card):
-    from layercard.step_timing import measure_step
+    from layercard.train.step_timing import measure_step
 
     layout = discover(model, card.meta["target_modules"])
     batch = random_batches(1)[0]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from layercard.coupling import (
+from layercard.profile.coupling import (
     Sketch,
     additivity_error,
     additivity_gap,
@@ -23,7 +23,7 @@ from layercard.coupling import (
     set_gain,
     singleton_gains,
 )
-from layercard.directions import (
+from layercard.profile.directions import (
     finite_difference_directions,
     layer_directions,
     module_finite_difference,
@@ -363,9 +363,9 @@ def test_output_directions_switch_sdpa_to_eager_and_back():
 
 def test_layer_deltas_reuse_the_cards_eigendecompositions():
     """Δ* from the eigh that card_from_stats already solved equals Δ* solved afresh (and no group is solved twice)."""
-    from layercard.coupling_pass import layer_deltas
+    from layercard.profile.coupling_pass import layer_deltas
     from layercard.discovery import discover
-    from layercard.profiler import card_from_stats, collect_stats
+    from layercard.profile.profiler import card_from_stats, collect_stats
 
     model = _tiny_lm("qwen3")
     layout = discover(model)
@@ -403,8 +403,8 @@ def test_label_loss_K_and_b_match_brute_force_on_tiny_lm():
     the answer position and u from a finite difference of the full logits — written out by hand.
     (Differences at step 1e-3, tolerance 1e-3: the models' RMSNorm computes in float32 even for a
     float64 model, so smaller steps drown in its rounding.)"""
-    from layercard.coupling_pass import probe_terms
-    from layercard.directions import _perturbed
+    from layercard.profile.coupling_pass import probe_terms
+    from layercard.profile.directions import _perturbed
 
     model = _tiny_lm("qwen3")
     batch = _answer_lm_batch()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from layercard.data import DataConfig, read_records
+from layercard.data.examples import DataConfig, read_records
 from layercard.errors import LayercardError
 
 

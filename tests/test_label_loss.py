@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from layercard.errors import LayercardError
-from layercard.label_loss import answer_position_logits, answer_token_ids, label_accuracy, label_logits, label_loss
+from layercard.train.label_loss import answer_position_logits, answer_token_ids, label_accuracy, label_logits, label_loss
 
 LOGITS = torch.tensor([
     [0.0, 2.0, 9.0, -1.0, 0.5, 3.0],   # label tokens (4, 1) → (0.5, 2.0)
@@ -79,7 +79,7 @@ def _sequence_batch():
 
 
 def test_label_sums_equal_the_hand_computation():
-    from layercard.losses import label_sums
+    from layercard.train.losses import label_sums
 
     logits, labels = _sequence_batch()
     sums = label_sums(logits, labels, LABEL_IDS)
@@ -89,7 +89,7 @@ def test_label_sums_equal_the_hand_computation():
 
 
 def test_label_targets_refuse_an_answer_outside_the_labels():
-    from layercard.label_loss import label_targets
+    from layercard.train.label_loss import label_targets
 
     _, labels = _sequence_batch()
     labels[1, 3] = 5
@@ -99,7 +99,7 @@ def test_label_targets_refuse_an_answer_outside_the_labels():
 
 
 def test_eval_metrics_prefer_the_label_loss_as_quality():
-    from layercard.training import eval_metrics, evaluate
+    from layercard.train.training import eval_metrics, evaluate
 
     logits, labels = _sequence_batch()
     batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4), "labels": labels}

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercard.card import LayerCard, STAT_COLUMNS
+from layercard.card.layer_card import LayerCard, STAT_COLUMNS
 from layercard.errors import LayercardError
-from layercard.lora_config import (
+from layercard.select.lora_config import (
     allocate_ranks,
     build_lora_config,
     card_rank_allocation,
@@ -37,11 +37,11 @@ def tiny_model(kind: str):
 
 
 def card_for(model, only=None, *, block_modules: bool = False) -> tuple[LayerCard, object]:
-    """A card with the real layout of ``model`` (statistics made up, cost from layercard.cost);
+    """A card with the real layout of ``model`` (statistics made up, cost from layercard.profile.cost);
     ``only``: keep just these block-relative module names."""
     from dataclasses import replace
 
-    from layercard.cost import add_cost_columns, dims_from_model
+    from layercard.profile.cost import add_cost_columns, dims_from_model
     from layercard.discovery import discover
 
     layout = discover(model)

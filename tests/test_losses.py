@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from layercard.losses import (accepts_logits_to_keep, lm_loss_sum, loss_count, loss_positions, next_token_labels,
+from layercard.train.losses import (accepts_logits_to_keep, lm_loss_sum, loss_count, loss_positions, next_token_labels,
                               supervised_loss_sum)
 from layercard.models import ModelConfig, load_model
 
@@ -164,7 +164,7 @@ def test_loss_count_and_positions():
 
 def test_loss_positions_refuses_labels_that_are_not_batch_by_seq():
     from layercard.errors import LayercardError
-    from layercard.losses import loss_positions
+    from layercard.train.losses import loss_positions
 
     with pytest.raises(LayercardError, match=r"labels must be \(batch, seq\), got shape \(5,\)"):
         loss_positions(torch.full((5,), -100))

@@ -1,4 +1,4 @@
-"""Float64 brute-force reference tests for layercard.metrics (docs/design.md §1).
+"""Float64 brute-force reference tests for layercard.profile.metrics (docs/design.md §1).
 
 References are computed in numpy directly from X (n × d_in) and G (n × d_out), independently of
 the eigh route used by the library.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from layercard import metrics as lm
+from layercard.profile import metrics as lm
 
 RIDGES = [1e-4, 1e-2, 0.1, 1.0, 10.0]
 

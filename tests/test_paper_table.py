@@ -84,14 +84,14 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
 def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
     import numpy as np
 
-    from layercard.selection import arrays_from_card, set_quality
+    from layercard.select.selection import arrays_from_card, set_quality
     from tests.test_selection import make_card
 
     rng = np.random.default_rng(0)
     U = rng.normal(size=(5, 9))
     card = make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 5), kappa=rng.uniform(10, 1e3, 5))
     card.save(tmp_path / "card")
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     loaded = LayerCard.load(tmp_path / "card", with_stats=False)
     predict = paper.card_predictor(loaded)

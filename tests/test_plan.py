@@ -10,8 +10,8 @@ import torch
 from layercard.config import load_config
 from layercard.discovery import discover
 from layercard.models import build_meta_model
-from layercard.plan import GIB, activation_bytes, slice_stat_bytes
-from layercard.profile_config import ProfileConfig
+from layercard.profile.plan import GIB, activation_bytes, slice_stat_bytes
+from layercard.profile.config import ProfileConfig
 from pipelines.cli import main as cli
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3-8b.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from pipelines import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_profile_without_statistics_still_selects(tmp_path, capsys):
 
 
 def test_save_stats_threshold():
-    from layercard.profile_config import SAVE_STATS_AUTO_BYTES, should_save_stats
+    from layercard.profile.config import SAVE_STATS_AUTO_BYTES, should_save_stats
 
     assert should_save_stats(None, SAVE_STATS_AUTO_BYTES - 1) and not should_save_stats(None, SAVE_STATS_AUTO_BYTES)
     assert should_save_stats(True, 10 * SAVE_STATS_AUTO_BYTES) and not should_save_stats(False, 1)

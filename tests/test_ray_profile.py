@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
+from layercard.profile.config import ProfileConfig
 from pipelines.profile import add_coupling_local, profile_local
 from pipelines.ray_profile import profile_on_ray
 
@@ -130,7 +130,7 @@ def test_ray_reader_picks_the_local_readers_records(ray_local, tmp_path, shuffle
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from layercard.data import read_records
+    from layercard.data.examples import read_records
     from pipelines.ray_profile import read_dataset
 
     rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""layercard.report and ``layercard report``: files, embedded images, and a real headless browser."""
+"""layercard.card.report and ``layercard report``: files, embedded images, and a real headless browser."""
 import base64
 import copy
 import io
@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from layercard import cost
+from layercard.profile import cost
 from layercard.discovery import discover
 from layercard.errors import LayercardError
 from layercard.models import ModelConfig, load_model
-from layercard.profiler import profile_model
-from layercard.report import default_top_k, recommended_layers, write_report
-from layercard.step_timing import StepMeasurement, add_step_columns
+from layercard.profile.profiler import profile_model
+from layercard.card.report import default_top_k, recommended_layers, write_report
+from layercard.train.step_timing import StepMeasurement, add_step_columns
 
 TINY = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128, vocab_size=256)
@@ -81,7 +81,7 @@ def test_report_files_and_images(card, tmp_path):
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     assert "R²" in html
     # the Markdown section: a row per layer and the card-guided max-quality set (coupling + cost present)
-    from layercard.selection import arrays_from_card, select_max_quality
+    from layercard.select.selection import arrays_from_card, select_max_quality
 
     md = paths["markdown"].read_text()
     k = default_top_k(len(card.layers))

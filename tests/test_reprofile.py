@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layercard.card import LayerCard
-from layercard.store import CardStore
+from layercard.card.layer_card import LayerCard
+from layercard.card.store import CardStore
 from pipelines import cards as cards_cli
 from pipelines import reprofile
 from pipelines.common import run_main

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercard.candidates import build_candidates, pareto_mask, rankdata, spearman
-from layercard.card import LayerCard
+from layercard.select.candidates import build_candidates, pareto_mask, rankdata, spearman
+from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.search_config import SearchConfig
+from layercard.search.config import SearchConfig
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "configs").is_dir())   # tests/ or tests/wip/
 SEARCH_YAML = ROOT / "configs" / "search-tiny.yaml"
@@ -28,7 +28,7 @@ PROFILE = ["data.num_samples=32", "coupling.probe_samples=8", "cost.steps=1"]
 
 @pytest.fixture(scope="module")
 def card_dir(tmp_path_factory):
-    from layercard.profile_config import ProfileConfig
+    from layercard.profile.config import ProfileConfig
     from pipelines.profile import run_profile
 
     card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
@@ -121,8 +121,8 @@ def test_per_layer_mode_turns_asha_off():
 
 
 def test_candidates_are_distinct_labelled_and_costed(card_dir):
-    from layercard.cost import predicted_cost
-    from layercard.selection import arrays_from_card, set_quality
+    from layercard.profile.cost import predicted_cost
+    from layercard.select.selection import arrays_from_card, set_quality
 
     cfg = search_cfg(card_dir)
     card = LayerCard.load(card_dir, with_stats=False)
@@ -145,7 +145,7 @@ def test_candidates_are_distinct_labelled_and_costed(card_dir):
 
 
 def test_training_order_is_most_expensive_first(card_dir):
-    from layercard.candidates import training_order
+    from layercard.select.candidates import training_order
 
     card = LayerCard.load(card_dir, with_stats=False)
     cands = candidates_of(search_cfg(card_dir, "budget=null"), card)

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercard.card import LayerCard, STAT_COLUMNS
-from layercard.coupling import set_gain
+from layercard.card.layer_card import LayerCard, STAT_COLUMNS
+from layercard.profile.coupling import set_gain
 from layercard.errors import LayercardError
-from layercard.selection import (
+from layercard.select.selection import (
     CardArrays,
     arrays_from_card,
     pareto_front,
@@ -255,7 +255,7 @@ def test_greedy_against_exact_enumeration_on_random_cards():
 # From a card, and bad input
 # ---------------------------------------------------------------------------------------------
 def test_card_cost_decomposition_matches_predicted_cost():
-    from layercard.cost import predicted_cost
+    from layercard.profile.cost import predicted_cost
 
     card = make_card(np.ones(6), np.eye(6), layers=[3, 5, 8, 9, 12, 14], step_fit=True)
     for unit, key in (("flops", "flops_per_token"), ("seconds", "step_seconds")):
@@ -384,7 +384,7 @@ def test_card_reliability_reads_the_full_rank_noise_pair():
     b, K = np.ones(3), np.eye(3)
     card = make_card(b, K, res2=np.full(3, 4.0), gain_adj=np.full(3, 0.5))
     card.layers["gain_adj_rank_r"] = 0.5 * card.layers["res2_rank_r"]
-    from layercard.selection import card_reliability
+    from layercard.select.selection import card_reliability
 
     np.testing.assert_allclose(card_reliability(card), 0.25**2)
     np.testing.assert_allclose(arrays_from_card(card).weight, 0.25**2)

@@ -1,4 +1,4 @@
-"""Card store (layercard.store): publish / list / load / latest, never overwriting, atomic under
+"""Card store (layercard.card.store): publish / list / load / latest, never overwriting, atomic under
 concurrent publishers in real processes, on a plain path, a file:// URI and the object-store
 protocol (manifest last), plus the ``layercard cards`` commands."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from fake_cards import make_card, publish_in_child
 from layercard.errors import LayercardError
-from layercard.store import CardStore, config_hash, model_key
+from layercard.card.store import CardStore, config_hash, model_key
 from pipelines import cards as cards_cli
 
 
@@ -144,7 +144,7 @@ def test_a_file_edited_on_the_store_is_named_even_with_a_consistent_card_json(tm
     the card alone would load; the store checks every file against the manifest."""
     import pandas as pd
 
-    from layercard.card import card_id_of, sha256_file
+    from layercard.card.layer_card import card_id_of, sha256_file
 
     store = CardStore(tmp_path / "store", atomic_rename=False if kind == "manifest-last" else None)
     v = store.publish(make_card(), extra_files={"drift.md": b"no drift"})

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from layercard import tasks
-from layercard.data import DataConfig, load_examples, read_records, tokenize_record
+from layercard.data import tasks
+from layercard.data.examples import DataConfig, load_examples, read_records, tokenize_record
 from layercard.errors import LayercardError
-from layercard.fetch import model_path
-from layercard.tokenizer import ByteTokenizer
+from layercard.data.fetch import model_path
+from layercard.data.tokenizer import ByteTokenizer
 
 
 @pytest.mark.parametrize("valence, label", [(2.3, 1), (0.5, 1), (-0.5, 0), (-3.9, 0), (0.49, None), (-0.49, None),
@@ -118,8 +118,8 @@ def test_only_answer_tokens_are_supervised(tmp_path):
 
 @pytest.mark.skipif(not (model_path() / "tokenizer.json").is_file(), reason="SmolLM2 not fetched (layercard fetch)")
 def test_smollm2_answers_are_single_distinct_tokens():
-    from layercard.label_loss import answer_token_ids
-    from layercard.tokenizer import HFTokenizer
+    from layercard.train.label_loss import answer_token_ids
+    from layercard.data.tokenizer import HFTokenizer
 
     tok = HFTokenizer.from_dir(model_path())
     assert all(len(tok.encode(a)) == 1 for a in tasks.SENTIMENT_ANSWERS)
@@ -145,8 +145,8 @@ def test_read_outlets_maps_domains_to_answers_and_keeps_titles_only(tmp_path):
 
 @pytest.mark.skipif(not (model_path() / "tokenizer.json").is_file(), reason="SmolLM2 not fetched (layercard fetch)")
 def test_smollm2_outlet_answers_have_distinct_first_tokens():
-    from layercard.label_loss import answer_token_ids
-    from layercard.tokenizer import HFTokenizer
+    from layercard.train.label_loss import answer_token_ids
+    from layercard.data.tokenizer import HFTokenizer
 
     tok = HFTokenizer.from_dir(model_path())
     assert len(set(answer_token_ids(tok, tasks.OUTLET_ANSWERS))) == 9

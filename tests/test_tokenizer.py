@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 
 from layercard.config import load_config
-from layercard.data import (LEGACY_SEQUENCE_FORMAT, DataConfig, check_sequence_format, sequence_format,
+from layercard.data.examples import (LEGACY_SEQUENCE_FORMAT, DataConfig, check_sequence_format, sequence_format,
                             tokenize_record)
 from layercard.errors import LayercardError
-from layercard.label_loss import answer_token_ids
-from layercard.tokenizer import ByteTokenizer, HFTokenizer
+from layercard.train.label_loss import answer_token_ids
+from layercard.data.tokenizer import ByteTokenizer, HFTokenizer
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?'\"-()<>/|_\n"
 # The families' own special tokens and defaults: Llama and Gemma add a BOS, Qwen2 and GPT-2 do not.
@@ -152,10 +152,10 @@ def legacy_tokenize(record: dict, tokenizer, cfg: DataConfig) -> dict:
 def committed_task_data() -> dict[str, DataConfig]:
     """The data sections of the committed SmolLM2 configs (the sentiment task, label loss) and of the
     benchmarks' headline task (LM loss, its results measured without an EOS), as the pipelines resolve them."""
-    from layercard.profile_config import ProfileConfig
-    from layercard.search_config import SearchConfig
-    from layercard.train_config import TrainConfig
-    from layercard.task_recipes import TASKS
+    from layercard.profile.config import ProfileConfig
+    from layercard.search.config import SearchConfig
+    from layercard.train.config import TrainConfig
+    from layercard.data.task_recipes import TASKS
 
     headline = TASKS["headline"]
     profile = load_config(ProfileConfig, "configs/profile-smollm2.yaml")
@@ -218,7 +218,7 @@ def test_profile_select_and_train_a_bos_model_through_the_cli(llama_dir, tmp_pat
     import json
     from pathlib import Path
 
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
     from pipelines import cli
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])   # the configs name their data from the repository root
@@ -251,7 +251,7 @@ def test_the_ray_data_path_builds_the_same_sequences(llama_dir):
     import numpy as np
 
     from layercard.models import ModelConfig, load_tokenizer
-    from layercard.profile_config import ProfileConfig
+    from layercard.profile.config import ProfileConfig
     from pipelines.ray_profile import tokenize_batch
 
     cfg = load_config(ProfileConfig, None, ["model.path=" + str(llama_dir), "data.prompt_column=prompt",

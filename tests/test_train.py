@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from layercard import training
+from layercard.train import training
 from layercard.config import load_config
 from layercard.errors import LayercardError
-from layercard.losses import lm_loss_sum
+from layercard.train.losses import lm_loss_sum
 from layercard.models import ModelConfig, load_model
-from layercard.train_config import TrainConfig
+from layercard.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "train-tiny.yaml"
@@ -145,7 +145,7 @@ def test_selection_without_a_hash_is_checked_against_its_card(tmp_path, weights_
 def test_a_selection_without_a_sequence_format_takes_its_cards(tmp_path, weights_hash):
     """selection.json records how its card built sequences; an older one points at its card, or at
     nothing (then it was built the legacy way: no BOS, no answer EOS, no chat template)."""
-    from layercard.data import check_sequence_format
+    from layercard.data.examples import check_sequence_format
 
     sel = write_selection(tmp_path / "sel", [2, 3], weights_hash)
     assert training.read_selection(sel).sequences is None
@@ -275,8 +275,8 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     # the same held-out examples (summed over the two workers' shards in the run).
     from peft import PeftModel
 
-    from layercard import training
-    from layercard.data import batches_of
+    from layercard.train import training
+    from layercard.data.examples import batches_of
 
     plan = train.prepare(train_cfg(f"selection={selection}", *labelled))
     model = PeftModel.from_pretrained(tiny_model().model, str(tmp_path / "out" / "adapter")).eval()
@@ -322,7 +322,7 @@ def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selecti
 BUILD_SHM_OP = """
 import importlib, os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-from layercard import training
+from layercard.train import training
 assert training.skip_shm_op_build() is False        # a compiler is there: DeepSpeed may build its op
 op = importlib.import_module("deepspeed.comm.torch").build_shm_op()
 assert op is not None and hasattr(op, "initialize")
