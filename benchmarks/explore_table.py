@@ -59,7 +59,7 @@ def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation:
 
 def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
     """The explore.json rows of the search in OUT: reused when finished, continued with ``resume``."""
-    from pipelines import search
+    from layercard.search import run as search
 
     if (out / "explore.json").is_file():
         print(f"== reusing the finished search {out}", flush=True)
@@ -67,10 +67,10 @@ def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
         if not resume:
             raise SystemExit(f"error: {out} holds an unfinished search; pass --resume to continue it")
         print(f"== resuming {out}", flush=True)
-        search.resume(out)
+        search.resume_search(out)
     else:
         print(f"== explore → {out}", flush=True)
-        search.run(cfg, out)
+        search.run_search(cfg, out)
     return json.loads((out / "explore.json").read_text())
 
 
@@ -149,7 +149,7 @@ def ensure_card(task: str, work: Path) -> Path:
 def smoke_card(work: Path) -> Path:
     from layercard.config import load_config
     from layercard.profile.config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     card_dir = work / "tiny" / "card"
     if not (card_dir / "card.json").exists():

@@ -331,7 +331,7 @@ def merged_rows(records: list[dict], predict=None) -> list[dict]:
 
 
 def _events(search_dir: Path) -> list[dict]:
-    from pipelines.search import read_events   # here, not at the top: it imports Ray Tune
+    from layercard.search.events import read_events
 
     return read_events(search_dir)
 
@@ -592,7 +592,7 @@ def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple, lis
 def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
     """Run (or resume) this scope's search in WORK/TASK/SEARCH_NAME; a finished one there is reused
     only if it ran the same scope, else the error says to pick another ``--search-name``."""
-    from pipelines import search
+    from layercard.search import run as search
 
     out = work / task / args.search_name
     cfg = search_config(task, card_dir, args)
@@ -604,10 +604,10 @@ def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
             raise SystemExit(f"error: {out} holds a search of another scope ({diff[0]}: {saved[diff[0]]!r}, asked "
                              f"{wanted[diff[0]]!r}); pass --search-name NEW to run this scope beside it")
         if not (out / "results.parquet").exists():
-            search.resume(out)
+            search.resume_search(out)
         return out
     print(f"== {task}: search ({len(args.ks)} ks, {len(args.seeds)} seeds) → {out}", flush=True)
-    search.run(cfg, out)
+    search.run_search(cfg, out)
     return out
 
 

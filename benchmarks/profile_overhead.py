@@ -32,7 +32,7 @@ from layercard.profile.coupling_pass import coupling_pass
 from layercard.models import load_model
 from layercard.profile.config import ProfileConfig
 from layercard.profile.profiler import card_from_stats, collect_stats
-from pipelines.profile import probe_batches, sketch_for
+from layercard.profile.run import probe_batches, sketch_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,8 +133,9 @@ def main() -> None:
     if not args.no_ray:
         import ray
 
-        from pipelines.ray_profile import profile_on_ray
+        from layercard.profile.run import ray_profiler
 
+        profile_on_ray = ray_profiler()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         for n in (1, 2):
             for pass2 in (False, True):

@@ -60,6 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

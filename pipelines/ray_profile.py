@@ -339,7 +339,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     from layercard.models import describe_model
     from layercard.profile.profiler import card_from_stats
     from layercard.profile.stats import SufficientStats
-    from pipelines.common import init_ray
+    from layercard.runtime import init_ray
 
     ray = init_ray(cfg.ray.address)
     lm = describe_model(cfg.model)   # driver: layout, identity, Δ* shapes — no weights on an accelerator
@@ -357,7 +357,7 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     if n_records == 0:
         raise LayercardError(f"data '{cfg.data.path}' is empty")
     from layercard.data.examples import examples_hash
-    from pipelines.profile import card_meta, profile_label_ids, sketch_for
+    from layercard.profile.run import card_meta, profile_label_ids, sketch_for
 
     records = list(_records(tokenized))   # token ids only: small next to the statistics
     label_ids = profile_label_ids(cfg, lm.tokenizer, records)   # fails here, before any actor starts
@@ -433,7 +433,7 @@ def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
     """Runs where a probe actor would (same GPU/CPU request): load the model, time PEFT steps."""
     from layercard.data.examples import batches_of
     from layercard.models import load_model
-    from pipelines.profile import add_cost
+    from layercard.profile.run import add_cost
 
     lm = load_model(cfg.model)
     check_weights_hash(lm.weights_hash, card.meta.get("weights_hash"), _model_name(cfg.model))
@@ -443,7 +443,7 @@ def _measure_cost_task(card, cfg: ProfileConfig, records: list[dict]):
 
 def _cost_on_actor(card, cfg: ProfileConfig, records: list[dict], ray, lm) -> None:
     from layercard.data.examples import batches_of
-    from pipelines.profile import add_cost
+    from layercard.profile.run import add_cost
 
     if not cfg.cost.measure:   # analytic columns only: the driver's copy of the model has the shapes
         add_cost(card, cfg, lm.model, batches_of(records, cfg.data.batch_size, lm.tokenizer.pad_id)[0])

@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

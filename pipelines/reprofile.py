@@ -30,14 +30,14 @@ from layercard.card.drift import ReprofileConfig, card_identity, diff_cards, dri
 from layercard.errors import LayercardError
 from layercard.profile.config import ProfileConfig
 from layercard.card.store import CardStore, default_store, version_id
-from pipelines.common import config_parser, run_main
+from layercard.runtime import config_parser, run_main
 
 EXIT_OK, EXIT_DRIFT = 0, 3
 
 
 def profile_card(cfg: ProfileConfig, progress: bool = True):
     """The card ``layercard profile`` makes (pass 1, coupling pass, cost), locally or on Ray actors."""
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     return run_profile(cfg, progress=progress)
 

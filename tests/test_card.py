@@ -25,7 +25,7 @@ MODULE_COLUMNS = ["layer", "module", "d_in", "d_out"]
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     """configs/tiny.yaml on 24 records, both passes (statistics + coupling), in this process."""
-    from pipelines.profile import add_coupling_local, profile_local
+    from layercard.profile.run import add_coupling_local, profile_local
 
     cfg = load_config(ProfileConfig, REPO / "configs" / "tiny.yaml", [
         f"data.path={REPO / 'configs' / 'data' / 'tiny.jsonl'}", "data.num_samples=24", "coupling.probe_samples=8",

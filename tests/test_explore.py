@@ -219,7 +219,7 @@ def test_explore_with_a_k_the_card_cannot_hold_exits_2_before_ray(card_dir, tmp_
 
 
 def test_best_fixed_from_the_committed_paper_table():
-    from pipelines.explore import best_fixed_from_table
+    from layercard.search.explore import best_fixed_from_table
 
     path = ROOT / "benchmarks" / "results" / "paper_table.json"
     rows = [r for r in json.loads(path.read_text()) if r["task"] == "sentiment" and r["k"] == 5
@@ -234,7 +234,7 @@ def test_best_fixed_from_the_committed_paper_table():
 @pytest.fixture(scope="module")
 def card_dir(tmp_path_factory):
     from layercard.profile.config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
     return card.save(tmp_path_factory.mktemp("card") / "card")
@@ -255,7 +255,7 @@ def _tiny_trainer(loop: dict, plan, rung_rows=None):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train import train_func
+    from layercard.train.worker import train_func
 
     def ds(rows):
         return ray.data.from_items(rows, override_num_blocks=2)
@@ -274,12 +274,12 @@ def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
     eval must not draw from the RNG training uses: LoRA dropout is on here)."""
     from layercard.config import from_dict
     from layercard.train.config import TrainConfig
-    from pipelines.train import prepare, worker_config
+    from layercard.train.worker import prepare, worker_config
 
     t = explore_cfg(card_dir=None).train
     cfg = from_dict(TrainConfig, {**t, "strategy": "all", "lora_dropout": 0.1, "steps": 6})
     plan = prepare(cfg)
-    loop = worker_config(cfg, plan, tmp_path)
+    loop = worker_config(cfg, plan, tmp_path).to_dict()
     plain = _tiny_trainer(loop, plan).fit()
     rung = _tiny_trainer({**loop, "rung_eval_every": 2}, plan, plan.eval[:4]).fit()
     assert plain.error is None and rung.error is None
@@ -292,13 +292,15 @@ def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
 def explored(ray_local, card_dir, tmp_path_factory):
     """One explore search, interrupted after its first finished trial and resumed: (out, summary, the
     events before resuming)."""
-    from pipelines.search import SearchInterrupted, read_events, resume, run
+    from layercard.search.events import read_events
+    from layercard.search.results import SearchInterrupted
+    from layercard.search.run import resume_search, run_search
 
     out = tmp_path_factory.mktemp("explore") / "x"
     with pytest.raises(SearchInterrupted, match="--resume"):
-        run(explore_cfg(card_dir, "stop_after_trials=1"), out)
+        run_search(explore_cfg(card_dir, "stop_after_trials=1"), out)
     before = read_events(out)
-    return out, resume(out), before
+    return out, resume_search(out), before
 
 
 def _replay_asha(rung_rows: list[dict], milestones: list[int], eta: float) -> dict[str, int | None]:
@@ -324,7 +326,7 @@ def _replay_asha(rung_rows: list[dict], milestones: list[int], eta: float) -> di
 
 @pytest.mark.slow
 def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
-    from pipelines.explore import read_rungs
+    from layercard.search.explore import read_rungs
 
     out, _, before = explored
     cfg = explore_cfg(card_dir)
@@ -361,7 +363,7 @@ def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
 
 @pytest.mark.slow
 def test_explore_resumes_keeping_finished_trials(explored):
-    from pipelines.search import read_events
+    from layercard.search.events import read_events
 
     out, summary, before = explored
     done = [e for e in before if e["event"] == "complete"]

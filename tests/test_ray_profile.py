@@ -11,7 +11,7 @@ from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.profile.config import ProfileConfig
-from pipelines.profile import add_coupling_local, profile_local
+from layercard.profile.run import add_coupling_local, profile_local
 from pipelines.ray_profile import profile_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from layercard.card.layer_card import LayerCard
 from layercard.card.store import CardStore
 from pipelines import cards as cards_cli
 from pipelines import reprofile
-from pipelines.common import run_main
+from layercard.runtime import run_main
 from ray_head import ray_bin, start_head, stop_head, wait_started
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ PROFILE = ["data.num_samples=32", "coupling.probe_samples=8", "cost.steps=1"]
 @pytest.fixture(scope="module")
 def card_dir(tmp_path_factory):
     from layercard.profile.config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
     return card.save(tmp_path_factory.mktemp("card") / "card")
@@ -174,11 +174,11 @@ def test_budget_no_candidate_fits(card_dir, tmp_path, capsys):
 
 
 def test_card_from_another_model_is_refused(card_dir, tmp_path):
-    from pipelines.search import run
+    from layercard.search.run import run_search
 
     card_hash = LayerCard.load(card_dir, with_stats=False).meta["weights_hash"]
     with pytest.raises(LayercardError, match="profiled on another model") as exc:
-        run(search_cfg(card_dir, "train.model.seed=1"), tmp_path / "s")
+        run_search(search_cfg(card_dir, "train.model.seed=1"), tmp_path / "s")
     msg = str(exc.value)
     assert card_hash in msg and "search's train.model has weights hash" in msg
     other = msg.rsplit("weights hash ", 1)[1].split()[0]
@@ -189,9 +189,11 @@ def test_card_from_another_model_is_refused(card_dir, tmp_path):
 # --------------------------------------------------------------------------- per-layer outputs (no Ray)
 def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
     """Given measured gains, the card version and summary carry them and the three Spearman ρ."""
-    from pipelines import search
+    from layercard.search.publish import per_layer_measurements, summary_markdown, write_card_version
+    from layercard.search.results import candidate_rows
+    from layercard.search.setup import setup
 
-    s = search.setup(search_cfg(card_dir, "mode=per-layer", "budget=null"), tmp_path)
+    s = setup(search_cfg(card_dir, "mode=per-layer", "budget=null"), tmp_path)
     measured = {0: 0.05, 1: 0.12, 2: 0.30, 3: 0.20}
     trials = []
     by_id = {c.id: c for c in s.candidates}
@@ -202,8 +204,8 @@ def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
                        "eval_loss": 5.5 - measured[layer], "initial_quality": 0.7, "quality": 0.7 - measured[layer],
                        "quality_name": "label_loss", "label_loss": 0.7 - measured[layer], "measured_gain": measured[layer], "metric": 0.0, "metric_name": "accuracy",
                        "step_seconds": 0.1 + layer, "peak_memory_bytes": 1e8, "train_tokens_per_s": 1e3, "error": None})
-    rows = search.candidate_rows(s, trials)
-    single, corr = search._per_layer(s, rows)
+    rows = candidate_rows(s, trials)
+    single, corr = per_layer_measurements(s, rows)
     card = LayerCard.load(card_dir, with_stats=False)
     ids = card.layer_ids
     pred = [next(r["predicted_gain"] for r in rows if r["layers"] == [l]) for l in ids]
@@ -211,14 +213,14 @@ def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
     assert corr["spearman"]["predicted_gain"] == pytest.approx(brute_spearman(pred, gains))
     assert corr["spearman"]["res2"] == pytest.approx(brute_spearman(card.layers["res2"].tolist(), gains))
     assert corr["spearman"]["depth"] == pytest.approx(brute_spearman(ids, gains))
-    new_dir = search.write_card_version(s, rows, single, corr)
+    new_dir = write_card_version(s, rows, single, corr)
     new = LayerCard.load(new_dir)
     assert new.layers["measured_gain"].tolist() == pytest.approx(gains)
     assert new.layers["measured_eval_loss"].tolist() == pytest.approx([5.5 - g for g in gains])
     assert new.layers["measured_quality"].tolist() == pytest.approx([0.7 - g for g in gains])
     assert new.meta["search"]["quality"] == "label_loss"
     assert new.meta["search"]["per_layer"]["spearman"] == corr["spearman"]
-    text = search.summary_markdown(s, rows, corr, new_dir)
+    text = summary_markdown(s, rows, corr, new_dir)
     assert "Spearman" in text and f"{corr['spearman']['res2']:.3f}" in text
 
 
@@ -236,22 +238,25 @@ def full_search(ray_local, card_dir, tmp_path_factory):
     """One real search, stopped after its first finished trial and resumed: (a) checks what the whole
     search wrote, (b) how the resume went. Returns (out, resume's summary, the events before resuming,
     whether results existed before resuming)."""
-    from pipelines.search import SearchInterrupted, read_events, resume, run
+    from layercard.search.events import read_events
+    from layercard.search.results import SearchInterrupted
+    from layercard.search.run import resume_search, run_search
 
     out = tmp_path_factory.mktemp("search") / "s"
     # relative to the driver's directory, as a user types it (trials run in directories of their own)
     cache = os.path.relpath(out.parent / "shared" / "base_eval.json")
     with pytest.raises(SearchInterrupted, match="--resume"):
-        run(search_cfg(card_dir, "stop_after_trials=1", f"train.base_eval_cache={cache}"), out)
+        run_search(search_cfg(card_dir, "stop_after_trials=1", f"train.base_eval_cache={cache}"), out)
     before, had_results = read_events(out), (out / "results.parquet").exists()
-    return out, resume(out), before, had_results
+    return out, resume_search(out), before, had_results
 
 
 @pytest.mark.slow
 def test_search_trains_within_budget_and_writes_a_card_version(full_search, card_dir):
     from PIL import Image
 
-    from pipelines.search import STATUSES, read_events
+    from layercard.search.events import read_events
+    from layercard.search.results import STATUSES
 
     out, summary, _, _ = full_search
     cfg = search_cfg(card_dir)
@@ -318,7 +323,7 @@ def test_relative_base_eval_cache_is_shared_by_every_trial(full_search):
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(full_search):
-    from pipelines.search import read_events
+    from layercard.search.events import read_events
 
     out, summary, before, had_results = full_search
     done = [e for e in before if e["event"] == "complete"]
@@ -340,10 +345,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(full_searc
 
 
 def test_resume_of_a_truncated_search_record_is_one_line(tmp_path, capsys):
+    from layercard.search.run import SEARCH_FILE
     from pipelines import search
 
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / search.SEARCH_FILE).write_text('{"config": {"card": "x"}, "card_id": "ab')   # a killed writer
+    (tmp_path / "s" / SEARCH_FILE).write_text('{"config": {"card": "x"}, "card_id": "ab')   # a killed writer
     assert search.main(["--resume", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "search.json' is unreadable" in err and err.count("\n") == 1
@@ -353,11 +359,12 @@ def test_resume_from_storage_others_can_write_is_refused(tmp_path, capsys):
     """Restoring unpickles Tune's state: OUT/tune writable by group or others is refused before anything runs."""
     import os
 
+    from layercard.search.run import SEARCH_FILE
     from pipelines import search
 
     out = tmp_path / "s"
     (out / "tune").mkdir(parents=True)
-    (out / search.SEARCH_FILE).write_text(json.dumps({"config": {}, "card_id": "ab", "trials": {}}))
+    (out / SEARCH_FILE).write_text(json.dumps({"config": {}, "card_id": "ab", "trials": {}}))
     os.chmod(out / "tune", 0o777)
     assert search.main(["--resume", str(out)]) == 2
     err = capsys.readouterr().err

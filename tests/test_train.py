@@ -125,11 +125,11 @@ def test_eval_sums_scores_answers_exactly():
 
 
 def test_selection_for_another_model_is_refused(tmp_path, weights_hash):
-    from pipelines import train
+    from layercard.train.run import run_training
 
     sel = write_selection(tmp_path / "sel", [2, 3], "0123456789abcdef")
     with pytest.raises(LayercardError, match=f"0123456789abcdef.*{weights_hash}"):
-        train.run(train_cfg(f"selection={sel}"), tmp_path / "out")
+        run_training(train_cfg(f"selection={sel}"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -165,15 +165,15 @@ def test_a_selection_without_a_sequence_format_takes_its_cards(tmp_path, weights
     ("[a]", "'label_answers' needs at least 2 answers"),
 ])
 def test_bad_label_answers_are_refused(answers, message):
-    from pipelines import train
+    from layercard.train.worker import prepare
 
     with pytest.raises(LayercardError, match=message) as exc:
-        train.prepare(train_cfg("strategy=all", f"label_answers={answers}"))
+        prepare(train_cfg("strategy=all", f"label_answers={answers}"))
     assert "\n" not in str(exc.value)
 
 
 def test_bad_loss_settings_are_refused(tmp_path):
-    from pipelines import train
+    from layercard.train.worker import prepare
 
     with pytest.raises(LayercardError, match="config key 'loss' must be 'lm' or 'label', got 'mse'"):
         train_cfg("strategy=all", "loss=mse")
@@ -184,8 +184,50 @@ def test_bad_loss_settings_are_refused(tmp_path):
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     evals.write_text("".join(json.dumps({**r, "answer": r["answer"].strip()}) + "\n" for r in rows))
     with pytest.raises(LayercardError, match=r"^training example 0 answers with token \d+, none of label_answers"):
-        train.prepare(train_cfg("strategy=all", "loss=label", "label_answers=[negative, positive]",
+        prepare(train_cfg("strategy=all", "loss=label", "label_answers=[negative, positive]",
                                 f"eval_data={{path: {evals}, prompt_column: prompt, answer_column: answer}}"))
+
+
+def test_worker_config_round_trips_through_its_dict_form(tmp_path):
+    from layercard.train.worker import WORKER_SCHEMA_VERSION, WorkerConfig, prepare, worker_config
+
+    cfg = train_cfg("strategy=all")
+    typed = worker_config(cfg, prepare(cfg), tmp_path)
+    data = typed.to_dict()
+    assert data["schema_version"] == WORKER_SCHEMA_VERSION
+    assert json.loads(json.dumps(data)) == data                  # what Ray Train / Tune pass on
+    assert WorkerConfig.from_dict(data) == typed
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"schema_version": 0}, "schema_version"),
+    ({"schema_version": None}, "schema_version"),
+    ({"learning_rate": 1e-3}, "learning_rate"),                 # a key this version does not know
+    ({"steps": "many"}, "steps"),
+    ({"model": {"nam": "x"}}, "model.nam"),
+])
+def test_worker_refuses_an_untyped_or_foreign_config(tmp_path, change, key):
+    """A worker given a dict of another schema version, or with an unknown or ill-typed key, fails at
+    once with one line naming the key (before Ray or the model is touched)."""
+    from layercard.train.worker import prepare, train_func, worker_config
+
+    cfg = train_cfg("strategy=all")
+    data = {**worker_config(cfg, prepare(cfg), tmp_path).to_dict(), **change}
+    with pytest.raises(LayercardError) as exc:
+        train_func(data)
+    assert f"{key}'" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("missing", ["schema_version", "lr"])
+def test_worker_refuses_a_config_missing_a_key(tmp_path, missing):
+    from layercard.train.worker import prepare, train_func, worker_config
+
+    cfg = train_cfg("strategy=all")
+    data = worker_config(cfg, prepare(cfg), tmp_path).to_dict()
+    del data[missing]
+    with pytest.raises(LayercardError) as exc:
+        train_func(data)
+    assert f"'{missing}'" in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_existing_out_is_refused_before_training(tmp_path, capsys):
@@ -223,10 +265,10 @@ def test_cli_rejects_zero_stage_1(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- real Ray Train + DeepSpeed
 def test_more_workers_than_cpus_is_an_error(ray_local, tmp_path):
-    from pipelines import train
+    from layercard.train.run import run_training
 
     with pytest.raises(LayercardError, match="num_workers=3 .* needs 3 CPUs but the Ray cluster has 2"):
-        train.run(train_cfg("strategy=all", "num_workers=3"), tmp_path / "out")
+        run_training(train_cfg("strategy=all", "num_workers=3"), tmp_path / "out")
 
 
 def check_adapter(out: Path, layers: list[int]):
@@ -255,6 +297,7 @@ def check_metrics(m: dict, zero_stage: int, metric_name: str = "accuracy", helpe
 
 
 def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
+    from layercard.train.worker import prepare
     from pipelines import train
 
     # Answers without the leading space, so the byte tokenizer's first answer tokens differ ('n', 'p').
@@ -278,7 +321,7 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
     from layercard.train import training
     from layercard.data.examples import batches_of
 
-    plan = train.prepare(train_cfg(f"selection={selection}", *labelled))
+    plan = prepare(train_cfg(f"selection={selection}", *labelled))
     model = PeftModel.from_pretrained(tiny_model().model, str(tmp_path / "out" / "adapter")).eval()
     fwd = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     ref = training.eval_metrics(training.evaluate(fwd, batches_of(plan.eval, 3, plan.pad_id), "cpu",
@@ -306,13 +349,14 @@ def test_zero2_run_trains_the_selected_layers(ray_local, tmp_path, selection):
 def test_zero3_run_resumes_after_a_worker_is_killed(ray_local, tmp_path, selection):
     """ZeRO-3 (every tensor partitioned, so gathers really happen) and a hard kill of rank 0 at step 6:
     the run restarts from its step-4 checkpoint and finishes all 8 steps."""
-    from pipelines import train
+    from layercard.train.run import run_training
+    from layercard.train.worker import FAULT_MARKER
 
     # data.answer_eos=false: the sequences the selection's (unrecorded, so legacy) card was built from
     cfg = train_cfg(f"selection={selection}", "zero_stage=3", "fail_at_step=6", "max_failures=1", "data.answer_eos=false",
                     "ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
-    m = train.run(cfg, tmp_path / "out")
-    assert (tmp_path / "out" / "ray" / "train" / train.FAULT_MARKER).exists()   # the kill did happen
+    m = run_training(cfg, tmp_path / "out")
+    assert (tmp_path / "out" / "ray" / "train" / FAULT_MARKER).exists()   # the kill did happen
     assert m["resumed_from_step"] == 4 and len(m["train_loss_history"]) == 4  # steps 5..8 on the 2nd attempt
     check_metrics(m, 3)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 8

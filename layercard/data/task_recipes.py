@@ -47,7 +47,7 @@ def ensure_card(task: str, work: Path, extra: list[str], profile_yaml: Path) -> 
     (and ``extra``) when it is not there yet."""
     from layercard.config import load_config
     from layercard.profile.config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     card_dir = Path(work) / task / "card"
     if not (card_dir / "card.json").exists():

@@ -1,5 +1,5 @@
 """LoRA training pieces with no Ray in them: the PEFT model, the DeepSpeed config, the backprop-depth
-guard, evaluation and peak memory. ``pipelines/train.py`` wires them into Ray Train workers.
+guard, evaluation and peak memory. ``layercard/train/worker.py`` wires them into Ray Train workers.
 
 Why the backprop-depth guard: with adapters only on layers >= l0, autograd computes no activation
 gradient below l0 -- that is where the cost saving of a high selection comes from (docs/design.md §1,

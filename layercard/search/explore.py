@@ -34,13 +34,19 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from layercard.search import pool as ex
 from layercard.atomic import atomic_write_json, private_dir
-from layercard.select.candidates import Candidate
 from layercard.config import apply_overrides, from_dict
 from layercard.errors import LayercardError
+from layercard.runtime import alive_nodes, check_storage_reachable, connect_ray
+from layercard.search import pool as ex
 from layercard.search.config import SearchConfig
-from pipelines import search
+from layercard.search.events import EVENTS_FILE, STOP_FILE, read_events
+from layercard.search.publish import write_outputs
+from layercard.search.results import SearchInterrupted
+from layercard.search.run import RESUME_OVERRIDES, read_saved_search, save_search
+from layercard.search.setup import Setup, setup, trial_key, trial_lora
+from layercard.search.trials import TrialLog, check_trial_fits, settle, trial_base_eval, tune_trainable
+from layercard.select.candidates import Candidate
 
 EXPLORE_DIR = "explore"          # OUT/explore: one JSON per finished phase, the rung log
 RUNG_LOG = "rungs.jsonl"         # every rung quality a trial reported, in the order the driver saw them
@@ -101,20 +107,20 @@ def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:
     return ExplorePlan(milestones, grace, pools, ref, fixed, cap, sizes)
 
 
-def _trials(s: search.Setup, candidates: list[Candidate], seeds: list[int]) -> dict[str, dict]:
+def _trials(s: Setup, candidates: list[Candidate], seeds: list[int]) -> dict[str, dict]:
     out = {}
     for c in candidates:
-        lora, layers = search._trial_lora(s.card, c.layers, s.cfg)
+        lora, layers = trial_lora(s.card, c.layers, s.cfg)
         for seed in seeds:
-            out[search.trial_key(c.id, seed)] = {"candidate": c.id, "seed": seed, "layers": layers, "lora": lora}
+            out[trial_key(c.id, seed)] = {"candidate": c.id, "seed": seed, "layers": layers, "lora": lora}
     return out
 
 
-def setup_explore(cfg: SearchConfig, out: Path) -> tuple[search.Setup, ExplorePlan]:
-    """Every input check of :func:`pipelines.search.setup` (card, model, data) and the explore plan."""
+def setup_explore(cfg: SearchConfig, out: Path) -> tuple[Setup, ExplorePlan]:
+    """Every input check of :func:`layercard.search.setup.setup` (card, model, data) and the explore plan."""
     probe = from_dict(SearchConfig, {**cfg.to_dict(), "mode": "subsets", "ks": [1], "strategies": ["all"],
                                      "targets": [], "budget": None, "asha": {"enabled": False}})
-    s = dataclasses.replace(search.setup(probe, out), cfg=cfg)
+    s = dataclasses.replace(setup(probe, out), cfg=cfg)
     p = plan_explore(cfg, s.card)
     first = [c for k in cfg.ks for c in p.pools[k]]
     s = dataclasses.replace(s, candidates=[*first, p.reference], trials=_trials(s, first, cfg.seeds[:1]),
@@ -164,7 +170,7 @@ def _jsonable(metrics: dict | None) -> dict:
     return json.loads(json.dumps(dict(metrics or {}), default=str))
 
 
-def run_phase(s: search.Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> list[PhaseResult]:
+def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> list[PhaseResult]:
     """One phase: its trials on Ray Tune (restored when an interrupted run left its experiment), kept in
     ``OUT/explore/NAME.json`` once every trial finished; raises SearchInterrupted otherwise."""
     from ray import tune
@@ -177,9 +183,9 @@ def run_phase(s: search.Setup, p: ExplorePlan, name: str, trials: dict, asha: bo
         return []
     sp = dataclasses.replace(s, trials=trials)
     experiment = f"{s.storage.rstrip('/')}/{s.cfg.name}-{name}"
-    base_eval = search._base_eval(sp)
+    base_eval = trial_base_eval(sp)
     rung_rows = s.plan.eval[:s.cfg.explore.rung_eval_examples]
-    trainable = search._trainable(sp, base_eval, loop={"rung_eval_every": p.grace}, rung_eval=rung_rows)
+    trainable = tune_trainable(sp, base_eval, loop={"rung_eval_every": p.grace}, rung_eval=rung_rows)
     if tune.Tuner.can_restore(experiment):      # an interrupted run of this phase saved its state
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
@@ -188,7 +194,7 @@ def run_phase(s: search.Setup, p: ExplorePlan, name: str, trials: dict, asha: bo
         scheduler = (ASHAScheduler(time_attr="step", metric="rung_quality", mode="min", max_t=t.steps,
                                    grace_period=p.grace, reduction_factor=s.cfg.explore.reduction_factor)
                      if asha else FIFOScheduler())
-        callbacks = [search.TrialLog(str(s.out), base_eval), RungLog(str(s.out / EXPLORE_DIR / RUNG_LOG))]
+        callbacks = [TrialLog(str(s.out), base_eval), RungLog(str(s.out / EXPLORE_DIR / RUNG_LOG))]
         tuner = tune.Tuner(
             trainable, param_space={"trial": tune.grid_search(list(trials))},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.cfg.max_concurrent_trials,
@@ -199,11 +205,11 @@ def run_phase(s: search.Setup, p: ExplorePlan, name: str, trials: dict, asha: bo
     try:
         grid = tuner.fit()
     finally:
-        search._settle()
-    done = {e["key"] for e in search.read_events(s.out) if e["event"] in ("complete", "error")}
+        settle()
+    done = {e["key"] for e in read_events(s.out) if e["event"] in ("complete", "error")}
     missing = [k for k in trials if k not in done]
     if missing:
-        raise search.SearchInterrupted(f"search interrupted in explore phase {name} with {len(trials) - len(missing)} "
+        raise SearchInterrupted(f"search interrupted in explore phase {name} with {len(trials) - len(missing)} "
                                        f"of {len(trials)} trials finished; resume with "
                                        f"`layercard search --resume {s.out}`")
     results = [PhaseResult({"trial": r.config["trial"]}, _jsonable(r.metrics),
@@ -223,19 +229,15 @@ def _steps_done(results: list[PhaseResult]) -> dict[str, int]:
     return {r.config["trial"]: int(r.metrics.get("step") or 0) for r in results}
 
 
-def execute(s: search.Setup, p: ExplorePlan) -> dict:
+def execute(s: Setup, p: ExplorePlan) -> dict:
     """Run (or continue) every phase, then write the outputs."""
-    from pipelines.train import connect_ray
-
     cfg, t = s.cfg, s.cfg.train_config
     (s.out / EXPLORE_DIR).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # each report waits for one (NOTES)
     connect_ray(t.address)
-    from pipelines.common import alive_nodes, check_storage_reachable
-
     check_storage_reachable(s.storage, alive_nodes(), "storage_path")
-    search._check_trial_fits(cfg)
-    stop = s.out / search.STOP_FILE
+    check_trial_fits(cfg)
+    stop = s.out / STOP_FILE
     if cfg.stop_after_trials:
         stop.write_text(str(cfg.stop_after_trials))
     elif stop.exists():
@@ -259,11 +261,11 @@ def execute(s: search.Setup, p: ExplorePlan) -> dict:
     final_q = _final_quality(results, t.steps)
     picks = {}
     for k in cfg.ks:
-        done = [(final_q[search.trial_key(c, seed0)], i, c) for i, c in enumerate(by_k[k])
-                if search.trial_key(c, seed0) in final_q]
+        done = [(final_q[trial_key(c, seed0)], i, c) for i, c in enumerate(by_k[k])
+                if trial_key(c, seed0) in final_q]
         if not done:
             raise LayercardError(f"no set at k={k} trained to the end (every trial failed?); see "
-                                 f"{s.out / search.EVENTS_FILE}")
+                                 f"{s.out / EVENTS_FILE}")
         picks[k] = min(done)[2]
     final = _trials(s, [p.reference], cfg.seeds)
     for k in cfg.ks:
@@ -274,7 +276,7 @@ def execute(s: search.Setup, p: ExplorePlan) -> dict:
     rows = explore_rows(s, p, candidates, by_k, picks, results)
     whole = dataclasses.replace(s, candidates=list(candidates.values()), trials=trials, rungs=p.milestones,
                                 extra_summary=summary_lines(rows, p))
-    summary = search.write_outputs(whole, results)
+    summary = write_outputs(whole, results)
     atomic_write_json(s.out / EXPLORE_FILE, rows, indent=2)
     for r in rows:
         for g in r["rung_spearman"]:
@@ -290,11 +292,11 @@ def _second_round(s, p, k, ids, results, taken) -> list[Candidate]:
     cfg, t, e = s.cfg, s.cfg.train_config, s.cfg.explore
     seed0 = cfg.seeds[0]
     spent = _steps_done(results)
-    used = sum(spent.get(search.trial_key(c, seed0), 0) for c in ids)
+    used = sum(spent.get(trial_key(c, seed0), 0) for c in ids)
     left = p.cap_steps[k] - used - (2 * len(cfg.seeds) - 1) * t.steps
     n = ex.plan_pool_size(left, p.milestones, t.steps, e.reduction_factor, cap=e.second_round_max)
     final_q = _final_quality(results, t.steps)
-    survivors = [c.layers for c in p.pools[k] if search.trial_key(c.id, seed0) in final_q]
+    survivors = [c.layers for c in p.pools[k] if trial_key(c.id, seed0) in final_q]
     sets = ex.neighbour_sets(s.card, survivors, n, taken, budget=cfg.budget, budget_unit=cfg.budget_unit,
                              shift_max=e.shift_max, by_card=e.card_candidates, seed=e.seed + 1)
     proposals = [(st, f"neighbour k={k} r2 #{i + 1}", "neighbour" if e.card_candidates else None,
@@ -339,30 +341,30 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
     spent = _steps_done(results)
     base_q = [r.metrics.get("initial_quality", r.metrics.get("initial_eval_loss")) for r in results]
     base = float(np.median([b for b in base_q if b is not None]))
-    all_q = {seed: final_q[search.trial_key(REFERENCE, seed)] for seed in cfg.seeds
-             if search.trial_key(REFERENCE, seed) in final_q}
+    all_q = {seed: final_q[trial_key(REFERENCE, seed)] for seed in cfg.seeds
+             if trial_key(REFERENCE, seed) in final_q}
     rungs = {}
     for row in read_rungs(s.out):              # the last attempt's report wins
         rungs.setdefault(row["key"], {})[int(row["step"])] = row["rung_quality"]
     task = cfg.explore.task or Path(str(t.data.path)).stem
-    ref_steps = sum(spent.get(search.trial_key(REFERENCE, seed), 0) for seed in cfg.seeds)
+    ref_steps = sum(spent.get(trial_key(REFERENCE, seed), 0) for seed in cfg.seeds)
     out = []
     for k in cfg.ks:
         pick = candidates[picks[k]]
-        q = {seed: final_q[search.trial_key(pick.id, seed)] for seed in cfg.seeds
-             if search.trial_key(pick.id, seed) in final_q}
+        q = {seed: final_q[trial_key(pick.id, seed)] for seed in cfg.seeds
+             if trial_key(pick.id, seed) in final_q}
         gf = ex.gain_fractions(base, q, all_q)
         mean, sd = _mean_sd(gf)
-        ended = [c for c in by_k[k] if search.trial_key(c, seed0) in final_q]
-        finals = [final_q[search.trial_key(c, seed0)] for c in ended]
-        at = [ex.quality_at_rungs(rungs.get(search.trial_key(c, seed0), {}), p.milestones) for c in ended]
+        ended = [c for c in by_k[k] if trial_key(c, seed0) in final_q]
+        finals = [final_q[trial_key(c, seed0)] for c in ended]
+        at = [ex.quality_at_rungs(rungs.get(trial_key(c, seed0), {}), p.milestones) for c in ended]
         rho = ex.rung_spearman(at, finals)
         gate = [{"rung": i + 1, "step": m, "spearman": rho[i] if rho else None, "n_sets": len(ended)}
                 for i, m in enumerate(p.milestones)]
         fixed = {}
         for c in by_k[k]:
             name = _fixed_name(candidates[c])
-            key = search.trial_key(c, seed0)
+            key = trial_key(c, seed0)
             if name and key in final_q and seed0 in all_q:
                 fixed[name] = ex.gain_fractions(base, {seed0: final_q[key]}, {seed0: all_q[seed0]})[0]
         wanted = {"card", *(st for st in cfg.strategies if st != "all")}
@@ -373,8 +375,8 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
         elif cfg.explore.paper_table:
             best_name, best_gf = best_fixed_from_table(cfg.explore.paper_table, task, k)
             source = "paper_table" if best_name else None
-        steps = (sum(spent.get(search.trial_key(c, seed0), 0) for c in by_k[k])
-                 + sum(spent.get(search.trial_key(pick.id, seed), 0) for seed in cfg.seeds[1:]) + ref_steps)
+        steps = (sum(spent.get(trial_key(c, seed0), 0) for c in by_k[k])
+                 + sum(spent.get(trial_key(pick.id, seed), 0) for seed in cfg.seeds[1:]) + ref_steps)
         out.append({
             "task": task, "k": k, "picked_layers": pick.layers, "picked_candidate": pick.id,
             "picked_labels": pick.labels, "gain_fraction_mean": mean, "gain_fraction_sd": sd,
@@ -421,11 +423,11 @@ def summary_lines(rows: list[dict], p: ExplorePlan) -> list[str]:
 
 
 # --------------------------------------------------------------------------- entry points
-def _save(s: search.Setup) -> None:
+def _save(s: Setup) -> None:
     s.out.mkdir(parents=True, exist_ok=True)
     if "://" not in s.storage:
         private_dir(s.storage)      # resuming unpickles what Tune keeps here: owner-writable only
-    search._save_search(s)
+    save_search(s)
 
 
 def run_explore(cfg: SearchConfig, out: Path) -> dict:
@@ -438,10 +440,10 @@ def run_explore(cfg: SearchConfig, out: Path) -> dict:
 
 
 def resume_explore(out: Path, overrides=()) -> dict:
-    saved = search.read_saved_search(out)
-    bad = [o for o in overrides if o.split("=", 1)[0] not in search.RESUME_OVERRIDES]
+    saved = read_saved_search(out)
+    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
     if bad:
-        raise LayercardError(f"--resume takes only {', '.join(search.RESUME_OVERRIDES)} overrides (the candidates "
+        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates "
                              f"are fixed), got {bad[0]!r}")
     data = {**saved["config"], "stop_after_trials": None, "resume": False}
     cfg = from_dict(SearchConfig, apply_overrides(data, list(overrides)))

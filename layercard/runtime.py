@@ -1,4 +1,5 @@
-"""What every pipeline entry point shares: ``--config FILE --out DIR key=value …`` and error exits."""
+"""What every command shares: ``--config FILE --out DIR key=value …``, error exits, what reaches the
+terminal, and the connection to Ray."""
 from __future__ import annotations
 
 import argparse
@@ -187,6 +188,17 @@ def check_storage_reachable(path: str, nodes: int, key: str, *, uri_ok: bool = T
     where = f"a shared path (NFS, Lustre, … mounted on every node){' or a URI (s3://…, gs://…)' if uri_ok else ''}"
     raise LayercardError(f"storage path '{path}' is on this node's {fstype or 'local'} filesystem, but the Ray "
                          f"cluster has {nodes} nodes whose workers cannot reach it: set {key} to {where}")
+
+
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` / RAY_ADDRESS if given, else start (or reuse) a local Ray without its dashboard
+    (Ray Train and Tune drivers)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+             **ray_init_kwargs())
 
 
 def alive_nodes() -> int:
