@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -14,7 +15,12 @@ from tests.bench_scripts import load_benchmark
 
 @pytest.fixture(scope="module")
 def paper():
-    return load_benchmark("paper_table")
+    """benchmarks/paper_table.py and its parts under benchmarks/paper/, as one namespace."""
+    cli = load_benchmark("paper_table")          # puts the repository root on sys.path
+    from benchmarks.paper import events, plots, records, rows, tables
+
+    return SimpleNamespace(**{name: value for module in (rows, records, events, tables, plots, cli)
+                              for name, value in vars(module).items() if not name.startswith("__")})
 
 
 @pytest.mark.parametrize("label, want", [
