@@ -91,7 +91,7 @@ def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
     import numpy as np
 
     from layercard.select.selection import arrays_from_card, set_quality
-    from tests.test_selection import make_card
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(0)
     U = rng.normal(size=(5, 9))
@@ -205,7 +205,7 @@ def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
 
     import numpy as np
 
-    from tests.test_selection import make_card
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(1)
     U = rng.normal(size=(6, 9))
@@ -351,7 +351,7 @@ def test_cards_of_one_source_merge_and_another_source_or_another_set_is_refused(
     table; a card of other calibration data does not, nor a search whose strategy picked other layers."""
     import numpy as np
 
-    from tests.test_selection import make_card
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(2)
     U = rng.normal(size=(8, 9))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.bench_scripts import load_benchmark
-from tests.test_selection import make_card
+from tests.select.test_selection import make_card
 
 
 

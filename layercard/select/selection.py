@@ -55,7 +55,7 @@ adapting ℓ above a lower adapted layer. :func:`arrays_from_card` reads both fr
 **Search.** With L ≤ ``exact_max_layers`` (16) every one of the 2^L − 1 sets is scored (batched
 eigendecompositions). Above that, cost structure is used: for every candidate lowest layer ℓ0 the
 set grows greedily above ℓ0 on the coupling-aware gain Q, then a 1-swap pass polishes it; the best
-ℓ0 wins. ``tests/test_selection.py`` measures the greedy against exact enumeration.
+ℓ0 wins. ``tests/select/test_selection.py`` measures the greedy against exact enumeration.
 
 Everything below works on *positions* 0..L−1 (ascending depth) internally and returns the card's
 layer indices.

@@ -15,7 +15,7 @@ from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.profile.config import ProfileConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYER_COLUMNS = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "energy", "kappa", "erank",
                  "d_eff", "gain_adj", "gain_adj_rank_r"]
 MODULE_COLUMNS = ["layer", "module", "d_in", "d_out"]

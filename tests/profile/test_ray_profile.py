@@ -14,7 +14,7 @@ from layercard.profile.config import ProfileConfig
 from layercard.profile.run import add_coupling_local, profile_local
 from pipelines.ray_profile import profile_on_ray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # float64 so the comparison tests the aggregation, not float32 rounding of differently shaped batches.
 BASE = ["model.dtype=float64", "ray.num_cpus_per_actor=0.5", "cost.measure=false", "data.num_samples=48", "coupling.probe_samples=8",

@@ -12,7 +12,7 @@ import torch
 from layercard.card.layer_card import LayerCard
 from pipelines import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
 
 

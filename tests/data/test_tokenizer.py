@@ -173,7 +173,7 @@ def committed_task_data() -> dict[str, DataConfig]:
 def test_committed_configs_build_the_same_sequences_as_before(which, tmp_path, monkeypatch):
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     tok = ByteTokenizer(49152) if which == "bytes" else saved_tokenizer(which, tmp_path)
     long = {"prompt": "Review: " + "a long and winding review, " * 20 + "\nSentiment:", "answer": " negative"}
     for name, cfg in committed_task_data().items():
@@ -221,7 +221,7 @@ def test_profile_select_and_train_a_bos_model_through_the_cli(llama_dir, tmp_pat
     from layercard.card.layer_card import LayerCard
     from pipelines import cli
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])   # the configs name their data from the repository root
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])   # the configs name their data from the repository root
     model = ["model.config=null", f"model.path={llama_dir}"]
     card, sel, out = tmp_path / "card", tmp_path / "sel", tmp_path / "train"
     assert cli.main(["profile", "--config", "configs/tiny.yaml", "--out", str(card), *model, "cost.measure=false",

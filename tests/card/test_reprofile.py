@@ -20,7 +20,7 @@ from pipelines import reprofile
 from layercard.runtime import run_main
 from ray_head import ray_bin, start_head, stop_head, wait_started
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # float64: the Ray layout must reproduce the single-process card closely enough to rank identically.
 FAST = ["data.num_samples=16", "coupling.probe_samples=8", "cost.measure=false", "model.dtype=float64"]
 

@@ -19,7 +19,7 @@ from layercard.train.losses import lm_loss_sum
 from layercard.models import ModelConfig, load_model
 from layercard.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "train-tiny.yaml"
 DATA = ROOT / "configs" / "data" / "tiny.jsonl"
 TINY = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

@@ -14,7 +14,7 @@ from layercard.profile.plan import GIB, activation_bytes, slice_stat_bytes
 from layercard.profile.config import ProfileConfig
 from pipelines.cli import main as cli
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3-8b.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3-8b.yaml")
 
 
 def test_slice_statistics_bytes_match_module_shapes():

@@ -16,7 +16,7 @@ from layercard.card.drift import (DriftSettings, ReprofileConfig, diff_cards, dr
 from layercard.errors import LayercardError
 from layercard.profile.config import ProfileConfig
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def brute_force_tau_b(x, y) -> float:

@@ -23,7 +23,7 @@ from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.search.config import SearchConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEARCH_YAML = ROOT / "configs" / "search-tiny.yaml"
 PROFILE = ["data.num_samples=32", "coupling.probe_samples=8", "cost.steps=1"]
 RANK = 4
