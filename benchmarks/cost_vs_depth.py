@@ -5,8 +5,8 @@
     python benchmarks/cost_vs_depth.py --model-path DIR     # a local Hugging Face model directory
 
 Builds a randomly initialised model from a transformers config (nothing is downloaded), measures
-real PEFT LoRA training steps (layercard.step_timing) with an adapter on ℓ alone at several ℓ and
-on ℓ..L−1, fits the analytic cost model to them (layercard.cost), prints a table and writes JSON
+real PEFT LoRA training steps (layercard.train.step_timing) with an adapter on ℓ alone at several ℓ and
+on ℓ..L−1, fits the analytic cost model to them (layercard.profile.cost), prints a table and writes JSON
 (default benchmarks/results/cost_vs_depth.json). The headline numbers are the measured and the
 analytic ratio step(adapter on the last layer) / step(adapter on layer 0), and the R².
 """
@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from layercard import cost  # noqa: E402
-from layercard.card import LayerCard  # noqa: E402
+from layercard.profile import cost  # noqa: E402
+from layercard.card.layer_card import LayerCard  # noqa: E402
 from layercard.discovery import discover  # noqa: E402
-from layercard.step_timing import StepTimingConfig, measure_card_cost  # noqa: E402
+from layercard.train.step_timing import StepTimingConfig, measure_card_cost  # noqa: E402
 
 PRESETS = {
     "cpu": dict(config=dict(model_type="qwen3", hidden_size=256, num_hidden_layers=8, num_attention_heads=8,

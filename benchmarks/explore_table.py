@@ -7,7 +7,7 @@
 
 For each task: its Layer Card (``WORK/TASK/card``, profiled as benchmarks/paper_table.py does, and shared
 with it), then two explore searches with the committed recipe (configs/search-smollm2.yaml and the task's
-overrides, :mod:`layercard.task_recipes`): ``WORK/TASK/explore-k5`` (the card-seeded pool) and
+overrides, :mod:`layercard.data.task_recipes`): ``WORK/TASK/explore-k5`` (the card-seeded pool) and
 ``WORK/TASK/explore-k5-ablation`` (``explore.card_candidates=false``: the same schedule and pool size
 without the card's pick and neighbours). A finished search is reused; an interrupted one continues with
 ``--resume``.
@@ -41,8 +41,8 @@ SMOKE = {   # the tiny random Qwen3 (4 layers): wiring only, minutes
 
 def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation: bool, args):
     from layercard.config import load_config
-    from layercard.search_config import SearchConfig
-    from layercard.task_recipes import TASKS
+    from layercard.search.config import SearchConfig
+    from layercard.data.task_recipes import TASKS
 
     yaml = ROOT / "configs" / ("search-tiny.yaml" if args.smoke else "search-smollm2.yaml")
     recipe = SMOKE["search"] if args.smoke else [*TASKS[task]["train"],
@@ -59,7 +59,7 @@ def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation:
 
 def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
     """The explore.json rows of the search in OUT: reused when finished, continued with ``resume``."""
-    from pipelines import search
+    from layercard.search import run as search
 
     if (out / "explore.json").is_file():
         print(f"== reusing the finished search {out}", flush=True)
@@ -67,10 +67,10 @@ def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
         if not resume:
             raise SystemExit(f"error: {out} holds an unfinished search; pass --resume to continue it")
         print(f"== resuming {out}", flush=True)
-        search.resume(out)
+        search.resume_search(out)
     else:
         print(f"== explore → {out}", flush=True)
-        search.run(cfg, out)
+        search.run_search(cfg, out)
     return json.loads((out / "explore.json").read_text())
 
 
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         tasks, k, seeds = ["tiny"], 2, args.seeds[:2]
     else:
-        from layercard.fetch import verify
-        from layercard.tasks import prepare_task
+        from layercard.data.fetch import verify
+        from layercard.data.tasks import prepare_task
 
         tasks, k, seeds = args.tasks, args.k, args.seeds
         verify(None, ["smollm2", "vader", "news"] if "headline" in tasks else ["smollm2", "vader"])
@@ -141,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_card(task: str, work: Path) -> Path:
-    from layercard.task_recipes import ensure_card as ensure
+    from layercard.data.task_recipes import ensure_card as ensure
 
     return ensure(task, work, [], ROOT / "configs" / "profile-smollm2.yaml")
 
 
 def smoke_card(work: Path) -> Path:
     from layercard.config import load_config
-    from layercard.profile_config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.config import ProfileConfig
+    from layercard.profile.run import run_profile
 
     card_dir = work / "tiny" / "card"
     if not (card_dir / "card.json").exists():

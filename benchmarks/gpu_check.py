@@ -42,11 +42,11 @@ def main():
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--layers", type=int, default=28)
     args = p.parse_args()
-    from layercard.coupling_pass import coupling_terms, layer_deltas, make_sketch
+    from layercard.profile.coupling_pass import coupling_terms, layer_deltas, make_sketch
     from layercard.discovery import discover
     from layercard.models import ModelConfig, load_model
     from profile_overhead_gpu import plain_fwd_bwd_seconds   # benchmarks/ is sys.path[0]
-    from layercard.profiler import card_from_stats, collect_stats
+    from layercard.profile.profiler import card_from_stats, collect_stats
 
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     arch = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=args.layers, intermediate_size=3072,

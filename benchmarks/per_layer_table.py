@@ -30,7 +30,7 @@ COLUMNS = ("grad_norm", "gain_adj", "gain_adj_rank_r", "res2", "res_frac", "ener
 
 def layer_predictors(card) -> dict[str, np.ndarray]:
     """name → one value per card layer (card order): what each could say about a layer trained alone."""
-    from layercard import selection as sel
+    from layercard.select import selection as sel
 
     A = sel.arrays_from_card(card)
     d = np.diag(A.K).astype(np.float64)
@@ -45,7 +45,7 @@ def layer_predictors(card) -> dict[str, np.ndarray]:
 
 def agreement(predictors: dict[str, np.ndarray], measured) -> dict[str, float | None]:
     """name → Spearman ρ of the predictor with the measured gain (layers without a measurement skipped)."""
-    from layercard.candidates import spearman
+    from layercard.select.candidates import spearman
 
     y = np.asarray(measured, dtype=np.float64)
     return {name: spearman(np.asarray(x, dtype=np.float64), y) for name, x in predictors.items()}
@@ -106,7 +106,7 @@ def plot(name: str, ids, measured, predictors, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
     from layercard.errors import LayercardError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

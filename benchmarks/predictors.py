@@ -41,7 +41,7 @@ def _sum_of(column: str):
 
 def _model(name: str):
     def score(card, A, layers):
-        from layercard.selection import set_quality
+        from layercard.select.selection import set_quality
 
         return set_quality(A[name], layers)
     return score
@@ -52,7 +52,7 @@ def _shallow(card, A, layers) -> float:
 
 
 PREDICTORS = {
-    # card set models (layercard.gain_models)
+    # card set models (layercard.select.gain_models)
     "adam Q (trust-region sign step)": _model("adam"),
     "coverage Q": _model("coverage"),
     "newton Q (½b̂ᵀK̂⁻¹b̂)": _model("newton"),
@@ -69,7 +69,7 @@ FREE = [name for name in PREDICTORS if not name.endswith("Q") and "Q (" not in n
 
 
 def spearman(x, y) -> float:
-    from layercard.candidates import spearman as sp
+    from layercard.select.candidates import spearman as sp
 
     r = sp(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
     return float("nan") if r is None else float(r)
@@ -102,7 +102,7 @@ def within_k(scores: dict[int, np.ndarray], measured: dict[int, np.ndarray], per
 
 def recipe_budget(task: str) -> float:
     """ρ = Σ lr_t of the task's training recipe, from its archived search records (one recipe per task)."""
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
 
     recipes = {json.dumps({k: r["recipe"][k] for k in ("lr", "steps", "warmup_steps")}, sort_keys=True)
                for r in (json.loads(p.read_text()) for p in sorted((RESULTS / "searches" / task).glob("*.json")))}
@@ -113,8 +113,8 @@ def recipe_budget(task: str) -> float:
 
 
 def task_board(task: str, card_dir: Path, rows: list[dict], perms: int) -> dict:
-    from layercard.card import LayerCard
-    from layercard.selection import arrays_from_card
+    from layercard.card.layer_card import LayerCard
+    from layercard.select.selection import arrays_from_card
 
     card = LayerCard.load(card_dir, with_stats=False)
     rho_budget = recipe_budget(task)

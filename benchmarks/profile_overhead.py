@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 from layercard.config import load_config
-from layercard.data import batches_of, load_examples
+from layercard.data.examples import batches_of, load_examples
 from layercard.discovery import discover
-from layercard.losses import lm_loss_sum
-from layercard.cost import backprop_flops_from, dims_from_model, forward_flops_per_token
-from layercard.coupling_pass import coupling_pass
+from layercard.train.losses import lm_loss_sum
+from layercard.profile.cost import backprop_flops_from, dims_from_model, forward_flops_per_token
+from layercard.profile.coupling_pass import coupling_pass
 from layercard.models import load_model
-from layercard.profile_config import ProfileConfig
-from layercard.profiler import card_from_stats, collect_stats
-from pipelines.profile import probe_batches, sketch_for
+from layercard.profile.config import ProfileConfig
+from layercard.profile.profiler import card_from_stats, collect_stats
+from layercard.profile.run import probe_batches, sketch_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def main() -> None:
     if not args.no_ray:
         import ray
 
-        from pipelines.ray_profile import profile_on_ray
+        from layercard.profile.distributed import profile_on_ray
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         for n in (1, 2):

@@ -48,7 +48,7 @@ def make_batches(vocab: int, n: int, bs: int, seq: int) -> list[dict]:
 def plain_fwd_bwd_seconds(model, layout, data: list[dict], time_fn) -> float:
     """``time_fn(fn)`` of one plain forward+backward over ``data`` (after a warm-up pass), the
     backward stopping at block 0's input as profiling's does: the baseline of every overhead ratio."""
-    from layercard.losses import lm_loss_sum
+    from layercard.train.losses import lm_loss_sum
 
     block0 = model.get_submodule(layout.block_path)[0]
     handle = block0.register_forward_pre_hook(lambda m, a, k: ((a[0].detach().requires_grad_(True), *a[1:]), k),
@@ -75,7 +75,7 @@ def run_shape(name: str, dtype: str, data: list[dict], repeats: int) -> dict:
 
     from layercard.discovery import discover
     from layercard.models import ModelConfig, load_model
-    from layercard.profiler import card_from_stats, collect_stats
+    from layercard.profile.profiler import card_from_stats, collect_stats
 
     model = load_model(ModelConfig(config=SHAPES[name], dtype=dtype, device="cuda", attn_implementation="sdpa")).model
     layout = discover(model)
@@ -109,7 +109,7 @@ def trace(name: str, dtype: str, data: list[dict]) -> None:
 
     from layercard.discovery import discover
     from layercard.models import ModelConfig, load_model
-    from layercard.profiler import collect_stats
+    from layercard.profile.profiler import collect_stats
 
     model = load_model(ModelConfig(config=SHAPES[name], dtype=dtype, device="cuda", attn_implementation="sdpa")).model
     layout = discover(model)

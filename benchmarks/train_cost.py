@@ -4,7 +4,7 @@
     python benchmarks/train_cost.py --smoke              # hidden 64, 4 steps
     python benchmarks/train_cost.py --card CARD_DIR      # use this card's cost model instead of profiling one
 
-Runs the real pipeline (``pipelines.train.run``: Ray Train + DeepSpeed ZeRO) once per layer set:
+Runs the real pipeline (``layercard.train.run.run_training``: Ray Train + DeepSpeed ZeRO) once per layer set:
 ``k`` adjacent layers starting at l0 = 0, L/4, L/2, 3L/4, and all layers. Frozen blocks below l0
 need no backward, so step time and activation memory should fall as l0 rises. Writes
 ``benchmarks/results/train_cost.json`` and ``.md`` and prints the table, with the card's predicted
@@ -50,8 +50,8 @@ def write_selection(path: Path, layers: list[int], weights_hash: str, r: int) ->
 def profile_card(mcfg, rank: int, seq: int):
     """A card of the benchmark model (configs/tiny.yaml's data, no coupling pass) with its cost model."""
     from layercard.config import load_config
-    from layercard.profile_config import ProfileConfig
-    from pipelines.profile import run_profile
+    from layercard.profile.config import ProfileConfig
+    from layercard.profile.run import run_profile
 
     cfg = load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml",
                       [f"model.config={json.dumps(mcfg.config)}", f"profile.rank={rank}", f"data.max_seq_len={seq}",
@@ -64,7 +64,7 @@ def predicted(card, layers: list[int]) -> dict:
     nothing) and analytic FLOPs/token."""
     if card is None:
         return {"predicted_step_s": None, "predicted_flops_per_token": None}
-    from layercard.cost import predicted_cost
+    from layercard.profile.cost import predicted_cost
 
     cost = predicted_cost(card, layers)
     return {"predicted_step_s": cost.get("step_seconds"), "predicted_flops_per_token": cost["flops_per_token"]}
@@ -119,16 +119,16 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray
 
-    from layercard.data import DataConfig
+    from layercard.data.examples import DataConfig
     from layercard.models import ModelConfig, load_model
-    from layercard.train_config import TrainConfig
-    from pipelines import train
+    from layercard.train.config import TrainConfig
+    from layercard.train.run import run_training
 
     mcfg = ModelConfig(config=model_config(args.layers, args.hidden))
     whash = load_model(mcfg).weights_hash
     card = None
     if args.card:
-        from layercard.card import LayerCard
+        from layercard.card.layer_card import LayerCard
 
         card = LayerCard.load(args.card, with_stats=False)
     elif not args.no_card:
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
                               selection=str(sel), steps=args.steps, batch_size=args.batch_size, lr=1e-3,
                               warmup_steps=1, zero_stage=args.zero_stage, num_workers=args.num_workers,
                               checkpoint_every=10 ** 6, report_every=10 ** 6, max_failures=0, name=f"bench-{layers[0]}")
-            m = train.run(cfg, Path(tmp) / f"run-{name}")
+            m = run_training(cfg, Path(tmp) / f"run-{name}")
             rows.append({"set": name, "layers": layers, "lowest": layers[0], "median_step_s": m["median_step_s"],
                          "tokens_per_s": m["train_tokens_per_s"], "peak_mib": max(m["peak_memory_bytes"]) / 2 ** 20,
                          "peak_memory_bytes": m["peak_memory_bytes"], "trainable": m["trainable_params"],
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
 
     result = {"model": mcfg.config, "args": vars(args), "rows": rows, "card_id": card.card_id if card else None,
               "r2_step_s": r2_of("predicted_step_s"), "r2_flops": r2_of("predicted_flops_per_token"),
-              "versions": __import__("layercard.card", fromlist=["library_versions"]).library_versions()}
+              "versions": __import__("layercard.card.layer_card", fromlist=["library_versions"]).library_versions()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

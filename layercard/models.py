@@ -90,7 +90,7 @@ def _file_sha256(path: Path, cache: dict) -> str:
     st = path.stat()
     key = f"{path.resolve()}:{st.st_mtime_ns}:{st.st_size}"
     if key not in cache:
-        from layercard.card import sha256_file
+        from layercard.card.layer_card import sha256_file
 
         cache[key] = sha256_file(path)
     return cache[key]
@@ -235,7 +235,7 @@ def model_dir(cfg: ModelConfig) -> Path | None:
 
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer alone (no weights): for data pipelines that tokenise away from the model."""
-    from layercard.tokenizer import ByteTokenizer, HFTokenizer
+    from layercard.data.tokenizer import ByteTokenizer, HFTokenizer
 
     path = model_dir(cfg)
     if path is None:
@@ -272,7 +272,7 @@ def describe_model(cfg: ModelConfig) -> LoadedModel:
     their files; config models are built on the CPU (their hash is that of the random weights)."""
     from dataclasses import replace
 
-    from layercard.tokenizer import HFTokenizer
+    from layercard.data.tokenizer import HFTokenizer
 
     if cfg.config:
         return load_model(replace(cfg, device="cpu"))
@@ -287,7 +287,7 @@ def describe_model(cfg: ModelConfig) -> LoadedModel:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load the frozen base model (eval mode, no parameter requires grad) and its tokenizer."""
-    from layercard.tokenizer import ByteTokenizer, HFTokenizer
+    from layercard.data.tokenizer import ByteTokenizer, HFTokenizer
 
     if cfg.config:
         model = _from_config(cfg)

@@ -1,6 +1,6 @@
 """``layercard cards list [--store S] [--model M]`` · ``layercard cards show VERSION [--store S]``
 
-Browse the card store (:mod:`layercard.store`): a local path or a pyarrow URI, from ``--store``
+Browse the card store (:mod:`layercard.card.store`): a local path or a pyarrow URI, from ``--store``
 or ``$LAYERCARD_STORE``.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from layercard.store import CardStore, default_store
+from layercard.card.store import CardStore, default_store
 
 SHOWN = ["layer", "res2", "kappa", "gain_adj", "b", "k_diag", "step_seconds", "backprop_flops_per_token"]
 
@@ -72,6 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipelines.common import run_main
+from layercard.runtime import run_main
 
 COMMANDS = {
     "profile": ("pipelines.profile", "profile a frozen model into a Layer Card"),

@@ -14,9 +14,9 @@ from layercard.atomic import atomic_write_json, atomic_write_text
 from layercard.config import load_config
 from layercard.demo_config import DemoConfig
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
-from layercard.train_config import TrainConfig
-from pipelines.common import parse_config, run_main
+from layercard.profile.config import ProfileConfig
+from layercard.train.config import TrainConfig
+from layercard.runtime import parse_config, run_main
 
 
 def _gib(values) -> float:
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(DemoConfig, argv, "python -m pipelines.demo", __doc__.splitlines()[0])
     out = Path(args.out)
     if cfg.fetch:
-        from layercard.fetch import fetch_all
-        from layercard.tasks import prepare_task
+        from layercard.data.fetch import fetch_all
+        from layercard.data.tasks import prepare_task
 
         fetch_all()
         for task in cfg.fetch:
@@ -124,26 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     tcfg_base = [*cfg.train_overrides]
     load_config(TrainConfig, cfg.train_config, [*tcfg_base, "strategy=all"])   # fail early on a bad train config
 
-    from layercard.report import write_report
-    from pipelines import select as select_cmd
-    from pipelines import train as train_cmd
-    from pipelines.profile import run_profile
+    from layercard.card.report import write_report
+    from layercard.profile.run import run_profile
+    from layercard.select.run import run_select
+    from layercard.train.run import run_training
 
     card_dir = out / "card"
     if not (card_dir / "card.json").exists():
         run_profile(pcfg).save(card_dir)
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     card = LayerCard.load(card_dir, with_stats=False)
     write_report(card, out / "report")
     k = min(cfg.k, len(card.layers))
-    selections = {f"card max-quality k={k}": ["--objective", "max-quality", "--k", str(k)],
-                  f"card min-cost {cfg.target:g}": ["--objective", "min-cost", "--target", str(cfg.target)]}
+    selections = {f"card max-quality k={k}": {"objective": "max-quality", "k": k},
+                  f"card min-cost {cfg.target:g}": {"objective": "min-cost", "target": cfg.target}}
     runs = []
     for name, sel_args in selections.items():
         sel_dir = out / "selections" / name.replace(" ", "_").replace("=", "")
         if not sel_dir.exists():
-            select_cmd.main([str(card_dir), "--out", str(sel_dir), *sel_args])
+            run_select(card_dir, sel_dir, **sel_args)
         runs.append((name, [f"selection={sel_dir}"]))
     runs.append(("all layers", ["strategy=all"]))
     rows, base = [], None
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             if run_dir.exists():                        # an interrupted run of the demo's own: start it again
                 shutil.rmtree(run_dir)
             print(f"== training: {name}", flush=True)
-            metrics = train_cmd.run(tcfg, run_dir)
+            metrics = run_training(tcfg, run_dir)
         base = base or {k_: metrics.get(k_) for k_ in ("initial_eval_loss", "initial_label_loss", "initial_metric")}
         layers = metrics.get("selection_layers") or list(range(len(card.layers)))
         rows.append({"run": name, "adapted_layers": len(layers), "layers": layers,

@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from layercard.errors import LayercardError
-from layercard.fetch import ITEMS, cache_root, fetch_all
-from layercard.tasks import DEFAULT_SIZES, prepare_task
+from layercard.data.fetch import ITEMS, cache_root, fetch_all
+from layercard.data.tasks import DEFAULT_SIZES, prepare_task
 
 
 def _names(text: str | None, known, what: str) -> list[str] | None:
@@ -60,6 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

@@ -13,9 +13,9 @@ from layercard.config import load_config
 from layercard.discovery import discover
 from layercard.errors import LayercardError
 from layercard.models import DTYPES, build_meta_model
-from layercard.plan import GIB, driver_memory, plan_layout
-from layercard.profile_config import ProfileConfig, should_save_stats
-from pipelines.common import run_main
+from layercard.profile.plan import GIB, driver_memory, plan_layout
+from layercard.profile.config import ProfileConfig, should_save_stats
+from layercard.runtime import run_main
 
 
 def main(argv: list[str] | None = None) -> int:

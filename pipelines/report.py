@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from layercard.card import LayerCard
-    from layercard.report import write_report
+    from layercard.card.layer_card import LayerCard
+    from layercard.card.report import write_report
 
     args = build_parser().parse_args(argv)
     if args.layers is not None and args.top_k is not None:
@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

@@ -8,7 +8,7 @@ written, or the config and seed of a random model): a checkpoint updated in plac
 compared with its predecessor automatically; one at a new path needs ``--against``.
 
 The config is a profile config plus an optional ``drift`` section of thresholds
-(:class:`layercard.drift.DriftSettings`), e.g. ``drift.min_kendall_tau=0.9``. The store keeps the
+(:class:`layercard.card.drift.DriftSettings`), e.g. ``drift.min_kendall_tau=0.9``. The store keeps the
 card without its sufficient statistics unless ``--with-stats``.
 
 The drift report is written to ``--out`` before the version is published, so a run that fails while
@@ -26,18 +26,18 @@ from pathlib import Path
 
 from layercard.atomic import atomic_dir
 from layercard.config import load_config
-from layercard.drift import ReprofileConfig, card_identity, diff_cards, drift_markdown
+from layercard.card.drift import ReprofileConfig, card_identity, diff_cards, drift_markdown
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
-from layercard.store import CardStore, default_store, version_id
-from pipelines.common import config_parser, run_main
+from layercard.profile.config import ProfileConfig
+from layercard.card.store import CardStore, default_store, version_id
+from layercard.runtime import config_parser, run_main
 
 EXIT_OK, EXIT_DRIFT = 0, 3
 
 
 def profile_card(cfg: ProfileConfig, progress: bool = True):
     """The card ``layercard profile`` makes (pass 1, coupling pass, cost), locally or on Ray actors."""
-    from pipelines.profile import run_profile
+    from layercard.profile.run import run_profile
 
     return run_profile(cfg, progress=progress)
 

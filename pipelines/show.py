@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 
 SHOWN = ["layer", "n_tokens", "res2", "res2_rank_r", "res_frac", "grad_norm", "kappa", "d_eff", "gain_adj",
          "gain_adj_rank_r",
@@ -28,6 +28,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.common import run_main
+    from layercard.runtime import run_main
 
     sys.exit(run_main(main))

@@ -11,7 +11,7 @@ def make_card(n_layers: int = 4, *, seed: int = 0, model_id: str = "config:test-
     """A complete card: layer and module tables, ρ and K (PSD), meta with the store's key fields."""
     import pandas as pd
 
-    from layercard.card import LAYER_COLUMNS, MODULE_COLUMNS
+    from layercard.card.layer_card import LAYER_COLUMNS, MODULE_COLUMNS
 
     rng = np.random.default_rng(seed)
     L = n_layers
@@ -42,7 +42,7 @@ def make_card(n_layers: int = 4, *, seed: int = 0, model_id: str = "config:test-
     meta = {"model_id": model_id, "weights_hash": weights_hash, "data_hash": data_hash,
             "config": {"model": {"seed": 0}, "data": {"path": "x.jsonl"}, "ray": {"num_actors": 0}},
             "created_at": created_at, "rank": 4}
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     return LayerCard(layers, modules, rho, K, meta)
 
@@ -50,7 +50,7 @@ def make_card(n_layers: int = 4, *, seed: int = 0, model_id: str = "config:test-
 def publish_in_child(store_uri: str, card_dir: str, barrier, atomic_rename, results) -> None:
     """Child-process publisher: wait for the others, publish, report the version or the error."""
     from layercard.errors import LayercardError
-    from layercard.store import CardStore
+    from layercard.card.store import CardStore
 
     store = CardStore(store_uri, atomic_rename=atomic_rename)
     barrier.wait(timeout=120)

@@ -144,7 +144,7 @@ REAL_WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
     from fake_cards import make_card
-    from layercard.store import CardStore
+    from layercard.card.store import CardStore
 
     kind, target = sys.argv[1], sys.argv[2]
     if kind == "card":
@@ -168,7 +168,7 @@ def test_card_save_killed_keeps_a_loadable_card(tmp_path, step):
     loads (checksums and id verified) and is the old one or the complete new one."""
     from fake_cards import make_card
 
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     target = tmp_path / "card"
     make_card().save(target)
@@ -180,7 +180,7 @@ def test_card_save_killed_keeps_a_loadable_card(tmp_path, step):
 def test_store_publish_killed_before_the_rename_leaves_no_version(tmp_path):
     from fake_cards import make_card
 
-    from layercard.store import CardStore
+    from layercard.card.store import CardStore
 
     store = CardStore(tmp_path / "store")
     old = store.publish(make_card())

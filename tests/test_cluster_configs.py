@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from layercard.config import load_config
-from layercard.drift import ReprofileConfig
-from layercard.profile_config import ProfileConfig
+from layercard.card.drift import ReprofileConfig
+from layercard.profile.config import ProfileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -457,7 +457,7 @@ gcsfuse /mnt/bucket fuse.gcsfuse rw 0 0
 ])
 def test_storage_must_be_reachable_from_every_node(path, nodes, ok):
     from layercard.errors import LayercardError
-    from pipelines.common import check_storage_reachable
+    from layercard.runtime import check_storage_reachable
 
     if ok:
         check_storage_reachable(path, nodes, "storage_path", mounts=MOUNTS)
@@ -470,7 +470,7 @@ def test_storage_must_be_reachable_from_every_node(path, nodes, ok):
 
 def test_train_storage_error_offers_no_uri():
     from layercard.errors import LayercardError
-    from pipelines.common import check_storage_reachable
+    from layercard.runtime import check_storage_reachable
 
     with pytest.raises(LayercardError) as exc:   # pipelines.train takes local paths only
         check_storage_reachable("/home/me/runs", 2, "storage_path", uri_ok=False, mounts=MOUNTS)
@@ -478,7 +478,7 @@ def test_train_storage_error_offers_no_uri():
 
 
 def test_storage_on_this_machines_filesystems():
-    from pipelines.common import check_storage_reachable, mount_fstype
+    from layercard.runtime import check_storage_reachable, mount_fstype
 
     assert mount_fstype("/") != ""                         # /proc/mounts read and matched
     check_storage_reachable("/tmp/x", 1, "storage_path")   # a single-node cluster never refuses

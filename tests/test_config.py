@@ -9,7 +9,7 @@ import pytest
 
 from layercard.config import load_config, parse_override, read_yaml
 from layercard.errors import LayercardError
-from layercard.profile_config import ProfileConfig
+from layercard.profile.config import ProfileConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
@@ -19,17 +19,17 @@ CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 # Train configs leave the choice of layers to the command line (``strategy=all`` or ``selection=DIR``);
 # they are validated with ``strategy=all`` unless they set one themselves (REQUIRED_ON_COMMAND_LINE).
 CONFIG_CLASSES = {
-    "tiny.yaml": "layercard.profile_config:ProfileConfig",
-    "qwen3-8b.yaml": "layercard.profile_config:ProfileConfig",
-    "profile-*.yaml": "layercard.profile_config:ProfileConfig",
-    "train-*.yaml": "layercard.train_config:TrainConfig",
-    "search-*.yaml": "layercard.search_config:SearchConfig",
+    "tiny.yaml": "layercard.profile.config:ProfileConfig",
+    "qwen3-8b.yaml": "layercard.profile.config:ProfileConfig",
+    "profile-*.yaml": "layercard.profile.config:ProfileConfig",
+    "train-*.yaml": "layercard.train.config:TrainConfig",
+    "search-*.yaml": "layercard.search.config:SearchConfig",
     "demo-*.yaml": "layercard.demo_config:DemoConfig",
 }
 
 
 REQUIRED_ON_COMMAND_LINE = {
-    "layercard.train_config:TrainConfig": lambda data: [] if {"selection", "strategy"} & set(data) else ["strategy=all"],
+    "layercard.train.config:TrainConfig": lambda data: [] if {"selection", "strategy"} & set(data) else ["strategy=all"],
 }
 
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import common
+from layercard import runtime
 
 
 @pytest.fixture
 def quiet(tmp_path, monkeypatch):
     """The quiet default (conftest runs the suite verbose), with a fresh log file under tmp_path."""
-    monkeypatch.delenv(common.VERBOSE_ENV, raising=False)
-    monkeypatch.setenv(common.LOG_DIR_ENV, str(tmp_path / "logs"))
-    monkeypatch.setattr(common, "_LOG", {})
+    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(runtime.LOG_DIR_ENV, str(tmp_path / "logs"))
+    monkeypatch.setattr(runtime, "_LOG", {})
     yield tmp_path / "logs"
-    handler = common._LOG.get("handler")
+    handler = runtime._LOG.get("handler")
     logging.captureWarnings(False)
     for name in ("py.warnings", "lc-test"):
         if handler is not None and handler in logging.getLogger(name).handlers:
@@ -35,7 +35,7 @@ def _warn_and_info(argv):
 def test_warnings_go_to_the_log_file(quiet, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        assert common.run_main(_warn_and_info, ["x=1"]) == 0
+        assert runtime.run_main(_warn_and_info, ["x=1"]) == 0
     out, err = capfd.readouterr()
     assert "the pipeline's own line" in out
     assert "is_gradient_checkpointing" not in out + err
@@ -45,8 +45,8 @@ def test_warnings_go_to_the_log_file(quiet, capfd):
 
 def test_verbose_keeps_warnings_on_the_terminal(quiet, monkeypatch):
     with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):
-        assert common.run_main(_warn_and_info, ["--verbose", "x=1"]) == 0   # --verbose is taken out of argv
-    assert common.verbose()
+        assert runtime.run_main(_warn_and_info, ["--verbose", "x=1"]) == 0   # --verbose is taken out of argv
+    assert runtime.verbose()
     assert not quiet.exists()
 
 
@@ -56,8 +56,8 @@ def test_library_info_lines_go_to_the_log_file(quiet):
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.handlers = [logging.StreamHandler(stream)]
-    common.reroute_logger("lc-test")
-    common.reroute_logger("lc-test")                      # idempotent
+    runtime.reroute_logger("lc-test")
+    runtime.reroute_logger("lc-test")                      # idempotent
     logger.info("Started a local Ray instance.")
     logger.warning("a real problem")
     assert stream.getvalue() == "a real problem\n"
@@ -70,10 +70,10 @@ def test_select_step_budget_from_a_train_config():
     """``layercard select --train-config`` reads ρ = Σ lr_t from a train YAML that names no selection."""
     from argparse import Namespace
 
-    from layercard.adam_step import step_budget
+    from layercard.profile.adam_step import step_budget
     from layercard.config import load_config
-    from layercard.train_config import TrainConfig
-    from pipelines.select import step_budget_of
+    from layercard.train.config import TrainConfig
+    from layercard.select.run import step_budget_of
 
     path = str(Path(__file__).resolve().parents[1] / "configs" / "train-smollm2.yaml")
     t = load_config(TrainConfig, path, ["strategy=all"])

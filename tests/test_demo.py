@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from layercard.card import LayerCard
+from layercard.card.layer_card import LayerCard
 from pipelines.demo import main as demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_demo_tiny_end_to_end(ray_local, tmp_path, capsys, monkeypatch):
 
 
 def test_base_eval_cache_is_keyed(tmp_path):
-    from pipelines.train import read_base_eval, write_base_eval
+    from layercard.train.base_eval import read_base_eval, write_base_eval
 
     path = tmp_path / "base_eval.json"
     assert read_base_eval(path, "k1") is None                       # nothing yet

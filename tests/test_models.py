@@ -47,7 +47,7 @@ def test_a_mismatch_against_a_record_without_a_hash_kind_says_why(tmp_path):
 
     from layercard.errors import LayercardError
     from layercard.models import legacy_hash_note
-    from layercard.training import Selection, check_selection_for_model
+    from layercard.train.training import Selection, check_selection_for_model
 
     old = Selection(Path("sel"), {}, [1], "2e13074395d67211", "c", {"weights_hash": "2e13074395d67211"})
     with pytest.raises(LayercardError, match="recorded before weights hashes covered whole files.*re-profile"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -14,7 +15,12 @@ from tests.bench_scripts import load_benchmark
 
 @pytest.fixture(scope="module")
 def paper():
-    return load_benchmark("paper_table")
+    """benchmarks/paper_table.py and its parts under benchmarks/paper/, as one namespace."""
+    cli = load_benchmark("paper_table")          # puts the repository root on sys.path
+    from benchmarks.paper import events, plots, records, rows, tables
+
+    return SimpleNamespace(**{name: value for module in (rows, records, events, tables, plots, cli)
+                              for name, value in vars(module).items() if not name.startswith("__")})
 
 
 @pytest.mark.parametrize("label, want", [
@@ -84,14 +90,14 @@ def test_rows_are_measured_against_the_same_seeds_all_layer_run(paper, tmp_path)
 def test_card_predictor_is_the_selection_quality_fraction(paper, tmp_path):
     import numpy as np
 
-    from layercard.selection import arrays_from_card, set_quality
-    from tests.test_selection import make_card
+    from layercard.select.selection import arrays_from_card, set_quality
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(0)
     U = rng.normal(size=(5, 9))
     card = make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 5), kappa=rng.uniform(10, 1e3, 5))
     card.save(tmp_path / "card")
-    from layercard.card import LayerCard
+    from layercard.card.layer_card import LayerCard
 
     loaded = LayerCard.load(tmp_path / "card", with_stats=False)
     predict = paper.card_predictor(loaded)
@@ -199,7 +205,7 @@ def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
 
     import numpy as np
 
-    from tests.test_selection import make_card
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(1)
     U = rng.normal(size=(6, 9))
@@ -345,7 +351,7 @@ def test_cards_of_one_source_merge_and_another_source_or_another_set_is_refused(
     table; a card of other calibration data does not, nor a search whose strategy picked other layers."""
     import numpy as np
 
-    from tests.test_selection import make_card
+    from tests.select.test_selection import make_card
 
     rng = np.random.default_rng(2)
     U = rng.normal(size=(8, 9))

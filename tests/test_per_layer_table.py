@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.bench_scripts import load_benchmark
-from tests.test_selection import make_card
+from tests.select.test_selection import make_card
 
 
 
@@ -43,7 +43,7 @@ def _rho_with_ties(x, y):
 
 
 def test_predictors_are_the_card_terms(plt_mod):
-    from layercard import selection as sel
+    from layercard.select import selection as sel
 
     card = _card()
     p = plt_mod.layer_predictors(card)

@@ -1,0 +1,107 @@
+"""A layer-subset search from start to finish: setup, the trials on Ray Tune, the outputs; and its
+continuation after an interruption (``Tuner.restore``: finished trials are kept, unfinished ones run again)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from layercard.atomic import atomic_write_json, check_private, private_dir
+from layercard.config import apply_overrides, from_dict
+from layercard.errors import LayercardError
+from layercard.search.config import SearchConfig
+from layercard.search.publish import write_outputs
+from layercard.search.setup import Setup, recipe_step_budget, setup
+from layercard.search.trials import run_tune
+from layercard.select.selection import resolve_model
+
+SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
+RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials")
+
+
+def read_saved_search(out: Path) -> dict:
+    """OUT/search.json, checked: a truncated or edited file is a one-line error naming it."""
+    path = out / SEARCH_FILE
+    if not path.is_file():
+        raise LayercardError(f"'{out}' holds no search to resume ({SEARCH_FILE} is missing)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LayercardError(f"'{path}' is unreadable ({type(err).__name__}); start a new search") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+            or not isinstance(saved.get("trials"), (dict, list)) or "card_id" not in saved:
+        raise LayercardError(f"'{path}' is not a search record (config, card_id, trials); start a new search")
+    return saved
+
+
+def check_resumable(out: Path, saved: dict) -> None:
+    """Restoring a search unpickles Tune's state and resumes trials' checkpoints: refuse a local
+    storage directory that group or others can write to."""
+    storage = saved["config"].get("storage_path")
+    if storage and "://" in str(storage):
+        return
+    check_private(Path(storage).expanduser().resolve() if storage else out / "tune", "search storage")
+
+
+def save_search(s: Setup) -> None:
+    doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
+           "quality_model": resolve_model(s.card, s.cfg.model), "step_budget": recipe_step_budget(s.cfg.train_config),
+           "candidates": [c.to_dict() for c in s.candidates], "trials": s.trials}
+    atomic_write_json(s.out / SEARCH_FILE, doc, default=str)
+
+
+def run_search(cfg: SearchConfig, out: str | Path) -> dict:
+    """A fresh search in OUT (or, with ``resume=true`` and a search there, its continuation)."""
+    out = Path(out).expanduser().resolve()
+    if (out / SEARCH_FILE).exists():
+        if cfg.resume:
+            return resume_search(out)
+        raise LayercardError(f"'{out}' already holds a search; resume it with `layercard search --resume {out}` "
+                             "or choose another --out")
+    if cfg.mode == "explore":
+        from layercard.search.explore import run_explore
+
+        return run_explore(cfg, out)
+    s = setup(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "://" not in s.storage:
+        private_dir(s.storage)      # resuming unpickles what Tune keeps here: owner-writable only
+    save_search(s)
+    over = sum(c.over_budget for c in s.candidates)
+    print(f"layercard search: {len(s.candidates)} candidates ({over} over budget), {len(s.trials)} trials -> {out}",
+          flush=True)
+    return write_outputs(s, run_tune(s, restore=False))
+
+
+def resume_search(out: str | Path, overrides: list[str] = ()) -> dict:
+    """Continue the search in OUT with ``Tuner.restore``: finished trials are kept, the rest run."""
+    out = Path(out).expanduser().resolve()
+    saved = read_saved_search(out)
+    check_resumable(out, saved)
+    if saved["config"].get("mode") == "explore":
+        from layercard.search.explore import resume_explore
+
+        return resume_explore(out, overrides)
+    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
+    if bad:
+        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates are fixed), "
+                             f"got {bad[0]!r}")
+    data = {**saved["config"], "stop_after_trials": None, "resume": False}
+    cfg = from_dict(SearchConfig, apply_overrides(data, list(overrides)))
+    s = setup(cfg, out)
+    if s.card.card_id != saved["card_id"]:
+        raise LayercardError(f"card '{cfg.card}' changed since the search started (card id {s.card.card_id}, "
+                             f"was {saved['card_id']})")
+    if sorted(s.trials) != sorted(saved["trials"]):
+        raise LayercardError(f"the trials of '{out}' no longer match its config and card; start a new search")
+    exists = _exists(s.experiment)
+    return write_outputs(s, run_tune(s, restore=exists))
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` (a local path or a pyarrow filesystem URI) exists."""
+    if "://" not in path:
+        return Path(path).exists()
+    from pyarrow import fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound

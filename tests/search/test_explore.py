@@ -1,0 +1,446 @@
+"""``layercard search mode=explore``. Pure (no Ray): the pool (card pick, neighbours by the card's score,
+baselines, stratified random sets, deduplicated; the ablation without the card's sets), the ASHA rungs
+and the step plan, the rung gate. Then real Ray: a rung eval leaves training as it was (same losses),
+a real explore search on a tiny random Qwen3 (ASHA stops the worse trials at a rung, resume keeps the
+finished ones, explore.json), and one under ``ray job submit`` on a test head."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layercard.search import pool as ex
+from layercard.select.baselines import STRATEGIES, baseline_layers
+from layercard.card.layer_card import STAT_COLUMNS, LayerCard
+from layercard.config import load_config
+from layercard.errors import LayercardError
+from layercard.search.config import SearchConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SEARCH_YAML = ROOT / "configs" / "search-tiny.yaml"
+PROFILE = ["data.num_samples=32", "coupling.probe_samples=8", "cost.steps=1"]
+RANK = 4
+MODULES = [("self_attn.q_proj", "q_proj", 16, 16), ("mlp.down_proj", "down_proj", 32, 16)]
+
+
+def synthetic_card(L: int = 12, seed: int = 0) -> LayerCard:
+    """A complete card with coupling and analytic cost: K the Gram of random directions, b in their span."""
+    rng = np.random.default_rng(seed)
+    U = rng.normal(size=(L, 2 * L))
+    K = U @ U.T
+    b = U @ rng.normal(size=2 * L)
+    t = pd.DataFrame({"layer": range(L), "n_tokens": 100})
+    for c in STAT_COLUMNS:
+        t[c] = 1.0
+    t["res2"] = rng.uniform(1, 2, L)
+    t["res2_rank_r"] = 0.6 * t["res2"]
+    t["gain_adj"] = 0.5 * t["res2"]
+    t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]
+    t["kappa"] = 100.0
+    t["grad_norm"] = rng.uniform(1, 2, L)
+    t["block_influence"] = rng.uniform(0.1, 0.3, L)
+    t["b"], t["k_diag"] = b, np.diag(K)
+    per_layer = sum(RANK * (a + o) for _, _, a, o in MODULES)
+    t["adapter_params"] = per_layer
+    t["adapter_flops_per_token"] = 6.0 * per_layer
+    t["backprop_flops_per_token"] = [1e4 * (L - i) + 5e3 for i in range(L)]
+    t["forward_flops_per_token"] = 1e4
+    t["act_bytes_per_token"] = 1.0
+    meta = {"layers_pattern": "layers", "rank": RANK, "modules": [m[0] for m in MODULES],
+            "target_modules": [m[1] for m in MODULES], "weights_hash": "w" * 8, "model_id": "synthetic",
+            "cost_model": {"forward_flops_per_token": 1e4 * L + 5e3, "rank": RANK, "seq_len": 16}}
+    mods = pd.DataFrame([{"layer": l, "module": m, "target": tg, "d_in": a, "d_out": o, "n_tokens": 100,
+                          **{c: 1.0 for c in STAT_COLUMNS}} for l in range(L) for m, tg, a, o in MODULES])
+    d = np.sqrt(np.diag(K))
+    return LayerCard(t, mods, K / np.outer(d, d), K, meta)
+
+
+# --------------------------------------------------------------------------- the pool (pure)
+def test_neighbours_are_every_one_shift_and_one_swap():
+    ids = list(range(8))
+    S = (1, 4, 5)
+    shifts = ex.shift_neighbours(ids, S, shift_max=2)
+    brute = {tuple(sorted((set(S) - {l}) | {l + d})) for l in S for d in (-2, -1, 1, 2)
+             if 0 <= l + d < 8 and l + d not in S}
+    assert set(shifts) == brute and len(shifts) == len(brute)
+    swaps = ex.swap_neighbours(ids, S)
+    assert set(swaps) == {tuple(sorted((set(S) - {l}) | {m})) for l in S for m in ids if m not in S}
+    assert set(shifts) <= set(swaps) and all(len(set(s) ^ set(S)) == 2 for s in swaps)
+
+
+def test_stratified_sets_take_one_layer_per_depth_bin_seeded():
+    ids = list(range(10, 22))
+    sets = ex.stratified_sets(ids, 4, 20, seed=3)
+    bins = np.array_split(np.asarray(ids), 4)
+    assert len(sets) == 20 == len(set(sets))
+    assert all(all(s[i] in bins[i] for i in range(4)) for s in sets)
+    assert sets == ex.stratified_sets(ids, 4, 20, seed=3) and sets != ex.stratified_sets(ids, 4, 20, seed=4)
+    assert len(ex.stratified_sets(ids, 12, 5, seed=0)) == 1           # one set only when every bin holds one layer
+    assert ex.stratified_sets(ids, 4, 5, seed=3, avoid=set(sets[:3]))[:2] == sets[3:5]
+
+
+def test_pool_is_the_card_pick_its_best_neighbours_the_baselines_then_stratified():
+    from layercard.select.selection import arrays_from_card, select_max_quality, set_quality
+
+    card = synthetic_card()
+    A = arrays_from_card(card)
+    k, size = 3, 16
+    pool = ex.build_pool(card, k, size=size, strategies=STRATEGIES, random_seeds=[0, 1], n_shifts=2, n_swaps=3, seed=7)
+    sets = [tuple(c.layers) for c in pool]
+    assert len(pool) == size and len(set(sets)) == size                     # deduplicated, full
+    assert [c.id for c in pool] == [f"c{i:02d}" for i in range(size)]
+    pick = tuple(select_max_quality(A, k=k).layers)
+    assert sets[0] == pick and pool[0].objectives == ["max-quality"]
+    score = lambda s: set_quality(A, list(s))  # noqa: E731
+    shifts = [c for c in pool if any(l.startswith("shift") for l in c.labels)]
+    swaps = [c for c in pool if any(l.startswith("swap") for l in c.labels)]
+    assert len(shifts) == 2 and len(swaps) == 3
+    best_shifts = sorted((s for s in ex.shift_neighbours(card.layer_ids, pick) if s != pick), key=lambda s: -score(s))[:2]
+    assert [tuple(c.layers) for c in shifts] == best_shifts
+    rest = [s for s in ex.swap_neighbours(card.layer_ids, pick) if s not in best_shifts]
+    assert [tuple(c.layers) for c in swaps] == sorted(rest, key=lambda s: -score(s))[:3]
+    for name in ("top", "bottom", "mid", "uniform", "grad-norm", "block-influence"):
+        want = tuple(baseline_layers(card, name, k))
+        assert any(tuple(c.layers) == want and f"{name} k={k}" in c.labels for c in pool), name
+    for seed in (0, 1):
+        assert tuple(baseline_layers(card, "random", k, seed=seed)) in sets
+    assert not any(c.k != k for c in pool) and tuple(card.layer_ids) not in sets     # all layers: apart
+    strat = [c for c in pool if c.strategies == ["stratified"]]
+    assert strat and all(c.labels[0].startswith("stratified") for c in strat)
+    assert all(c.predicted_gain == pytest.approx(score(c.layers)) and c.cost > 0 for c in pool)
+
+
+def test_identical_proposals_become_one_candidate_with_every_label():
+    card = synthetic_card(L=6)
+    # k = 6 - 1: few sets exist, so baselines and neighbours coincide
+    pool = ex.build_pool(card, 5, size=50, strategies=STRATEGIES, random_seeds=[0, 1, 2])
+    sets = [tuple(c.layers) for c in pool]
+    assert len(sets) == len(set(sets)) <= 6                                 # C(6, 5) sets at most, each once
+    labels = [l for c in pool for l in c.labels]
+    assert len(labels) == len(set(labels)) > len(pool)                     # every proposal kept its label
+    assert {"max-quality k=5", "top k=5", "bottom k=5"} <= set(labels)
+
+
+def test_ablation_pool_holds_no_card_pick_or_neighbour_and_has_the_same_size():
+    from layercard.select.selection import arrays_from_card, select_max_quality
+
+    card = synthetic_card()
+    k = 3
+    pick = tuple(select_max_quality(arrays_from_card(card), k=k).layers)
+    full = ex.build_pool(card, k, size=14, strategies=STRATEGIES, random_seeds=[0])
+    near = {tuple(c.layers) for c in full if c.objectives}                  # the pick and its neighbours
+    assert pick in near and len(near) == 1 + 2 + 2
+    abl = ex.build_pool(card, k, size=14, strategies=STRATEGIES, random_seeds=[0], card_candidates=False)
+    assert len(abl) == len(full) == 14
+    assert not {tuple(c.layers) for c in abl} & near
+    assert not any(c.objectives for c in abl)                              # nothing the card proposed
+    baselines = {tuple(baseline_layers(card, s, k, seed=0)) for s in STRATEGIES if s != "all"}
+    assert baselines - near <= {tuple(c.layers) for c in abl}               # baselines stay (unless a neighbour)
+
+
+def test_pool_respects_the_budget():
+    from layercard.select.selection import card_cost
+
+    card = synthetic_card()
+    costs = sorted(card_cost(card, list(s)) for s in itertools.combinations(card.layer_ids, 3))
+    budget = costs[len(costs) // 2]
+    pool = ex.build_pool(card, 3, size=20, budget=budget, strategies=STRATEGIES)
+    assert pool and all(c.cost <= budget * (1 + 1e-12) and not c.over_budget for c in pool)
+
+
+def test_second_round_neighbours_are_the_best_new_ones_by_the_card_or_seeded_random():
+    from layercard.select.selection import arrays_from_card, set_quality
+
+    card = synthetic_card()
+    A = arrays_from_card(card)
+    survivors = [[0, 4, 8], [2, 6, 10]]
+    taken = {(0, 4, 8), (2, 6, 10), (1, 4, 8)}
+    every = {s for S in survivors for s in ex.swap_neighbours(card.layer_ids, S)} - taken
+    best = ex.neighbour_sets(card, survivors, 5, taken)
+    assert best == sorted(every, key=lambda s: -set_quality(A, list(s)))[:5]
+    drawn = ex.neighbour_sets(card, survivors, 5, taken, by_card=False, seed=1)
+    assert len(set(drawn)) == 5 and set(drawn) <= every and drawn == ex.neighbour_sets(
+        card, survivors, 5, taken, by_card=False, seed=1)
+
+
+# --------------------------------------------------------------------------- steps and judging (pure)
+def test_milestones_match_ray_ashas_rungs():
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    for grace, eta, max_t in [(10, 3, 60), (2, 2, 6), (1, 3, 6), (5, 2, 40), (3, 4, 100)]:
+        rungs = sorted(m for m, _ in _Bracket(grace, max_t, eta, 0)._rungs)
+        assert ex.asha_milestones(grace, eta, max_t) == [int(m) for m in rungs if m < max_t]
+
+
+def test_expected_steps_and_pool_plan():
+    m = ex.asha_milestones(10, 3, 60)                                        # [10, 30]
+    assert ex.expected_asha_steps(9, m, 60, 3) == 5 * 10 + 2 * 30 + 2 * 60    # 9 → 4+1 → 1+1 reach the rungs
+    assert ex.expected_asha_steps(1, m, 60, 3) == 60
+    n = ex.plan_pool_size(1000, m, 60, 3)
+    assert ex.expected_asha_steps(n, m, 60, 3) <= 1000 < ex.expected_asha_steps(n + 1, m, 60, 3)
+    assert ex.plan_pool_size(1000, m, 60, 3, cap=5) == 5
+    # the fixed table: card + 7 baselines at k + all layers, 3 seeds, 60 steps
+    assert ex.fixed_steps(5, 30, STRATEGIES, [0], 3, 60) == 9 * 3 * 60
+
+
+def test_rung_spearman_and_gain_fractions():
+    assert ex.quality_at_rungs({"2": 1.0, "4": 0.8, "6": 0.7}, [2, 3]) == [1.0, 0.8]
+    rho = ex.rung_spearman([[1.0, 0.9], [2.0, 0.5], [3.0, 0.7]], [0.1, 0.2, 0.3])
+    assert rho[0] == pytest.approx(1.0) and rho[1] == pytest.approx(-0.5)
+    assert ex.gain_fractions(1.0, {0: 0.6, 1: 0.7, 2: 0.5}, {0: 0.5, 1: 0.5}) == pytest.approx([0.8, 0.6])
+
+
+def test_explore_config_is_checked():
+    base = [f"card=x", "mode=explore"]
+    for override, key in [("explore.reduction_factor=1", "explore.reduction_factor"),
+                          ("explore.grace_period=6", "explore.grace_period"),
+                          ("explore.pool_size=1", "explore.pool_size"),
+                          ("asha.enabled=true", "asha.enabled")]:
+        with pytest.raises(LayercardError, match=key.replace(".", r"\.")):
+            load_config(SearchConfig, SEARCH_YAML, [*base, override])
+    cfg = load_config(SearchConfig, SEARCH_YAML, base)
+    assert not cfg.use_asha and cfg.grace_period == 1
+
+
+def test_explore_with_a_k_the_card_cannot_hold_exits_2_before_ray(card_dir, tmp_path, capsys):
+    from pipelines.search import main
+
+    rc = main(["--config", str(SEARCH_YAML), "--out", str(tmp_path / "o"), f"card={card_dir}", *EXPLORE, "ks=[4]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "config key 'ks' has [4]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_best_fixed_from_the_committed_paper_table():
+    from layercard.search.explore import best_fixed_from_table
+
+    path = ROOT / "benchmarks" / "results" / "paper_table.json"
+    rows = [r for r in json.loads(path.read_text()) if r["task"] == "sentiment" and r["k"] == 5
+            and r["strategy"] != "all"]
+    name, gf = best_fixed_from_table(path, "sentiment", 5)
+    means = {s: np.mean([r["gain_fraction"] for r in rows if r["strategy"] == s]) for s in {r["strategy"] for r in rows}}
+    assert gf == pytest.approx(max(means.values())) and means[name] == pytest.approx(gf)
+    assert best_fixed_from_table(path, "sentiment", 99) == (None, None)
+
+
+# --------------------------------------------------------------------------- real Ray
+@pytest.fixture(scope="module")
+def card_dir(tmp_path_factory):
+    from layercard.profile.config import ProfileConfig
+    from layercard.profile.run import run_profile
+
+    card = run_profile(load_config(ProfileConfig, ROOT / "configs" / "tiny.yaml", PROFILE), progress=False)
+    return card.save(tmp_path_factory.mktemp("card") / "card")
+
+
+# 4 layers, k = 2: a pool of 4 sets under ASHA (rungs at steps 2 and 4 of 6), one trial at a time so
+# the order the rungs fill in is the pool's; then the all-layer reference on 2 seeds and the pick on seed 1.
+EXPLORE = ["mode=explore", "budget=null", "ks=[2]", "seeds=[0,1]", "explore.pool_size=4", "explore.grace_period=2",
+           "explore.reduction_factor=2", "max_concurrent_trials=1", "train.warmup_steps=0"]
+
+
+def explore_cfg(card_dir, *overrides: str) -> SearchConfig:
+    return load_config(SearchConfig, SEARCH_YAML, [f"card={card_dir}", *EXPLORE, *overrides])
+
+
+def _tiny_trainer(loop: dict, plan, rung_rows=None):
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from layercard.train.worker import train_func
+
+    def ds(rows):
+        return ray.data.from_items(rows, override_num_blocks=2)
+
+    return TorchTrainer(train_func, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
+                        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.49}),
+                        run_config=RunConfig(storage_path=loop["fault_marker"].rsplit("/", 2)[0],
+                                             name=f"run-{uuid.uuid4().hex[:6]}"),
+                        datasets={"train": ds(plan.train), "eval": ds(plan.eval),
+                                  **({"rung_eval": ds(rung_rows)} if rung_rows else {})})
+
+
+@pytest.mark.slow
+def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
+    """The same run with and without a rung eval every 2 steps: the same losses, bit for bit (the rung
+    eval must not draw from the RNG training uses: LoRA dropout is on here)."""
+    from layercard.config import from_dict
+    from layercard.train.config import TrainConfig
+    from layercard.train.worker import prepare, worker_config
+
+    t = explore_cfg(card_dir=None).train
+    cfg = from_dict(TrainConfig, {**t, "strategy": "all", "lora_dropout": 0.1, "steps": 6})
+    plan = prepare(cfg)
+    loop = worker_config(cfg, plan, tmp_path).to_dict()
+    plain = _tiny_trainer(loop, plan).fit()
+    rung = _tiny_trainer({**loop, "rung_eval_every": 2}, plan, plan.eval[:4]).fit()
+    assert plain.error is None and rung.error is None
+    a, b = plain.metrics, rung.metrics
+    assert "rung_quality" not in a and b["rung_quality"] is not None
+    assert b["train_loss_history"] == a["train_loss_history"] and b["eval_loss"] == a["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def explored(ray_local, card_dir, tmp_path_factory):
+    """One explore search, interrupted after its first finished trial and resumed: (out, summary, the
+    events before resuming)."""
+    from layercard.search.events import read_events
+    from layercard.search.results import SearchInterrupted
+    from layercard.search.run import resume_search, run_search
+
+    out = tmp_path_factory.mktemp("explore") / "x"
+    with pytest.raises(SearchInterrupted, match="--resume"):
+        run_search(explore_cfg(card_dir, "stop_after_trials=1"), out)
+    before = read_events(out)
+    return out, resume_search(out), before
+
+
+def _replay_asha(rung_rows: list[dict], milestones: list[int], eta: float) -> dict[str, int | None]:
+    """Ray's ASHA rule (one bracket, mode min) replayed on the rung qualities in the order the driver
+    saw them: trial key → the milestone it is stopped at (None: it goes on)."""
+    recorded: dict[int, list[float]] = {m: [] for m in milestones}
+    stopped: dict[str, int | None] = {}
+    for row in rung_rows:
+        key = row["key"]
+        stopped.setdefault(key, None)
+        if stopped[key] is not None:
+            continue
+        for m in reversed(milestones):            # the highest milestone this report has reached first
+            if row["step"] < m or key in [k for k, _ in recorded[m]]:
+                continue
+            rewards = [-q for _, q in recorded[m]]
+            if rewards and -row["rung_quality"] < np.nanpercentile(rewards, (1 - 1 / eta) * 100):
+                stopped[key] = m
+            recorded[m].append((key, row["rung_quality"]))
+            break
+    return stopped
+
+
+@pytest.mark.slow
+def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
+    from layercard.search.explore import read_rungs
+
+    out, _, before = explored
+    cfg = explore_cfg(card_dir)
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+    pool = [k for k in trials.index if k.startswith("k2") and k.endswith("-s0")]
+    assert len(pool) == 4
+    rows = [r for r in read_rungs(out) if r["key"] in pool]
+    # The restored experiment starts ASHA afresh (Tune does not carry a scheduler's rung records across
+    # a restore): a trial finished before the interruption was judged on the rungs seen until then,
+    # every other trial on the rungs seen after the resume.
+    resumed_at = max(e["time"] for e in before)
+    finished = {e["key"] for e in before if e["event"] == "complete"}
+    pre = _replay_asha([r for r in rows if r["time"] <= resumed_at], [2, 4], cfg.explore.reduction_factor)
+    post = _replay_asha([r for r in rows if r["time"] > resumed_at], [2, 4], cfg.explore.reduction_factor)
+    stops = {k: (pre if k in finished else post).get(k) for k in pool}
+    seen_by = {k: [r for r in rows if (r["time"] <= resumed_at) == (k in finished)] for k in pool}
+    for key in pool:
+        t = trials.loc[key]
+        if stops[key] is None:
+            assert t["status"] == "trained" and t["steps_done"] == cfg.train_config.steps, key
+        else:
+            assert t["status"] == "stopped_early" and t["steps_done"] == stops[key], key
+    stopped = [k for k in pool if stops[k] is not None]
+    assert 1 <= len(stopped) < len(pool)
+    for k in stopped:           # a stopped trial was worse than the best trial its scheduler recorded at its rung
+        at = {j: {r["step"]: r["rung_quality"] for r in seen_by[k] if r["key"] == j} for j in pool}
+        m = stops[k]
+        assert at[k][m] > min(at[j][m] for j in pool if j != k and m in at[j])
+    res = pd.read_parquet(out / "results.parquet").set_index("candidate")
+    for k in pool:
+        c = k.split("-")[0]
+        assert res.loc[c, "rung_reached"] == (3 if stops[k] is None else [2, 4].index(stops[k]) + 1)
+
+
+@pytest.mark.slow
+def test_explore_resumes_keeping_finished_trials(explored):
+    from layercard.search.events import read_events
+
+    out, summary, before = explored
+    done = [e for e in before if e["event"] == "complete"]
+    assert len(done) == 1
+    first = done[0]["key"]
+    after = read_events(out)
+    assert sum(e["event"] == "start" and e["key"] == first for e in after) == 1      # not run again
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials.loc[trials["trial"] == first, "attempts"].item() == 1
+    assert summary["failed"] == 0 and len(trials) == 4 + 3
+
+
+@pytest.mark.slow
+def test_explore_writes_its_rows_and_the_usual_outputs(explored, card_dir):
+    out, summary, _ = explored
+    (row,) = json.loads((out / "explore.json").read_text())
+    keys = {"task", "k", "picked_layers", "gain_fraction_mean", "gain_fraction_sd", "best_fixed_strategy",
+            "best_fixed_gain_fraction", "steps", "fixed_steps", "rung_spearman"}
+    assert keys <= set(row) and row["task"] == "tiny" and row["k"] == 2 and len(row["picked_layers"]) == 2
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+    res = pd.read_parquet(out / "results.parquet").set_index("candidate")
+    ended = [t for t in trials.index if t.startswith("k2") and t.endswith("-s0") and trials.loc[t, "status"] == "trained"]
+    best = min(ended, key=lambda t: trials.loc[t, "quality"])
+    assert res.loc[best.split("-")[0], "layers"].tolist() == row["picked_layers"]
+    pick = best.split("-")[0]
+    assert set(trials.loc[[f"{pick}-s0", f"{pick}-s1", "all-s0", "all-s1"], "status"]) == {"trained"}
+    base = trials["initial_quality"].median()
+    gf = [(base - trials.loc[f"{pick}-s{s}", "quality"]) / (base - trials.loc[f"all-s{s}", "quality"]) for s in (0, 1)]
+    assert row["gain_fraction_mean"] == pytest.approx(np.mean(gf))
+    assert row["steps"] == trials["steps_done"].sum()                       # every step the search trained
+    assert row["fixed_steps"] == ex.fixed_steps(2, 4, STRATEGIES, [0], 2, 6)
+    assert [g["step"] for g in row["rung_spearman"]] == [2, 4]
+    assert row["rung_spearman"][1]["n_sets"] == len(ended)
+    assert "rung_reached" in res.columns and res.loc["all", "rung_reached"] == 3
+    text = (out / "summary.md").read_text()
+    assert "## Explore" in text and ("Rung gate passed" in text or "Warning: rung gate" in text)
+    assert LayerCard.load(out / "card").meta["parent_card_id"] == LayerCard.load(card_dir).card_id
+    assert (out / "frontier.png").is_file() and summary["explore"][0] == row
+
+
+@pytest.mark.slow
+def test_explore_under_ray_job_submit(card_dir, tmp_path):
+    """``layercard search mode=explore`` as a job on a real head (token auth on): it finishes and writes explore.json."""
+    from ray_head import start_head, stop_head, submit_job
+
+    head = start_head(tmp_path / "head")
+    out = tmp_path / "job"
+    try:
+        proc = submit_job(head, ["--submission-id", f"explore-{uuid.uuid4().hex[:8]}", "--working-dir", str(ROOT),
+                                 "--", sys.executable, "-m", "pipelines.search", "--config", str(SEARCH_YAML),
+                                 "--out", str(out), f"card={card_dir}", *EXPLORE, "seeds=[0]", "explore.pool_size=2",
+                                 "train.steps=4", "max_concurrent_trials=2"])
+    finally:
+        stop_head(head.temp_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (row,) = json.loads((out / "explore.json").read_text())
+    assert row["k"] == 2 and row["gain_fraction_mean"] is not None and row["steps"] <= 3 * 4
+    assert len(pd.read_parquet(out / "trials.parquet")) == 3
+
+
+@pytest.mark.slow
+def test_explore_table_smoke(ray_local, tmp_path):
+    """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model, merged
+    into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains)."""
+    from bench_scripts import load_benchmark
+
+    bench = load_benchmark("explore_table")
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--seeds", "0",
+            "--steps", "4"]
+    assert bench.main(args) == 0
+    (row,) = json.loads((tmp_path / "results" / "explore_tiny.json").read_text())
+    assert {"picked_layers", "gain_fraction_mean", "steps", "fixed_steps", "rung_spearman", "ablation_gain_fraction",
+            "ablation_steps", "best_fixed_strategy"} <= set(row)
+    assert row["task"] == "tiny" and row["ablation_steps"] > 0 and row["card_helps"] in (True, False)
+    ablation = json.loads((tmp_path / "work" / "tiny" / "explore-k2-ablation" / "search.json").read_text())
+    assert not any(c["objectives"] for c in ablation["candidates"])           # no card pick, no neighbour
+    stamp = (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns
+    assert bench.main([*args, "--resume"]) == 0
+    assert (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "results" / "explore_tiny.json").read_text()) == [row]
