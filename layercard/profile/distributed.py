@@ -33,6 +33,7 @@ import numpy as np
 
 from layercard.errors import LayercardError
 from layercard.profile.config import ProfileConfig
+from layercard.profile.plan import EIG_CACHE_BYTES
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,7 +301,6 @@ def _on_cpu(stats):
 
 
 # ----------------------------------------------------------------------------- driver
-EIG_CACHE_BYTES = 2 * 2**30
 MAX_ROUNDS = 4          # rounds with a lost actor before the profile gives up
 RESTART_TIMEOUT_S = 600.0
 

@@ -5,12 +5,14 @@ device): weights (the whole frozen model) + statistics of its slice (float64 A p
 C per module) + the float32 partial sums the hooks accumulate between flushes (the same entries,
 half the bytes) + one float64 copy of the largest partial while it is flushed + the inputs X its
 hooks keep until the backward (float32, tokens × d_in per group) + an activation allowance for one
-forward/backward of a micro-batch. Pass 2's actor memory (float32 weights, the slice's Δ*, forward-
-mode activations) is not sized here.
+forward/backward of a micro-batch. A slice owner also solves on its device: the eigendecompositions
+it keeps for pass 2, one eigh at work and its layers' Δ* (and sign steps) beside the statistics
+(:func:`owner_solve_bytes`); an actor must fit the larger of the two. Pass 2's forward-mode
+activations are not sized here.
 
-The driver (``pipelines/ray_profile.py``) holds every layer's float64 statistics as running sums,
-solves every input group's eigendecomposition and every module's Δ* on its CPU, and puts the Δ* in
-the object store of its node: :func:`driver_memory` follows it phase by phase.
+The driver (:mod:`layercard.profile.distributed`) holds the calibration token ids, the card rows,
+K and one micro-batch of pass-2 directions at a time — nothing that grows with a layer's width:
+:func:`driver_memory` follows it phase by phase.
 """
 from __future__ import annotations
 
@@ -108,10 +110,26 @@ class Plan:
         return "\n".join(rows)
 
 
+def owner_solve_bytes(layout: ModelLayout, layers: list[int], *, coupling: bool, adam: bool, elt: int) -> int:
+    """A slice owner's solve beyond its statistics, on its device: the eigendecompositions kept for
+    pass 2 (when they fit in :data:`EIG_CACHE_BYTES`), one input group's eigh at work (symmetrised
+    copy, LAPACK's copy, eigenvectors) and, with coupling, its layers' Δ* (and sign steps) in the
+    weights' dtype."""
+    d_groups = list(_groups(layout, layers).values())
+    eig_all = sum(STAT_BYTES * (d * d + d) for d in d_groups)
+    cache = eig_all if coupling and eig_all <= EIG_CACHE_BYTES else 0
+    transient = 3 * STAT_BYTES * max(d * d for d in d_groups)
+    deltas = sum(m.d_in * m.d_out for l in layers for m in layout.modules_of(l)) * elt * (2 if adam else 1)
+    return cache + transient + (deltas if coupling else 0)
+
+
 def plan_layout(layout: ModelLayout, *, weights_bytes: int, hidden: int, vocab: int, tokens: int, elt: int,
-                gpus: int, gpu_mem_gb: float, headroom: float = 0.9, heads: int = 0, seq_len: int = 0) -> Plan:
+                gpus: int, gpu_mem_gb: float, headroom: float = 0.9, heads: int = 0, seq_len: int = 0,
+                coupling: bool = True, adam: bool = True) -> Plan:
     """The fewest layer slices whose biggest actor fits ``headroom`` of one GPU, with actors = gpus.
 
+    An actor's bytes are the larger of pass 1 (weights, activations, statistics, partial sums, one
+    flush, the hooks' inputs) and its owner's solve (weights, statistics, :func:`owner_solve_bytes`).
     ``layer_slices`` must divide ``gpus`` (each slice gets gpus/slices data replicas). If no divisor
     fits, ``gpus_needed`` is the number of GPUs the smallest fitting slicing needs.
     """
@@ -120,8 +138,9 @@ def plan_layout(layout: ModelLayout, *, weights_bytes: int, hidden: int, vocab: 
     act = activation_bytes(hidden, layout.num_layers, vocab, tokens, elt, heads, seq_len)
 
     def per_actor(slices):
-        return [weights_bytes + act + slice_stat_bytes(layout, s) + partial_sum_bytes(layout, s) + flush_bytes(layout, s)
-                + slice_x_bytes(layout, s, tokens) for s in slices]
+        return [weights_bytes + slice_stat_bytes(layout, s)
+                + max(act + partial_sum_bytes(layout, s) + flush_bytes(layout, s) + slice_x_bytes(layout, s, tokens),
+                      owner_solve_bytes(layout, s, coupling=coupling, adam=adam, elt=elt)) for s in slices]
 
     def stats(slices):
         return [slice_stat_bytes(layout, s) for s in slices]
@@ -144,23 +163,24 @@ def plan_layout(layout: ModelLayout, *, weights_bytes: int, hidden: int, vocab: 
 
 # ----------------------------------------------------------------------------- the driver
 EIG_CACHE_BYTES = 2 * 2 ** 30
-"""pipelines/ray_profile.py keeps the eigendecompositions for pass 2 when they fit in this (the same value)."""
-DELTA_BYTES = 4   # the driver's Δ* are float32 CPU tangents (float64 for a float64 model)
+"""A slice owner keeps its eigendecompositions for pass 2 when they fit in this
+(:data:`layercard.profile.distributed.EIG_CACHE_BYTES`, the same value)."""
 EIGH_FLOPS = 9    # symmetric QR with eigenvectors: ~9·d³ (Golub & Van Loan, Matrix Computations, §8.3)
 SVD_FLOPS = (14, 8)   # thin SVD of m × n (m ≥ n), U and V: ~14·m·n² + 8·n³ (Golub–Reinsch, ibid. §5.4)
+RECORD_OVERHEAD = 400   # a token record on the driver: a dict and two int32 arrays, less their data
+ROW_COLUMNS = (64, 32)  # float columns of a layer row / a module row, with room to grow
 
 
 @dataclass
 class DriverPlan:
-    """The driver's memory under the current design, phase by phase (bytes), and its solve time."""
-    stats_bytes: int            # every layer's float64 running sums, held from pass 1 to the end
-    slice_result_bytes: int     # one slice's result while it is added: serialised bytes + its tensors
-    eig_cache_bytes: int        # eigendecompositions kept for pass 2 (0 above EIG_CACHE_BYTES)
-    solve_transient_bytes: int  # one input group's eigh (symmetrised copy, LAPACK's copy, eigenvectors)
-    delta_bytes: int            # every layer's Δ* (and, with coupling.adam, the sign steps) on the CPU
-    object_store_bytes: int     # the Δ* put in the object store of the driver's node for pass 2
+    """The driver's memory under :mod:`layercard.profile.distributed`, phase by phase (bytes), and the
+    slowest slice owner's solve."""
+    token_bytes: int            # every calibration record's token ids and labels (int32)
+    rows_bytes: int             # the card's layer and module rows
+    k_bytes: int                # K over the direction keys, and one probe shard's K while it is folded
+    chunk_bytes: int            # one micro-batch of pass-2 directions from every slice, as received and copied
     phases: dict[str, int]      # peak per phase
-    solve_flops: float
+    solve_flops: float          # the largest slice's solve (its owner's eigh, card-row SVDs and Δ*)
     eigh_solves: int            # each input group's eigh is solved this many times (2: cache too big)
 
     @property
@@ -172,40 +192,50 @@ class DriverPlan:
         return max(self.phases, key=self.phases.get)
 
 
+def probe_rows_per_batch(*, loss: str, batch_size: int, seq_len: int) -> int:
+    """Rows of one micro-batch's directions: one per example (label loss) or per supervised token."""
+    return batch_size if loss == "label" else batch_size * seq_len
+
+
+def probe_width(*, loss: str, answers: int, vocab: int, sketch_dim: int, sketch_above_vocab: int) -> int:
+    """Columns of a direction row: the answers (label loss), the sketch, or the vocabulary."""
+    if loss == "label":
+        return answers
+    return sketch_dim if vocab > sketch_above_vocab else vocab
+
+
 def driver_memory(layout: ModelLayout, slices: list[list[int]], *, coupling: bool, adam: bool,
-                  delta_bytes: int = DELTA_BYTES) -> DriverPlan:
-    """What ``profile_on_ray`` holds on the driver's node, phase by phase:
+                  records: int, seq_len: int, rows_per_batch: int, width: int) -> DriverPlan:
+    """What ``profile_on_ray`` holds on the driver, phase by phase:
 
-    - pass 1: the running sums + one slice's result (``stats += _stats_from_bytes(row["stats"])``:
-      the row's bytes and the tensors read back from them);
-    - card: the sums + the cached eigendecompositions + one group's eigh at work;
-    - Δ* (coupling): the sums + the cache + every Δ* built so far + one eigh at work;
-    - pass 2 (coupling): the sums + the Δ* + their copy in the object store (``ray.put`` per slice).
+    - data: every record's token ids and labels (int32) and their records;
+    - rows: + the card's layer and module rows (the owners' solves);
+    - pass 2 (coupling): + K and a probe shard's K + one micro-batch of directions from every slice
+      (float64, ``rows_per_batch`` × ``width`` per direction key), received and copied once.
 
-    The process's own footprint (interpreter, torch, Ray, the token ids) comes on top: SmolLM2's
-    demo driver plans 4.6 GiB and was seen at ~6.5 GB RSS.
+    The process's own footprint (interpreter, torch, Ray, the model on ``meta``) comes on top.
     """
     layers = [l for s in slices for l in s]
-    stats = slice_stat_bytes(layout, layers)
-    result = 2 * max(slice_stat_bytes(layout, s) for s in slices)
-    d_groups = list(_groups(layout, layers).values())
-    eig_all = sum(STAT_BYTES * (d * d + d) for d in d_groups)
-    cached = coupling and eig_all <= EIG_CACHE_BYTES
-    cache = eig_all if cached else 0
-    transient = 3 * STAT_BYTES * max(d * d for d in d_groups)
-    newton = sum(m.d_in * m.d_out for m in layout.modules if m.layer in set(layers)) * delta_bytes
-    deltas = newton * (2 if adam else 1)
-    phases = {"pass 1": stats + result, "card": stats + cache + transient}
+    n_modules = sum(len(layout.modules_of(l)) for l in layers)
+    tokens = records * (2 * 4 * seq_len + RECORD_OVERHEAD)
+    rows = STAT_BYTES * (len(layers) * ROW_COLUMNS[0] + n_modules * ROW_COLUMNS[1])
+    keys = len(layers) * (2 if coupling and adam else 1)
+    k = 2 * STAT_BYTES * keys * keys if coupling else 0
+    chunk = 2 * STAT_BYTES * rows_per_batch * width * keys if coupling else 0
+    phases = {"data": tokens, "rows": tokens + rows}
     if coupling:
-        phases["Δ*"] = stats + cache + deltas + transient
-        phases["pass 2"] = stats + 2 * deltas
-    solves = 2 if coupling and not cached else 1
-    flops = solves * sum(EIGH_FLOPS * float(d) ** 3 for d in d_groups)
-    for m in layout.modules:
-        if m.layer not in set(layers):
-            continue
-        big, small = max(m.d_in, m.d_out), min(m.d_in, m.d_out)
-        svd = SVD_FLOPS[0] * big * small ** 2 + SVD_FLOPS[1] * float(small) ** 3
-        whiten = 4.0 * m.d_in ** 2 * m.d_out                 # V (w ⊙ Vᵀ C): two d_in × d_in by d_in × d_out GEMMs
-        flops += svd + whiten + ((svd + 2 * whiten) if coupling else 0)   # card row; Δ*: SVD, whiten, un-whiten
-    return DriverPlan(stats, result, cache, transient, deltas, deltas if coupling else 0, phases, flops, solves)
+        phases["pass 2"] = tokens + rows + k + chunk
+    flops, solves = 0.0, 1
+    for s in slices:
+        d_groups = list(_groups(layout, s).values())
+        cached = coupling and sum(STAT_BYTES * (d * d + d) for d in d_groups) <= EIG_CACHE_BYTES
+        n_solves = 2 if coupling and not cached else 1
+        f = n_solves * sum(EIGH_FLOPS * float(d) ** 3 for d in d_groups)
+        for m in (m for l in s for m in layout.modules_of(l)):
+            big, small = max(m.d_in, m.d_out), min(m.d_in, m.d_out)
+            svd = SVD_FLOPS[0] * big * small ** 2 + SVD_FLOPS[1] * float(small) ** 3
+            whiten = 4.0 * m.d_in ** 2 * m.d_out                 # V (w ⊙ Vᵀ C): two d_in × d_in by d_in × d_out GEMMs
+            f += svd + whiten + ((svd + 2 * whiten) if coupling else 0)   # card row; Δ*: SVD, whiten, un-whiten
+        if f > flops:
+            flops, solves = f, n_solves
+    return DriverPlan(tokens, rows, k, chunk, phases, flops, solves)
