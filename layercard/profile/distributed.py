@@ -4,7 +4,9 @@ Layout. ``ray.num_actors`` = ``layer_slices`` × R. Layers are cut into ``layer_
 slices; slice s has R replicas, replica 0 is its *owner*. Every actor loads the frozen model once
 and serves the whole profile: pass 1, the reduce, the solve, pass 2 and the cost measurement.
 
-Pass 1. Records are dealt into ``num_shards`` shards by a content hash (independent of read order);
+Pass 1. The driver reads and tokenizes the records as the single-process profile does (the same
+records, the same tokens) and deals them into ``num_shards`` shards by a content hash (independent of
+read order);
 shard i goes to replica ``i mod R`` of every slice, so no shuffle is needed. Each actor sums its
 shards' float64 statistics for its slice in place and keeps the set of shards it holds; a shard it
 already holds is refused, so a retried call adds nothing twice.
@@ -37,75 +39,9 @@ from layercard.profile.plan import EIG_CACHE_BYTES
 
 
 # ----------------------------------------------------------------------------- data
-def read_dataset(cfg: ProfileConfig):
-    """Ray Data dataset of raw records (Parquet, JSONL, CSV, text, or a saved `datasets` dir): the
-    same records, in the same order, as the local reader picks (:func:`layercard.data.examples.select_records`).
-
-    The read is materialized before anything looks at it. A streaming ``limit`` or a schema probe
-    on a running read ends its execution with read tasks still in flight, which Ray Data then
-    force-cancels; on Ray 2.60 that cancel can race the task's reply and abort the driver's core
-    worker (``task_manager.cc: Tried to complete task that was not pending``). The local reader
-    reads the whole file too, so this costs no more memory than ``layercard profile``.
-    """
-    import ray.data
-
-    from layercard.data.examples import check_columns, resolve_format, select_records
-
-    path, fmt = resolve_format(cfg.data)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    try:
-        if fmt == "parquet":
-            ds = ray.data.read_parquet(str(path))
-        elif fmt == "jsonl":
-            ds = ray.data.read_json(str(path), lines=True) if path.suffix == ".jsonl" else ray.data.read_json(str(path))
-        elif fmt == "csv":
-            ds = ray.data.read_csv(str(path))
-        elif fmt == "text":
-            ds = ray.data.read_text(str(path)).filter(lambda r: bool(r["text"].strip()))
-            if cfg.data.text_column != "text":
-                ds = ds.rename_columns({"text": cfg.data.text_column})
-        else:
-            from datasets import load_from_disk
-
-            ds = ray.data.from_huggingface(load_from_disk(str(path)))
-        ds = ds.materialize()
-        columns = ds.columns()
-    except Exception as err:  # Ray wraps reader errors in many types
-        raise LayercardError(f"cannot read data '{path}' as {fmt}: {str(err).splitlines()[0]}") from None
-    check_columns(columns or [], cfg.data, path)
-    if cfg.data.shuffle:   # the local reader's permutation: the same records whichever path profiles
-        return ray.data.from_items(select_records(ds.take_all(), cfg.data, path))
-    if cfg.data.num_samples is not None:
-        ds = ds.limit(cfg.data.num_samples)   # on materialized blocks: no task left running to cancel
-    return ds
-
-
-_TOKENIZERS: dict = {}
-
-
-def tokenize_batch(batch, model_cfg, data_cfg, num_shards: int):
-    """Raw records (a Ray Data batch) → input_ids / labels (+ content-hash shard id)."""
-    from layercard.data.examples import tokenize_record
-    from layercard.models import load_tokenizer
-
-    key = repr(model_cfg)
-    if key not in _TOKENIZERS:   # one tokenizer per worker process, not per batch
-        _TOKENIZERS[key] = load_tokenizer(model_cfg)
-    tok = _TOKENIZERS[key]
-    keys = list(batch)
-    n = len(batch[keys[0]])
-    ids, labels, shards = [], [], []
-    for i in range(n):
-        ex = tokenize_record({k: batch[k][i] for k in keys}, tok, data_cfg)
-        if len(ex["input_ids"]) < 2:
-            continue
-        ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
-        labels.append(np.asarray(ex["labels"], dtype=np.int64))
-        shards.append(zlib.crc32(ids[-1].tobytes()) % num_shards)
-    out = np.empty(len(ids), dtype=object)
-    lab = np.empty(len(ids), dtype=object)
-    out[:], lab[:] = ids, labels
-    return {"input_ids": out, "labels": lab, "shard": np.asarray(shards, dtype=np.int64)}
+def shard_of(input_ids, num_shards: int) -> int:
+    """A record's shard: a content hash of its token ids (independent of read order)."""
+    return zlib.crc32(np.asarray(input_ids, dtype=np.int64).tobytes()) % num_shards
 
 
 # ----------------------------------------------------------------------------- actors
@@ -331,7 +267,7 @@ def slice_layers(layers: list[int], slices: int) -> list[list[int]]:
 
 
 class _Received:
-    """What reaches the driver from actors and the data reader, in bytes (pickled size)."""
+    """What reaches the driver from the actors, in bytes (pickled size)."""
 
     def __init__(self):
         self.bytes = 0
@@ -501,12 +437,11 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     """Pass 1, pass 2 (when coupling is enabled) and the cost measurement on one pool of Ray actors;
     returns (card, driver's description of the model, None). The card's ``stats`` stay on the slice
     owners (:class:`RemoteStats`) until the card is saved."""
-    import pickle
     import resource
 
     from layercard.profile.coupling import coupling_from_embeddings
     from layercard.profile.coupling_pass import adam_meta, attach_coupling, direction_keys
-    from layercard.data.examples import batches_of, examples_hash
+    from layercard.data.examples import batches_of, examples_hash, load_examples
     from layercard.discovery import discover
     from layercard.train.losses import loss_count
     from layercard.models import describe_model
@@ -523,26 +458,19 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
     replicas = cfg.ray.num_actors // cfg.ray.layer_slices
     num_shards = cfg.ray.num_shards or 2 * replicas
 
-    raw = read_dataset(cfg)
-    records, shard_of = [], []
-    data_bytes = 0
-    for batch in raw.iter_batches(batch_format="numpy", batch_size=256):
-        tok = tokenize_batch(batch, cfg.model, cfg.data, num_shards)
-        data_bytes += len(pickle.dumps(batch, protocol=5))
-        records += [{"input_ids": ids.astype(np.int32), "labels": lab.astype(np.int32)}   # compact: 4 bytes a token
-                    for ids, lab in zip(tok["input_ids"], tok["labels"])]
-        shard_of += tok["shard"].tolist()
-    if not records:
-        raise LayercardError(f"data '{cfg.data.path}' is empty")
-    label_ids = profile_label_ids(cfg, lm.tokenizer, records)   # fails here, before any actor starts
-    data_hash = examples_hash(records)
-    shards = {i: [] for i in range(num_shards)}
-    for rec, i in zip(records, shard_of):
-        shards[i].append(rec)
-    shards = {i: recs for i, recs in shards.items() if recs}
+    # The records and tokens of the single-process profile (the same reader and tokenizer), dealt by
+    # content hash: shard i goes to replica i mod R of every slice, whatever order they were read in.
+    examples = load_examples(cfg.data, lm.tokenizer)
+    label_ids = profile_label_ids(cfg, lm.tokenizer, examples)   # fails here, before any actor starts
+    data_hash, n_records = examples_hash(examples), len(examples)
+    records = [{"input_ids": np.asarray(e["input_ids"], dtype=np.int32),   # compact: 4 bytes a token
+                "labels": np.asarray(e["labels"], dtype=np.int32)} for e in examples]
+    del examples
+    shards: dict[int, list[dict]] = {}
+    for rec in records:
+        shards.setdefault(shard_of(rec["input_ids"], num_shards), []).append(rec)
     head = records[:max(cfg.coupling.probe_samples, cfg.data.batch_size)]
-    n_records = len(records)
-    del records, shard_of
+    del records
 
     fault = None
     if cfg.ray.fail_once_at_shard is not None:
@@ -551,48 +479,52 @@ def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
         marker_dir = cfg.ray.fault_marker_dir or tempfile.mkdtemp(prefix="layercard-fault-")
         fault = (cfg.ray.fail_once_in, cfg.ray.fail_once_at_shard, marker_dir)
     pool = SlicePool(ray, cfg, slices, lm.weights_hash, fault)
-    t0 = time.perf_counter()
-    coupling, adam = cfg.coupling.enabled, cfg.coupling.enabled and cfg.coupling.adam
-    solved = pool.solve(cfg.profile.rank, cfg.profile.ridge, adam, coupling, shards)
-    n_tokens = solved[0]["n_tokens"]
-    if progress:
-        dt = time.perf_counter() - t0
-        print(f"pass 1: {n_tokens} tokens on {len(pool.workers['pass1'])} of {cfg.ray.num_actors} actors × "
-              f"{len(slices)} slices, {len(shards)} shards in {dt:.1f}s ({n_tokens / dt:.0f} tokens/s)")
-
-    meta = card_meta(cfg, lm, [], label_ids)
-    meta.update({"n_records": n_records, "data_hash": data_hash})
-    import pandas as pd
-
-    card = card_from_rows(layout, pd.concat([x["layers"] for x in solved], ignore_index=True),
-                          pd.concat([x["modules"] for x in solved], ignore_index=True), n_tokens,
-                          rank=cfg.profile.rank, ridge=cfg.profile.ridge, meta=meta)
-
-    if coupling:
+    try:
         t0 = time.perf_counter()
-        probe_records = head[:cfg.coupling.probe_samples]
-        probe = probe_shards(probe_records, replicas)
-        sketch = sketch_for(cfg, lm.model.config.vocab_size)
-        sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
-        agg = DirectionsSum(direction_keys(layout.layers, adam), len(slices), coupling_from_embeddings,
-                            lambda refs: pool.received.get(ray, refs))
-        pool.pass2(probe, solved, sketch_args, agg, cfg.profile.rank, cfg.profile.ridge, adam, shards)
-        K, b = agg.result()
-        probe_count = sum(loss_count(x["labels"], label_ids)
-                          for x in batches_of(probe_records, cfg.data.batch_size, lm.tokenizer.pad_id))
-        attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
-                                     "coupling_tokens": probe_count, **adam_meta(cfg.profile.rank, adam)})
+        coupling, adam = cfg.coupling.enabled, cfg.coupling.enabled and cfg.coupling.adam
+        solved = pool.solve(cfg.profile.rank, cfg.profile.ridge, adam, coupling, shards)
+        n_tokens = solved[0]["n_tokens"]
         if progress:
             dt = time.perf_counter() - t0
-            print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(probe)} shards "
-                  f"on {len(pool.workers['pass2'])} actors in {dt:.1f}s "
-                  f"({len(layout.layers) * len(probe_records) / dt:.1f} layer-records/s)")
-    _add_cost(card, cfg, head[:cfg.data.batch_size], pool, lm, progress)
+            print(f"pass 1: {n_tokens} tokens on {len(pool.workers['pass1'])} of {cfg.ray.num_actors} actors × "
+                  f"{len(slices)} slices, {len(shards)} shards in {dt:.1f}s ({n_tokens / dt:.0f} tokens/s)")
+
+        meta = card_meta(cfg, lm, [], label_ids)
+        meta.update({"n_records": n_records, "data_hash": data_hash})
+        import pandas as pd
+
+        card = card_from_rows(layout, pd.concat([x["layers"] for x in solved], ignore_index=True),
+                              pd.concat([x["modules"] for x in solved], ignore_index=True), n_tokens,
+                              rank=cfg.profile.rank, ridge=cfg.profile.ridge, meta=meta)
+
+        if coupling:
+            t0 = time.perf_counter()
+            probe_records = head[:cfg.coupling.probe_samples]
+            probe = probe_shards(probe_records, replicas)
+            sketch = sketch_for(cfg, lm.model.config.vocab_size)
+            sketch_args = (sketch.vocab, sketch.dim, sketch.seed) if sketch else None
+            agg = DirectionsSum(direction_keys(layout.layers, adam), len(slices), coupling_from_embeddings,
+                                lambda refs: pool.received.get(ray, refs))
+            pool.pass2(probe, solved, sketch_args, agg, cfg.profile.rank, cfg.profile.ridge, adam, shards)
+            K, b = agg.result()
+            probe_count = sum(loss_count(x["labels"], label_ids)
+                              for x in batches_of(probe_records, cfg.data.batch_size, lm.tokenizer.pad_id))
+            attach_coupling(card, K, b, {"coupling_sketch_dim": sketch.dim if sketch else None,
+                                         "coupling_tokens": probe_count, **adam_meta(cfg.profile.rank, adam)})
+            if progress:
+                dt = time.perf_counter() - t0
+                print(f"pass 2: {len(layout.layers)} layers × {len(probe_records)} probe records in {len(probe)} shards "
+                      f"on {len(pool.workers['pass2'])} actors in {dt:.1f}s "
+                      f"({len(layout.layers) * len(probe_records) / dt:.1f} layer-records/s)")
+        _add_cost(card, cfg, head[:cfg.data.batch_size], pool, lm, progress)
+    except BaseException:
+        pool.close()   # the actors hold the statistics: nothing else will release them
+        raise
     card.stats = RemoteStats(pool)
     card.meta["ray_layout"] = {
         "num_actors": cfg.ray.num_actors, "layer_slices": len(slices), "num_shards": num_shards,
         "pass1_actors_used": len(pool.workers["pass1"]), "pass2_actors_used": len(pool.workers["pass2"]) or None,
-        "driver_bytes_received": pool.received.bytes + data_bytes, "driver_bytes_from_actors": pool.received.bytes,
+        "driver_bytes_received": pool.received.bytes,
         "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "wall_s": round(time.perf_counter() - t_start, 3)}
     return card, lm, None

@@ -243,25 +243,3 @@ def test_profile_select_and_train_a_bos_model_through_the_cli(llama_dir, tmp_pat
     assert metrics["steps"] == 2 and len(metrics["train_loss_history"]) == 2
     assert all(0 < loss < 10 for loss in metrics["train_loss_history"])
     assert (out / "adapter" / "adapter_config.json").is_file()
-
-
-def test_the_ray_data_path_builds_the_same_sequences(llama_dir):
-    """layercard.profile.distributed tokenizes Ray Data batches from the resolved data config: the same
-    sequences, BOS and answer EOS included, as the single-process path."""
-    import numpy as np
-
-    from layercard.models import ModelConfig, load_tokenizer
-    from layercard.profile.config import ProfileConfig
-    from layercard.profile.distributed import tokenize_batch
-
-    cfg = load_config(ProfileConfig, None, ["model.path=" + str(llama_dir), "data.prompt_column=prompt",
-                                           "data.answer_column=answer", "data.max_seq_len=20"])
-    assert cfg.data.answer_eos is True        # the LM loss: answers end with the EOS
-    records = [RECORD, {**RECORD, "prompt": "Review: " + "long " * 10, "answer": " negative"}]
-    batch = {k: np.asarray([r[k] for r in records], dtype=object) for k in RECORD}
-    out = tokenize_batch(batch, cfg.model, cfg.data, num_shards=2)
-    tok = load_tokenizer(ModelConfig(path=str(llama_dir)))
-    for i, record in enumerate(records):
-        want = tokenize_record(record, tok, cfg.data)
-        assert out["input_ids"][i].tolist() == want["input_ids"] and out["labels"][i].tolist() == want["labels"]
-        assert want["input_ids"][0] == 1 and want["input_ids"][-1] == 2

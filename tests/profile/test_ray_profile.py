@@ -129,34 +129,6 @@ def test_gpus_requested_on_cpu_cluster_fails_fast(ray_local):
         profile_on_ray(cfg_with("ray.num_actors=1", "ray.num_gpus_per_actor=1"), progress=False)
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_ray_reader_picks_the_local_readers_records(ray_local, tmp_path, shuffle):
-    """Every format, shuffled or not: the Ray reader yields the records `layercard profile` uses, in
-    its order (the seeded shuffle is the local one, not Ray Data's), so both paths profile the same data."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    from layercard.data.examples import read_records
-    from layercard.profile.distributed import read_dataset
-
-    rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny.jsonl").read_text().splitlines()]
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, tmp_path / "d.parquet")
-    pacsv.write_csv(table, tmp_path / "d.csv")
-    (tmp_path / "d.txt").write_text("".join(r["text"] + "\n" + ("\n" if i % 5 == 0 else "") for i, r in enumerate(rows)))
-    for name in ["d.parquet", "d.csv", "d.txt"]:
-        text_only = ["data.prompt_column=null", "data.answer_column=null"] if name == "d.txt" else []
-        cfg = cfg_with(f"data.path={tmp_path / name}", f"data.shuffle={str(shuffle).lower()}", "data.seed=3",
-                       "data.num_samples=20", *text_only)
-        want = read_records(cfg.data)
-        got = read_dataset(cfg).take_all()
-        cols = cfg.data.columns
-        assert len(want) == 20 and [{c: r[c] for c in cols} for r in got] == [{c: r[c] for c in cols} for r in want], name
-    if shuffle:   # the shuffle did something
-        assert [r["text"] for r in want] != [r["text"] for r in rows[:20]]
-
-
 def test_actor_refuses_a_model_other_than_the_drivers():
     from layercard.models import describe_model
     from layercard.profile.distributed import SliceActor
@@ -179,11 +151,11 @@ def test_statistics_stay_with_the_slice_owners(ray_local, reference, tmp_path):
     assert card.stats.nbytes == reference.stats.nbytes
     layout = card.meta["ray_layout"]
     assert layout["driver_peak_rss_bytes"] > 0
-    assert 0 < layout["driver_bytes_from_actors"] <= layout["driver_bytes_received"]
+    assert layout["driver_bytes_received"] > 0
     wide, _, _ = profile_on_ray(cfg_with("ray.num_actors=2", "ray.layer_slices=2", "model.config.hidden_size=256",
                                          "model.config.intermediate_size=512"), progress=False)
     assert wide.stats.nbytes > 12 * card.stats.nbytes
-    assert wide.meta["ray_layout"]["driver_bytes_from_actors"] < 1.5 * layout["driver_bytes_from_actors"]
+    assert wide.meta["ray_layout"]["driver_bytes_received"] < 1.5 * layout["driver_bytes_received"]
 
     card.save(tmp_path / "card")
     names = json.loads((tmp_path / "card" / "card.json").read_text())["files"]
