@@ -185,8 +185,9 @@ def machine() -> str:
 
 # where files were on the machine that profiled: the weights and data hashes already say what they held;
 # and keys that change no number the table compares: the data hash covers the tokens answer_eos and
-# chat_template shape, and coupling.adam only adds the sign-step columns
-LOCATION_KEYS = ("path", "cache_dir", "answer_eos", "chat_template", "adam")
+# chat_template shape, coupling.adam only adds the sign-step columns, profile.save_stats says whether
+# the statistics are written and ray.fail_once_in is test-only fault injection
+LOCATION_KEYS = ("path", "cache_dir", "answer_eos", "chat_template", "adam", "save_stats", "fail_once_in")
 
 
 def card_source(doc: dict) -> dict:
