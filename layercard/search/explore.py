@@ -17,7 +17,9 @@ Phases, each one Ray Tune experiment under the search's storage (``NAME-<phase>`
    the best final quality) on the other seeds, all to the end (no early stopping).
 
 A finished phase is kept in ``OUT/explore/<phase>.json``; ``--resume`` skips finished phases and
-restores the interrupted one (``Tuner.restore``: finished trials are kept). Outputs: those of every
+restores the interrupted one (``Tuner.restore``: finished trials are kept; ASHA's rung records, kept in
+``OUT/explore/asha-<phase>.json`` by :class:`layercard.search.asha.PersistentASHA`, carry over, so the
+resumed phase stops the trials an uninterrupted one would). Outputs: those of every
 search (results.parquet with ``rung_reached``, trials.parquet, frontier.png, summary.md, card/) plus
 ``explore.json``, one row per k (see :func:`explore_rows`).
 """
@@ -48,7 +50,7 @@ from layercard.search.setup import Setup, setup, trial_key, trial_lora
 from layercard.search.trials import TrialLog, check_trial_fits, settle, trial_base_eval, tune_trainable
 from layercard.select.candidates import Candidate
 
-EXPLORE_DIR = "explore"          # OUT/explore: one JSON per finished phase, the rung log
+EXPLORE_DIR = "explore"          # OUT/explore: one JSON per finished phase, the rung log, ASHA's records per phase
 RUNG_LOG = "rungs.jsonl"         # every rung quality a trial reported, in the order the driver saw them
 EXPLORE_FILE = "explore.json"
 REFERENCE = "all"                # the all-layer reference's candidate id
@@ -174,7 +176,9 @@ def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> 
     """One phase: its trials on Ray Tune (restored when an interrupted run left its experiment), kept in
     ``OUT/explore/NAME.json`` once every trial finished; raises SearchInterrupted otherwise."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from layercard.search.asha import PersistentASHA
 
     path = s.out / EXPLORE_DIR / f"{name}.json"
     if path.is_file():
@@ -191,8 +195,10 @@ def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> 
                                    restart_errored=False)
     else:
         t = s.cfg.train_config
-        scheduler = (ASHAScheduler(time_attr="step", metric="rung_quality", mode="min", max_t=t.steps,
-                                   grace_period=p.grace, reduction_factor=s.cfg.explore.reduction_factor)
+        # its rung records outlive an interruption: the restored phase prunes as an uninterrupted one would
+        scheduler = (PersistentASHA(s.out / EXPLORE_DIR / f"asha-{name}.json", time_attr="step",
+                                    metric="rung_quality", mode="min", max_t=t.steps, grace_period=p.grace,
+                                    reduction_factor=s.cfg.explore.reduction_factor)
                      if asha else FIFOScheduler())
         callbacks = [TrialLog(str(s.out), base_eval), RungLog(str(s.out / EXPLORE_DIR / RUNG_LOG))]
         tuner = tune.Tuner(

@@ -61,6 +61,7 @@ def trial_function(config: dict, *, trials: dict, base: WorkerConfig, data: dict
 
 
 REAP_EVERY_S = 2.0
+ASHA_STATE = "asha.json"         # OUT/asha.json: the fixed search's ASHA rung records (PersistentASHA)
 
 
 def reap_orphaned_placement_groups() -> tuple[int, int]:
@@ -196,7 +197,9 @@ def tune_trainable(s: Setup, base_eval: tuple[str, str], loop: dict | None = Non
 
 def _tuner(s: Setup, restore: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from layercard.search.asha import PersistentASHA
 
     base_eval = trial_base_eval(s)
     trainable = tune_trainable(s, base_eval)
@@ -207,8 +210,10 @@ def _tuner(s: Setup, restore: bool):
     cfg, t = s.cfg, s.cfg.train_config
     scheduler = FIFOScheduler()
     if cfg.use_asha:
-        scheduler = ASHAScheduler(time_attr="step", metric="quality", mode="min", max_t=cfg.asha.max_t or t.steps,
-                                  grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+        # its rung records outlive an interruption (a resumed search prunes as an uninterrupted one would)
+        scheduler = PersistentASHA(Path(s.out) / ASHA_STATE, time_attr="step", metric="quality", mode="min",
+                                   max_t=cfg.asha.max_t or t.steps, grace_period=cfg.asha.grace_period,
+                                   reduction_factor=cfg.asha.reduction_factor)
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(list(s.trials))},

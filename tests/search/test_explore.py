@@ -2,7 +2,7 @@
 baselines, stratified random sets, deduplicated; the ablation without the card's sets), the ASHA rungs
 and the step plan, the rung gate. Then real Ray: a rung eval leaves training as it was (same losses),
 a real explore search on a tiny random Qwen3 (ASHA stops the worse trials at a rung, resume keeps the
-finished ones, explore.json), and one under ``ray job submit`` on a test head."""
+finished ones and ASHA's rung records, explore.json), and one under ``ray job submit`` on a test head."""
 from __future__ import annotations
 
 import itertools
@@ -334,15 +334,11 @@ def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
     pool = [k for k in trials.index if k.startswith("k2") and k.endswith("-s0")]
     assert len(pool) == 4
     rows = [r for r in read_rungs(out) if r["key"] in pool]
-    # The restored experiment starts ASHA afresh (Tune does not carry a scheduler's rung records across
-    # a restore): a trial finished before the interruption was judged on the rungs seen until then,
-    # every other trial on the rungs seen after the resume.
+    # ASHA's rung records outlive the interruption (PersistentASHA): the resumed search stops the trials an
+    # uninterrupted one stops, judged on every rung quality in the order the driver saw them
     resumed_at = max(e["time"] for e in before)
-    finished = {e["key"] for e in before if e["event"] == "complete"}
-    pre = _replay_asha([r for r in rows if r["time"] <= resumed_at], [2, 4], cfg.explore.reduction_factor)
-    post = _replay_asha([r for r in rows if r["time"] > resumed_at], [2, 4], cfg.explore.reduction_factor)
-    stops = {k: (pre if k in finished else post).get(k) for k in pool}
-    seen_by = {k: [r for r in rows if (r["time"] <= resumed_at) == (k in finished)] for k in pool}
+    (first,) = [e for e in before if e["event"] == "complete"]
+    stops = _replay_asha(rows, [2, 4], cfg.explore.reduction_factor)
     for key in pool:
         t = trials.loc[key]
         if stops[key] is None:
@@ -351,10 +347,22 @@ def test_asha_stops_the_worse_trials_at_a_rung(explored, card_dir):
             assert t["status"] == "stopped_early" and t["steps_done"] == stops[key], key
     stopped = [k for k in pool if stops[k] is not None]
     assert 1 <= len(stopped) < len(pool)
-    for k in stopped:           # a stopped trial was worse than the best trial its scheduler recorded at its rung
-        at = {j: {r["step"]: r["rung_quality"] for r in seen_by[k] if r["key"] == j} for j in pool}
+    at = {j: {} for j in pool}                  # a trial run again after the resume is judged on its first report
+    for r in rows:
+        at[r["key"]].setdefault(r["step"], r["rung_quality"])
+    for k in stopped:           # a stopped trial was worse than the best trial recorded at its rung
         m = stops[k]
         assert at[k][m] > min(at[j][m] for j in pool if j != k and m in at[j])
+    # the records after the resume: the first report of every trial at each rung it reached, under the
+    # trial id it had before the interruption (the trial finished then among them), and the stops
+    ids = {k: {r["trial_id"] for r in rows if r["key"] == k} for k in pool}
+    assert all(len(v) == 1 for v in ids.values()) and ids[first["key"]] == {first["trial_id"]}
+    ids = {k: v.pop() for k, v in ids.items()}
+    state = json.loads((out / "explore" / "asha-k2-r1.json").read_text())
+    rungs = {m: rec for m, rec in state["brackets"][0]}
+    assert rungs == {m: {ids[k]: -at[k][m] for k in pool if m in at[k]} for m in (2, 4)}
+    assert state["stopped"] == {ids[k]: stops[k] for k in stopped}
+    assert any(min(r["time"] for r in rows if r["key"] == k) > resumed_at for k in pool)   # judged after the resume
     res = pd.read_parquet(out / "results.parquet").set_index("candidate")
     for k in pool:
         c = k.split("-")[0]

@@ -342,6 +342,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(full_searc
     assert row["attempts"] == 1 and row["trial_id"] == first["trial_id"]
     assert cut_short and all(trials.set_index("trial").loc[k, "attempts"] == 2 for k in cut_short)  # ran again
     assert summary["trained"] + summary["stopped_early"] == len(wanted) and summary["failed"] == 0
+    asha = json.loads((out / "asha.json").read_text())      # ASHA's rung records outlive the resume
+    rungs = {m: rec for m, rec in asha["brackets"][0]}
+    assert first["trial_id"] in rungs[4] and set(rungs[2]) == set(trials["trial_id"])
 
 
 def test_resume_of_a_truncated_search_record_is_one_line(tmp_path, capsys):
