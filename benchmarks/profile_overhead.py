@@ -45,7 +45,7 @@ def overrides(args) -> list[str]:
             f"data.path={ROOT / 'configs/data/tiny.jsonl'}", "data.prompt_column=null", "data.answer_column=null",
             f"data.num_samples={args.records}", "data.max_seq_len=64", "data.batch_size=16",
             "coupling.probe_samples=32", "cost.measure=false",
-            "ray.num_cpus_per_actor=0.5"]  # 2 actors + Ray Data's shuffle on 2 CPUs
+            "ray.num_cpus_per_actor=1"]  # 2 actors on 2 CPUs
 
 
 def plain_forward_backward(cfg) -> float:
