@@ -37,7 +37,7 @@ import numpy as np
 from ray.tune import Callback
 
 from layercard.atomic import atomic_write_json, private_dir
-from layercard.config import apply_overrides, from_dict
+from layercard.config import from_dict
 from layercard.errors import LayercardError
 from layercard.runtime import alive_nodes, check_storage_reachable, connect_ray
 from layercard.search import pool as ex
@@ -45,7 +45,7 @@ from layercard.search.config import SearchConfig
 from layercard.search.events import EVENTS_FILE, STOP_FILE, read_events
 from layercard.search.publish import write_outputs
 from layercard.search.results import SearchInterrupted
-from layercard.search.run import RESUME_OVERRIDES, read_saved_search, save_search
+from layercard.search.run import check_resumed, read_saved_search, resumed_config, save_search
 from layercard.search.setup import Setup, setup, trial_key, trial_lora
 from layercard.search.trials import TrialLog, check_trial_fits, settle, trial_base_eval, tune_trainable
 from layercard.select.candidates import Candidate
@@ -447,18 +447,9 @@ def run_explore(cfg: SearchConfig, out: Path) -> dict:
 
 def resume_explore(out: Path, overrides=()) -> dict:
     saved = read_saved_search(out)
-    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
-    if bad:
-        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates "
-                             f"are fixed), got {bad[0]!r}")
-    data = {**saved["config"], "stop_after_trials": None, "resume": False}
-    cfg = from_dict(SearchConfig, apply_overrides(data, list(overrides)))
+    cfg = resumed_config(saved, overrides)
     s, p = setup_explore(cfg, out)
-    if s.card.card_id != saved["card_id"]:
-        raise LayercardError(f"card '{cfg.card}' changed since the search started (card id {s.card.card_id}, "
-                             f"was {saved['card_id']})")
-    if sorted(s.trials) != sorted(saved["trials"]):
-        raise LayercardError(f"the trials of '{out}' no longer match its config and card; start a new search")
+    check_resumed(s, saved, out)
     return execute(s, p)
 
 

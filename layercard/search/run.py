@@ -18,6 +18,25 @@ SEARCH_FILE = "search.json"        # the config, card and candidates of the sear
 RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials")
 
 
+def resumed_config(saved: dict, overrides) -> SearchConfig:
+    """The saved search's config with the few overrides ``--resume`` allows (the candidates are fixed)."""
+    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
+    if bad:
+        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates are fixed), "
+                             f"got {bad[0]!r}")
+    data = {**saved["config"], "stop_after_trials": None, "resume": False}
+    return from_dict(SearchConfig, apply_overrides(data, list(overrides)))
+
+
+def check_resumed(s, saved: dict, out: Path) -> None:
+    """The card and the trials of a resumed search are those it started with."""
+    if s.card.card_id != saved["card_id"]:
+        raise LayercardError(f"card '{s.cfg.card}' changed since the search started (card id {s.card.card_id}, "
+                             f"was {saved['card_id']})")
+    if sorted(s.trials) != sorted(saved["trials"]):
+        raise LayercardError(f"the trials of '{out}' no longer match its config and card; start a new search")
+
+
 def read_saved_search(out: Path) -> dict:
     """OUT/search.json, checked: a truncated or edited file is a one-line error naming it."""
     path = out / SEARCH_FILE
@@ -81,18 +100,9 @@ def resume_search(out: str | Path, overrides: list[str] = ()) -> dict:
         from layercard.search.explore import resume_explore
 
         return resume_explore(out, overrides)
-    bad = [o for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
-    if bad:
-        raise LayercardError(f"--resume takes only {', '.join(RESUME_OVERRIDES)} overrides (the candidates are fixed), "
-                             f"got {bad[0]!r}")
-    data = {**saved["config"], "stop_after_trials": None, "resume": False}
-    cfg = from_dict(SearchConfig, apply_overrides(data, list(overrides)))
+    cfg = resumed_config(saved, overrides)
     s = setup(cfg, out)
-    if s.card.card_id != saved["card_id"]:
-        raise LayercardError(f"card '{cfg.card}' changed since the search started (card id {s.card.card_id}, "
-                             f"was {saved['card_id']})")
-    if sorted(s.trials) != sorted(saved["trials"]):
-        raise LayercardError(f"the trials of '{out}' no longer match its config and card; start a new search")
+    check_resumed(s, saved, out)
     exists = _exists(s.experiment)
     return write_outputs(s, run_tune(s, restore=exists))
 
