@@ -220,12 +220,12 @@ class SliceActor:
         """The owner writes its slice's statistics straight to ``path`` (a location the driver reads)."""
         from safetensors.torch import save_file
 
-        tensors, header = self.stats.to_tensors()
+        tensors, header = _on_cpu(self.stats).to_tensors()   # safetensors writes host tensors
         save_file(tensors, path, metadata=header)
         return path
 
     def fetch_stats(self):
-        return self.stats
+        return _on_cpu(self.stats)   # the driver may have no GPU
 
 
 def _on_cpu(stats):
