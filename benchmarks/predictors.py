@@ -150,7 +150,7 @@ def markdown(boards: list[dict], meta: dict) -> str:
         for name in order:
             s = b["sets"][name]
             pl = b["per_layer"][name] if b["per_layer"] else None
-            cells = [f"{s['per_k'].get(str(k), float('nan')):+.2f}" for k in KS]
+            cells = [f"{s['per_k'][str(k)]:+.2f}" if str(k) in s["per_k"] else "–" for k in KS]   # – : not measured
             lines.append(f"| {name} | {' | '.join(cells)} | **{s['mean']:+.2f}** | {s['p_value']:.3f} | "
                          f"{'' if pl is None else f'{pl:+.2f}'} |")
         lines.append("")
