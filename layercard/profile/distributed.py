@@ -224,9 +224,6 @@ class SliceActor:
         save_file(tensors, path, metadata=header)
         return path
 
-    def fetch_stats(self):
-        return _on_cpu(self.stats)   # the driver may have no GPU
-
 
 def _on_cpu(stats):
     from layercard.profile.stats import SufficientStats
@@ -422,15 +419,6 @@ class RemoteStats:
             raise LayercardError(f"slice owners wrote {missing} where this process cannot see them: with statistics "
                                  f"saved, the card's output directory must be on storage every node reaches")
         return names
-
-    def fetch(self):
-        """The summed statistics in this process (small models only)."""
-        from layercard.profile.stats import SufficientStats
-
-        total = SufficientStats()
-        for part in self.pool.ray.get([o.fetch_stats.remote() for o in self.pool.owners]):
-            total += part
-        return total
 
 
 def profile_on_ray(cfg: ProfileConfig, progress: bool = True):
