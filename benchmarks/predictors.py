@@ -14,6 +14,10 @@ training recipe (from its archived search records) and nothing fitted; the ``new
 reliability uses the card's median κ. No constant is fitted on any task, so leave-one-task-out
 holds trivially; a predictor that ever needs one must fit it on one task and be scored on the rest.
 
+Choosing *which* predictor to use is itself fitted to the tasks it was read off. The leave-one-task-out
+rows measure that choice honestly: for each task, the predictor with the best mean within-k ρ on the
+other tasks is taken and scored on the held-out one (with its rank there among all predictors).
+
     python benchmarks/predictors.py --cards runs/cards            # → benchmarks/results/predictors.{json,md}
 """
 from __future__ import annotations
@@ -135,7 +139,27 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int) -> dict:
     return board
 
 
-def markdown(boards: list[dict], meta: dict) -> str:
+def leave_one_task_out(boards: list[dict]) -> list[dict]:
+    """Per held-out task: the predictor chosen on the other tasks (best mean of their within-k means),
+    its within-k mean on the held-out task, its rank there (1 = best), and the held-out task's own best."""
+    rows = []
+    for held in boards:
+        others = [b for b in boards if b is not held]
+        if not others:
+            continue
+        names = [n for n in held["sets"] if all(n in b["sets"] for b in others)]
+        on_others = {n: float(np.nanmean([b["sets"][n]["mean"] for b in others])) for n in names}
+        chosen = max(names, key=lambda n: (np.nan_to_num(on_others[n], nan=-9), n))
+        held_means = {n: held["sets"][n]["mean"] for n in names}
+        ranked = sorted(names, key=lambda n: -np.nan_to_num(held_means[n], nan=-9))
+        rows.append({"held_out": held["task"], "chosen_on": [b["task"] for b in others], "chosen": chosen,
+                     "chosen_rho_on_others": on_others[chosen], "held_out_rho": held_means[chosen],
+                     "held_out_rank": ranked.index(chosen) + 1, "of": len(names),
+                     "held_out_best": ranked[0], "held_out_best_rho": held_means[ranked[0]]})
+    return rows
+
+
+def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> str:
     lines = ["# Predictor leaderboard", "",
              f"`{meta['command']}` at commit {meta['commit']} on {meta['machine']}.", "",
              "Within-k Spearman ρ between a predictor and the measured gain fraction (seed means) of the "
@@ -153,6 +177,15 @@ def markdown(boards: list[dict], meta: dict) -> str:
             cells = [f"{s['per_k'][str(k)]:+.2f}" if str(k) in s["per_k"] else "–" for k in KS]   # – : not measured
             lines.append(f"| {name} | {' | '.join(cells)} | **{s['mean']:+.2f}** | {s['p_value']:.3f} | "
                          f"{'' if pl is None else f'{pl:+.2f}'} |")
+        lines.append("")
+    if loto:
+        lines += ["## Leave one task out: the predictor chosen on the other tasks, scored on the held-out one", "",
+                  "| held out | chosen on | chosen predictor | ρ there | ρ held out | rank held out | best held out |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in loto:
+            lines.append(f"| {r['held_out']} | {', '.join(r['chosen_on'])} | {r['chosen']} | "
+                         f"{r['chosen_rho_on_others']:+.2f} | **{r['held_out_rho']:+.2f}** | {r['held_out_rank']} of "
+                         f"{r['of']} | {r['held_out_best']} ({r['held_out_best_rho']:+.2f}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -182,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": commit or None, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}"}
     a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(a.out / "predictors.json", json.dumps({"meta": meta, "tasks": boards}, indent=1, default=float))
-    md = markdown(boards, meta)
+    loto = leave_one_task_out(boards)
+    atomic_write_text(a.out / "predictors.json", json.dumps({"meta": meta, "tasks": boards, "leave_one_task_out": loto},
+                                                            indent=1, default=float))
+    md = markdown(boards, meta, loto)
     atomic_write_text(a.out / "predictors.md", md)
     print(md)
     return 0
