@@ -125,6 +125,9 @@ def ray_init_kwargs() -> dict:
         return {"log_to_driver": True}
     import ray.data  # noqa: F401  (configures the ray.data logger, rerouted below)
 
+    # Tune's newer console engine prints its experiment table even at verbose=0; the older one is silent
+    # there, and layercard's searches print their own trial lines
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     quiet_console()
     for name in ("ray", "ray.data"):
         reroute_logger(name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -64,6 +65,27 @@ def test_library_info_lines_go_to_the_log_file(quiet):
     (log,) = quiet.iterdir()
     text = log.read_text()
     assert "Started a local Ray instance." in text and text.count("a real problem") == 1
+
+
+def test_quiet_tune_prints_no_experiment_table(quiet, ray_local, tmp_path, monkeypatch, capfd):
+    """Unless verbose, a Tune run (what ``layercard search`` drives) adds nothing to the terminal: the
+    newer console engine's experiment table and TensorBoard hint are off."""
+    from ray import tune
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "")            # recorded, so teardown restores the suite's value
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT")
+    assert runtime.ray_init_kwargs() == {"log_to_driver": False}
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+
+    def trainable(config):
+        tune.report({"score": config["x"]})
+
+    capfd.readouterr()
+    grid = tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2])},
+                      run_config=tune.RunConfig(name="quiet", storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    assert sorted(r.metrics["score"] for r in grid) == [1, 2]
+    out, err = capfd.readouterr()
+    assert "Configuration for experiment" not in out + err and "tensorboard" not in (out + err).lower()
 
 
 def test_select_step_budget_from_a_train_config():

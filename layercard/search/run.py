@@ -53,8 +53,13 @@ def read_saved_search(out: Path) -> dict:
 
 
 def check_resumable(out: Path, saved: dict) -> None:
-    """Restoring a search unpickles Tune's state and resumes trials' checkpoints: refuse a local
-    storage directory that group or others can write to."""
+    """Restoring a search unpickles Tune's state and resumes trials' checkpoints: refuse a search that
+    moved since it started (that state, the driver's callbacks and ASHA's records name files under the
+    original OUT) and a local storage directory that group or others can write to."""
+    started = saved.get("out")
+    if started and Path(started) != out:
+        raise LayercardError(f"'{out}' was started as '{started}' and has moved since; the state Tune saved "
+                             "names files under the old path: resume it there")
     storage = saved["config"].get("storage_path")
     if storage and "://" in str(storage):
         return
@@ -62,7 +67,7 @@ def check_resumable(out: Path, saved: dict) -> None:
 
 
 def save_search(s: Setup) -> None:
-    doc = {"config": s.cfg.to_dict(), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
+    doc = {"config": s.cfg.to_dict(), "out": str(Path(s.out).resolve()), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
            "quality_model": resolve_model(s.card, s.cfg.model), "step_budget": recipe_step_budget(s.cfg.train_config),
            "candidates": [c.to_dict() for c in s.candidates], "trials": s.trials}
     atomic_write_json(s.out / SEARCH_FILE, doc, default=str)

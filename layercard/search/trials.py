@@ -105,6 +105,22 @@ def settle(timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
+def trial_line(key: str, result: dict) -> str:
+    """One trial's end as a person reads it: trained to the end (its quality), or stopped at a rung."""
+    quality = result.get("quality")
+    if quality is not None:
+        return f"{key} finished at step {result.get('step')}: {result.get('quality_name') or 'eval_loss'} {quality:.4f}"
+    rung = result.get("rung_quality")
+    return (f"{key} stopped at step {result.get('step')}"
+            + ("" if rung is None else f" (rung quality {rung:.4f})"))
+
+
+def _progress(trials, trial) -> str:
+    """``[done/total]`` over the phase's trials, counting ``trial`` as done."""
+    done = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
+    return f"[{done}/{len(trials)}]"
+
+
 class TrialLog(Callback):
     """Driver-side Tune callback: appends start / complete / error events to ``EVENTS_FILE`` (they
     survive ``Tuner.restore``, so the log counts every attempt), frees the placement groups of
@@ -135,13 +151,12 @@ class TrialLog(Callback):
         self._append(trial, "complete", step=result.get("step"))
         if self.base_eval:
             write_base_eval(*self.base_eval, result)
-        print(f"layercard search: trial {trial.config.get('trial')} done at step {result.get('step')}, "
-              f"{result.get('quality_name', 'eval_loss')} {result.get('quality')}", flush=True)
+        print(f"layercard search: {_progress(trials, trial)} {trial_line(trial.config.get('trial'), result)}", flush=True)
         self._maybe_interrupt()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._append(trial, "error", error=str(getattr(trial, "error_msg", None) or "")[:500])
-        print(f"layercard search: trial {trial.config.get('trial')} failed", flush=True)
+        print(f"layercard search: {_progress(trials, trial)} {trial.config.get('trial')} failed", flush=True)
         self._maybe_interrupt()
 
     def _maybe_interrupt(self) -> None:

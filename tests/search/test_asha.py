@@ -151,3 +151,13 @@ def test_a_restored_experiment_stops_the_trial_an_uninterrupted_one_stops(ray_lo
     assert steps["a"] == 6
     # uninterrupted, b is stopped at the first rung (worse than a there); Ray's ASHA forgets a's record
     assert steps["b"] == (2 if persistent else 6)
+
+
+def test_trial_line_tells_finished_from_stopped():
+    from layercard.search.trials import trial_line
+
+    assert trial_line("k5c00-s0", {"step": 60, "quality": 0.41234, "quality_name": "label_loss",
+                                   "rung_quality": 0.5}) == "k5c00-s0 finished at step 60: label_loss 0.4123"
+    assert trial_line("k5c01-s0", {"step": 30, "rung_quality": 0.61239}) == \
+        "k5c01-s0 stopped at step 30 (rung quality 0.6124)"
+    assert trial_line("k5c02-s0", {"step": 10}) == "k5c02-s0 stopped at step 10"

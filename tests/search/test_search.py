@@ -261,6 +261,7 @@ def test_search_trains_within_budget_and_writes_a_card_version(full_search, card
     out, summary, _, _ = full_search
     cfg = search_cfg(card_dir)
     saved = json.loads((out / "search.json").read_text())
+    assert saved["out"] == str(out.resolve())        # a resume elsewhere is refused (it would lose the logs)
     res = pd.read_parquet(out / "results.parquet")
     trials = pd.read_parquet(out / "trials.parquet")
     assert sorted(res["candidate"]) == sorted(c["id"] for c in saved["candidates"])     # one row per candidate
@@ -372,3 +373,16 @@ def test_resume_from_storage_others_can_write_is_refused(tmp_path, capsys):
     assert search.main(["--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "refusing to resume from search storage" in err and str(out / "tune") in err and err.count("\n") == 1
+
+
+def test_resume_of_a_moved_search_is_refused(tmp_path, capsys):
+    """Tune's saved state and the driver's logs name files under the OUT a search started in."""
+    from layercard.search.run import SEARCH_FILE
+    from pipelines import search
+
+    out = tmp_path / "moved"
+    (out / "tune").mkdir(parents=True, mode=0o700)
+    (out / SEARCH_FILE).write_text(json.dumps({"config": {}, "out": str(tmp_path / "s"), "card_id": "ab", "trials": {}}))
+    assert search.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{out}' was started as '{tmp_path / 's'}' and has moved" in err and err.count("\n") == 1
