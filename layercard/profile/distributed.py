@@ -290,6 +290,18 @@ class SlicePool:
                       for r in range(self.replicas)] for s, layers in enumerate(slices)]
         self.received = _Received()
         self.workers: dict[str, set] = {"pass1": set(), "pass2": set()}
+        self._puts: dict[str, tuple] = {}
+
+    def shared(self, name: str, items) -> dict:
+        """index → object-store ref of each of ``items`` (a dict or list of shards), put once and reused by
+        every slice's call and every retry: one copy per shard, not one per call (a call's large arguments
+        are copied into the object store call by call)."""
+        cached = self._puts.get(name)
+        if cached is None or cached[0] is not items:
+            keys = items.keys() if isinstance(items, dict) else range(len(items))
+            cached = (items, {i: self.ray.put(items[i]) for i in keys})
+            self._puts[name] = cached
+        return cached[1]
 
     @property
     def owners(self):
@@ -343,7 +355,8 @@ class SlicePool:
             missing.update({s: set(want) for s, _ in failed})
             if not any(missing.values()):
                 return
-            calls = {(s, r, i): self.pool[s][r].pass1.remote(i, shards[i])
+            refs = self.shared("pass1", shards)
+            calls = {(s, r, i): self.pool[s][r].pass1.remote(i, refs[i])
                      for s, todo in missing.items() for i in sorted(todo) for r in [i % self.replicas]}
             done, failed = self._gather(calls)
             self.workers["pass1"] |= {v["actor"] for v in done.values()}
@@ -371,8 +384,9 @@ class SlicePool:
               shards) -> None:
         """Probe shard r on replica r of every slice; a lost owner is re-profiled and re-solved."""
         todo = {(s, r) for s in range(len(self.slices)) for r in range(len(probe))}
+        refs = self.shared("pass2", probe)
         for attempt in range(MAX_ROUNDS + 1):
-            calls = {(s, r): self.pool[s][r % self.replicas].pass2.remote(r, probe[r], solved[s]["deltas"], sketch_args)
+            calls = {(s, r): self.pool[s][r % self.replicas].pass2.remote(r, refs[r], solved[s]["deltas"], sketch_args)
                      for s, r in sorted(todo)}
             done, failed = self._gather(calls)
             for (s, r), row in sorted(done.items()):
@@ -389,6 +403,7 @@ class SlicePool:
         raise LayercardError(f"pass 2 did not complete after {MAX_ROUNDS + 1} rounds: actors kept failing")
 
     def close(self) -> None:
+        self._puts.clear()
         for actors in self.pool:
             for a in actors:
                 self.ray.kill(a)

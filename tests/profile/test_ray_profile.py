@@ -167,3 +167,21 @@ def test_statistics_stay_with_the_slice_owners(ray_local, reference, tmp_path):
         np.testing.assert_allclose(loaded.stats.C[key].numpy(), c.numpy(), rtol=1e-9, atol=1e-12, err_msg=key)
     assert loaded.stats.n == reference.stats.n
     assert LayerCard.load(tmp_path / "card", with_stats=False).stats is None
+
+
+def test_shards_are_put_once_and_reused(ray_local):
+    """Every slice's call and every retry reuses one object-store copy of a shard."""
+    from types import SimpleNamespace
+
+    from layercard.profile.distributed import SlicePool
+
+    pool = SimpleNamespace(ray=ray_local, _puts={})
+    shards = {3: [{"input_ids": [1, 2, 3]}], 7: [{"input_ids": [4, 5]}]}
+    refs = SlicePool.shared(pool, "pass1", shards)
+    assert sorted(refs) == [3, 7] and ray_local.get(refs[7]) == shards[7]
+    assert SlicePool.shared(pool, "pass1", shards) == refs                  # the same copies, not new puts
+    probe = [[{"input_ids": [9]}], [{"input_ids": [8]}]]
+    prefs = SlicePool.shared(pool, "pass2", probe)
+    assert [ray_local.get(prefs[r]) for r in range(2)] == probe and SlicePool.shared(pool, "pass1", shards) == refs
+    other = dict(shards)                                                    # another profile's shards: new copies
+    assert SlicePool.shared(pool, "pass1", other)[3] != refs[3]
