@@ -215,11 +215,17 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def copy_of(saved: Path, tmp_path: Path) -> Path:
+    """A copy of the saved card to break."""
+    card = tmp_path / "card"
+    shutil.copytree(saved, card)
+    return card
+
+
 @pytest.mark.parametrize("name", ["layers.parquet", "modules.parquet", "coupling.parquet", "stats.safetensors"])
 @pytest.mark.parametrize("damage", [_truncate, _flip_byte])
 def test_corrupted_file_is_detected(saved, tmp_path, name, damage):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     damage(card / name)
     with pytest.raises(LayercardError) as exc:
         LayerCard.load(card)
@@ -228,8 +234,7 @@ def test_corrupted_file_is_detected(saved, tmp_path, name, damage):
 
 
 def test_missing_card_json(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "card.json").unlink()
     with pytest.raises(LayercardError, match="card.json"):
         LayerCard.load(card)
@@ -241,24 +246,21 @@ def test_missing_directory(tmp_path):
 
 
 def test_missing_table_file(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "coupling.parquet").unlink()
     with pytest.raises(LayercardError, match="coupling.parquet"):
         LayerCard.load(card)
 
 
 def test_invalid_card_json(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "card.json").write_text("{not json")
     with pytest.raises(LayercardError, match="card.json"):
         LayerCard.load(card)
 
 
 def test_newer_schema_version_refused(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     meta = json.loads((card / "card.json").read_text())
     meta["schema_version"] = 10**6
     (card / "card.json").write_text(json.dumps(meta))
@@ -267,8 +269,7 @@ def test_newer_schema_version_refused(saved, tmp_path):
 
 
 def test_edited_checksum_list_cannot_hide_a_table(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     meta = json.loads((card / "card.json").read_text())
     del meta["files"]["layers.parquet"]
     (card / "card.json").write_text(json.dumps(meta))
@@ -319,8 +320,7 @@ def test_edited_table_with_updated_checksum_is_refused_under_the_old_id(saved, t
     """Forging a card: change a table and write its new sha256 into card.json, keeping the id."""
     from layercard.card.layer_card import sha256_file
 
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     df = pd.read_parquet(card / "layers.parquet")
     df["res2"] = df["res2"][::-1].to_numpy()
     df.to_parquet(card / "layers.parquet", index=False)
@@ -332,8 +332,7 @@ def test_edited_table_with_updated_checksum_is_refused_under_the_old_id(saved, t
 
 @pytest.mark.parametrize("body, words", [("[1, 2]", "list, not an object"), ('"card"', "str, not an object")])
 def test_card_json_that_is_not_an_object(saved, tmp_path, body, words):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "card.json").write_text(body)
     with pytest.raises(LayercardError, match=words):
         LayerCard.load(card)
@@ -341,8 +340,7 @@ def test_card_json_that_is_not_an_object(saved, tmp_path, body, words):
 
 @pytest.mark.parametrize("files", [["layers.parquet"], {"layers.parquet": 3}, "x"])
 def test_files_entry_of_the_wrong_type(saved, tmp_path, files):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     _rewrite(card, lambda m: m.__setitem__("files", files))
     with pytest.raises(LayercardError, match="'files' must map file names to sha256"):
         LayerCard.load(card)
@@ -351,8 +349,7 @@ def test_files_entry_of_the_wrong_type(saved, tmp_path, files):
 def test_table_that_is_not_parquet_with_a_matching_hash(saved, tmp_path):
     from layercard.card.layer_card import card_id_of, sha256_file
 
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "modules.parquet").write_text("not parquet at all")
 
     def edit(m):
@@ -367,8 +364,7 @@ def test_table_that_is_not_parquet_with_a_matching_hash(saved, tmp_path):
 def test_other_major_library_version_warns_and_loads(saved, tmp_path):
     from layercard.card.layer_card import card_id_of, library_versions
 
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     here = library_versions()
     older = {"pyarrow": "1.0.0", "torch": here["torch"]}
     _rewrite(card, lambda m: m.__setitem__("library_versions", older))
@@ -379,8 +375,7 @@ def test_other_major_library_version_warns_and_loads(saved, tmp_path):
 
 
 def test_load_without_stats_does_not_read_the_statistics(saved, tmp_path):
-    card = tmp_path / "card"
-    shutil.copytree(saved, card)
+    card = copy_of(saved, tmp_path)
     (card / "stats.safetensors").write_bytes(b"not statistics" * 1000)   # card.json keeps the old hash
     loaded = LayerCard.load(card, with_stats=False)
     assert loaded.stats is None and loaded.card_id == json.loads((saved / "card.json").read_text())["card_id"]

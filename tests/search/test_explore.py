@@ -18,48 +18,24 @@ import pytest
 
 from layercard.search import pool as ex
 from layercard.select.baselines import STRATEGIES, baseline_layers
-from layercard.card.layer_card import STAT_COLUMNS, LayerCard
+from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.search.config import SearchConfig
+from tests.select.test_selection import make_card
 
 ROOT = Path(__file__).resolve().parents[2]
 SEARCH_YAML = ROOT / "configs" / "search-tiny.yaml"
 PROFILE = ["data.num_samples=32", "coupling.probe_samples=8", "cost.steps=1"]
-RANK = 4
-MODULES = [("self_attn.q_proj", "q_proj", 16, 16), ("mlp.down_proj", "down_proj", 32, 16)]
 
 
 def synthetic_card(L: int = 12, seed: int = 0) -> LayerCard:
     """A complete card with coupling and analytic cost: K the Gram of random directions, b in their span."""
     rng = np.random.default_rng(seed)
     U = rng.normal(size=(L, 2 * L))
-    K = U @ U.T
     b = U @ rng.normal(size=2 * L)
-    t = pd.DataFrame({"layer": range(L), "n_tokens": 100})
-    for c in STAT_COLUMNS:
-        t[c] = 1.0
-    t["res2"] = rng.uniform(1, 2, L)
-    t["res2_rank_r"] = 0.6 * t["res2"]
-    t["gain_adj"] = 0.5 * t["res2"]
-    t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]
-    t["kappa"] = 100.0
-    t["grad_norm"] = rng.uniform(1, 2, L)
-    t["block_influence"] = rng.uniform(0.1, 0.3, L)
-    t["b"], t["k_diag"] = b, np.diag(K)
-    per_layer = sum(RANK * (a + o) for _, _, a, o in MODULES)
-    t["adapter_params"] = per_layer
-    t["adapter_flops_per_token"] = 6.0 * per_layer
-    t["backprop_flops_per_token"] = [1e4 * (L - i) + 5e3 for i in range(L)]
-    t["forward_flops_per_token"] = 1e4
-    t["act_bytes_per_token"] = 1.0
-    meta = {"layers_pattern": "layers", "rank": RANK, "modules": [m[0] for m in MODULES],
-            "target_modules": [m[1] for m in MODULES], "weights_hash": "w" * 8, "model_id": "synthetic",
-            "cost_model": {"forward_flops_per_token": 1e4 * L + 5e3, "rank": RANK, "seq_len": 16}}
-    mods = pd.DataFrame([{"layer": l, "module": m, "target": tg, "d_in": a, "d_out": o, "n_tokens": 100,
-                          **{c: 1.0 for c in STAT_COLUMNS}} for l in range(L) for m, tg, a, o in MODULES])
-    d = np.sqrt(np.diag(K))
-    return LayerCard(t, mods, K / np.outer(d, d), K, meta)
+    res2, grad_norm, block_influence = rng.uniform(1, 2, L), rng.uniform(1, 2, L), rng.uniform(0.1, 0.3, L)
+    return make_card(b, U @ U.T, res2=res2, grad_norm=grad_norm, block_influence=block_influence)
 
 
 # --------------------------------------------------------------------------- the pool (pure)

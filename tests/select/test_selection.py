@@ -39,7 +39,8 @@ def arrays(b, K=None, *, weight=None, lowest=None, added=None, layers=None) -> C
                       np.full(L, 0.1) if added is None else added)
 
 
-def make_card(b, K, *, res2=None, gain_adj=None, kappa=None, cost=True, layers=None, step_fit=False) -> LayerCard:
+def make_card(b, K, *, res2=None, gain_adj=None, kappa=None, cost=True, layers=None, step_fit=False,
+              grad_norm=None, block_influence=None) -> LayerCard:
     """A complete synthetic card: 2 modules per layer, f = 1 and equal κ unless given, analytic cost."""
     L = len(b)
     ids = list(range(L)) if layers is None else list(layers)
@@ -52,8 +53,8 @@ def make_card(b, K, *, res2=None, gain_adj=None, kappa=None, cost=True, layers=N
     t["gain_adj"] = 0.5 * res2 if gain_adj is None else gain_adj
     t["gain_adj_rank_r"] = 0.6 * t["gain_adj"]
     t["kappa"] = 100.0 if kappa is None else kappa
-    t["grad_norm"] = np.linspace(2.0, 1.0, L)
-    t["block_influence"] = np.linspace(0.1, 0.3, L)
+    t["grad_norm"] = np.linspace(2.0, 1.0, L) if grad_norm is None else grad_norm
+    t["block_influence"] = np.linspace(0.1, 0.3, L) if block_influence is None else block_influence
     t["b"] = b
     t["k_diag"] = np.diag(K)
     meta = {"layers_pattern": "layers", "rank": RANK, "modules": [m[0] for m in MODULES],
