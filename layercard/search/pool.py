@@ -240,6 +240,13 @@ def rung_spearman(rung_qualities: list[list[float | None]], final: list[float]) 
     return [spearman([nan if r[i] is None else r[i] for r in rung_qualities], final) for i in range(n_rungs)]
 
 
+def unselected_mean(gain_fractions: list[float], seeds: list[int], selection_seed: int) -> float | None:
+    """Mean gain fraction over the seeds the pick was *not* chosen on: the pick is the best of many sets on
+    ``selection_seed``, so its result there is biased upwards (winner's curse); the other seeds are not."""
+    rest = [g for g, s in zip(gain_fractions, seeds) if s != selection_seed]
+    return sum(rest) / len(rest) if rest else None
+
+
 def gain_fractions(base: float, set_quality: dict[int, float], all_quality: dict[int, float]) -> list[float]:
     """(base − set) / (base − all layers) per seed both were trained with (same seed: same data order)."""
     return [(base - set_quality[s]) / (base - all_quality[s]) for s in sorted(set_quality)

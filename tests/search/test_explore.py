@@ -39,6 +39,13 @@ def synthetic_card(L: int = 12, seed: int = 0) -> LayerCard:
 
 
 # --------------------------------------------------------------------------- the pool (pure)
+def test_unselected_mean_leaves_out_the_selection_seed():
+    assert ex.unselected_mean([0.9, 0.7, 0.8], [0, 1, 2], 0) == pytest.approx(0.75)
+    assert ex.unselected_mean([0.9, 0.7], [3, 5], 5) == pytest.approx(0.9)
+    assert ex.unselected_mean([0.9], [0], 0) is None and ex.unselected_mean([], [], 0) is None
+
+
+
 def test_neighbours_are_every_one_shift_and_one_swap():
     ids = list(range(8))
     S = (1, 4, 5)
@@ -377,6 +384,8 @@ def test_explore_writes_its_rows_and_the_usual_outputs(explored, card_dir):
     base = trials["initial_quality"].median()
     gf = [(base - trials.loc[f"{pick}-s{s}", "quality"]) / (base - trials.loc[f"all-s{s}", "quality"]) for s in (0, 1)]
     assert row["gain_fraction_mean"] == pytest.approx(np.mean(gf))
+    assert row["seeds"] == [0, 1] and row["selection_seed"] == 0                 # the pick was chosen on seed 0
+    assert row["gain_fraction_mean_unselected"] == pytest.approx(gf[1])
     assert row["steps"] == trials["steps_done"].sum()                       # every step the search trained
     assert row["fixed_steps"] == ex.fixed_steps(2, 4, STRATEGIES, [0], 2, 6)
     assert [g["step"] for g in row["rung_spearman"]] == [2, 4]
@@ -428,3 +437,21 @@ def test_explore_table_smoke(ray_local, tmp_path):
     assert bench.main([*args, "--resume"]) == 0
     assert (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "results" / "explore_tiny.json").read_text()) == [row]
+
+
+def test_explore_table_verdicts():
+    """merge: the budget, best-fixed and card verdicts, on all seeds and on the seeds the pick was not chosen on
+    (computed for rows written before ``gain_fraction_mean_unselected`` existed)."""
+    from bench_scripts import load_benchmark
+
+    bench = load_benchmark("explore_table")
+    row = {"k": 5, "gain_fraction_mean": 0.9, "gain_fraction_sd": 0.05, "gain_fractions": [1.0, 0.85, 0.85],
+           "seeds": [0, 1, 2], "best_fixed_gain_fraction": 0.92, "steps": 1100, "fixed_steps": 1000}
+    ablation = {"k": 5, "gain_fraction_mean": 0.8, "gain_fraction_sd": 0.01, "steps": 1000, "picked_layers": [1]}
+    (m,) = bench.merge([row], [ablation])
+    assert m["selection_seed"] == 0 and m["gain_fraction_mean_unselected"] == pytest.approx(0.85)
+    assert m["within_budget"] and m["meets_best_fixed"]                        # 0.9 ≥ 0.92 − 0.05
+    assert m["meets_best_fixed_unselected"] is False                          # 0.85 < 0.87
+    assert m["card_helps"] and m["ablation_gain_fraction"] == 0.8             # 0.8 ≤ 0.9 − 0.05
+    (m,) = bench.merge([{**row, "steps": 1101, "gain_fraction_mean_unselected": 0.88}], [])
+    assert not m["within_budget"] and m["meets_best_fixed_unselected"] and m["card_helps"] is None
