@@ -27,8 +27,8 @@ state under ``OUT/tune`` (``storage_path``); an interrupted search resumes with 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 from layercard.config import load_config
 from layercard.errors import LayercardError
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except LayercardError as err:
         print(f"layercard search: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}))
-    if summary.get("per_layer"):
-        print(json.dumps(summary["per_layer"]))
+    out = Path(summary["out"])
+    print((out / "summary.md").read_text().rstrip())        # the result table(s) a person reads
+    print(f"\nlayercard search: wrote {out}: summary.md, results.parquet (one row per candidate), trials.parquet, "
+          f"frontier.png, card/{', explore.json' if 'explore' in summary else ''}")
     return 0
 
 

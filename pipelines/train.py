@@ -11,7 +11,6 @@ workers vs. CPUs) before any Ray work, tokenizes the data into Ray Data, and run
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from layercard.config import load_config
@@ -37,10 +36,22 @@ def main(argv: list[str]) -> int:
     except LayercardError as err:
         print(f"layercard train: error: {err}", file=sys.stderr)
         return 2
-    summary = {k: metrics.get(k) for k in ("steps", "final_train_loss", "eval_loss", "metric",
-                                           "median_step_s", "train_tokens_per_s", "adapter_layers")}
-    print(json.dumps(summary))
+    print(result_table(metrics))
+    print(f"layercard train: wrote {args.out}: metrics.json, adapter/ (PeftModel.from_pretrained)")
     return 0
+
+
+COLUMNS = (("adapter_layers", "layers", "{}"), ("steps", "steps", "{}"), ("final_train_loss", "train loss", "{:.4f}"),
+           ("eval_loss", "eval loss", "{:.4f}"), ("label_loss", "label loss", "{:.4f}"), ("metric", "metric", "{:.4f}"),
+           ("median_step_s", "s/step", "{:.3f}"), ("train_tokens_per_s", "tokens/s", "{:.0f}"))
+
+
+def result_table(metrics: dict) -> str:
+    """The run's result as a two-row markdown table (columns the run has a value for)."""
+    cols = [(key, head, fmt) for key, head, fmt in COLUMNS if metrics.get(key) is not None]
+    cells = [fmt.format(metrics[key]) for key, _, fmt in cols]
+    return "\n".join(["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols),
+                      "| " + " | ".join(cells) + " |"])
 
 
 if __name__ == "__main__":

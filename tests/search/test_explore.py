@@ -412,6 +412,8 @@ def test_explore_under_ray_job_submit(card_dir, tmp_path):
     finally:
         stop_head(head.temp_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "## Explore" in proc.stdout and "| k | pick |" in proc.stdout           # the result table, not JSON
+    assert f"layercard search: wrote {out.resolve()}" in proc.stdout
     (row,) = json.loads((out / "explore.json").read_text())
     assert row["k"] == 2 and row["gain_fraction_mean"] is not None and row["steps"] <= 3 * 4
     assert len(pd.read_parquet(out / "trials.parquet")) == 3

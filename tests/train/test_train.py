@@ -387,3 +387,13 @@ def test_with_a_compiler_deepspeed_ops_build_once_and_load_from_the_cache(tmp_pa
     second = run()
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ext").rglob("*.so")} == built   # not rebuilt
+
+
+def test_result_table_shows_what_the_run_measured():
+    from pipelines.train import result_table
+
+    m = {"adapter_layers": [2, 3], "steps": 8, "final_train_loss": 2.5, "eval_loss": 2.25, "label_loss": None,
+         "metric": None, "median_step_s": 0.1234, "train_tokens_per_s": 812.4}
+    assert result_table(m).splitlines() == ["| layers | steps | train loss | eval loss | s/step | tokens/s |",
+                                            "|---|---|---|---|---|---|",
+                                            "| [2, 3] | 8 | 2.5000 | 2.2500 | 0.123 | 812 |"]
