@@ -6,6 +6,8 @@ Objectives (docs/design.md §3; the predicted quality Q(S) and cost model are in
     --objective min-cost --target T                cheapest S with Q(S) ≥ T · Q(all layers)
     --objective pareto                             every non-dominated (Q, cost) set → pareto.json
     --strategy top|bottom|mid|uniform|random|grad-norm|block-influence --k K  (or all)   baselines
+    --layers 2,11,18                               a set you give
+    --from-search OUT [--k K]                      the set a finished search measured best (explore: its pick)
 
 Cost is predicted FLOPs per token (``--budget-unit flops``, the default) or predicted seconds per
 training step (``--budget-unit seconds``, calibrated on the card's measured steps).
@@ -33,6 +35,13 @@ class _Parser(argparse.ArgumentParser):
         raise LayercardError(f"layercard select: {message}")
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="layercard select", description="choose layers from a card and write a PEFT LoraConfig")
     p.add_argument("card", help="Layer Card directory")
@@ -40,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--objective", choices=OBJECTIVES, help="card-guided objective (default max-quality)")
     p.add_argument("--strategy", choices=STRATEGIES, help="a baseline instead of an objective")
+    p.add_argument("--layers", type=_layer_list, help="your own set, e.g. 2,11,18 (predictions and baselines "
+                   "are reported for it as for any other)")
+    p.add_argument("--from-search", metavar="OUT", help="the set a finished `layercard search` in OUT measured best "
+                   "(explore: its pick at --k; otherwise the best trained set with --k layers)")
     p.add_argument("--k", type=int, help="number of layers (max-quality: at most k)")
     p.add_argument("--budget", type=float, help="max-quality: largest predicted cost, in --budget-unit")
     p.add_argument("--budget-unit", choices=sorted(COST_UNITS), default="flops",

@@ -19,6 +19,7 @@ from layercard.data.examples import LEGACY_SEQUENCE_FORMAT
 from layercard.errors import LayercardError
 from layercard.select.gain_models import FORMULAS
 from layercard.select.lora_config import build_lora_config, card_rank_allocation, write_lora_config
+from layercard.select.measured import check_layers, measured_pick
 from layercard.select.selection import (
     COST_UNITS,
     CardArrays,
@@ -40,14 +41,21 @@ def _formula(A: CardArrays | None) -> str:
 
 
 def _check_args(a) -> None:
-    if a.strategy and a.objective:
-        raise LayercardError("give --strategy or --objective, not both")
-    a.objective = None if a.strategy else (a.objective or "max-quality")
+    given = [f for f, on in (("--strategy", a.strategy), ("--objective", a.objective),
+                             ("--layers", a.layers is not None), ("--from-search", a.from_search)) if on]
+    if len(given) > 1:
+        raise LayercardError(f"give one of --strategy, --objective, --layers, --from-search, not {' and '.join(given)}")
+    if a.layers is not None or a.from_search:
+        extra = [f for f, on in (("--budget", a.budget is not None), ("--target", a.target is not None),
+                                 ("--k", a.layers is not None and a.k is not None)) if on]
+        if extra:
+            raise LayercardError(f"{', '.join(extra)} does not apply to {given[0]}")
+    a.objective = None if (a.strategy or a.layers is not None or a.from_search) else (a.objective or "max-quality")
     used = {"--k": a.k is not None, "--budget": a.budget is not None, "--target": a.target is not None}
     allowed = {"max-quality": {"--k", "--budget"}, "min-cost": {"--target"}, "pareto": set(),
                None: {"--k"}}[a.objective]
     extra = [f for f, on in used.items() if on and f not in allowed]
-    if extra:
+    if extra and (a.strategy or a.objective):
         what = f"--objective {a.objective}" if a.objective else f"--strategy {a.strategy}"
         raise LayercardError(f"{', '.join(extra)} does not apply to {what}")
     if a.objective == "max-quality" and a.k is None and a.budget is None:
@@ -96,6 +104,11 @@ def _arrays(card, unit: str, needed: bool, model: str | None = None,
 
 def _choose(card, a, A: CardArrays | None):
     """(layers, method, pareto Selections or None)."""
+    if a.layers is not None:
+        return check_layers(card, a.layers), "given", None
+    if a.from_search:
+        layers, a.measured = measured_pick(card, a.from_search, a.k)
+        return layers, "measured", None
     if a.strategy:
         return baseline_layers(card, a.strategy, a.k, seed=a.seed), "baseline", None
     if a.objective == "max-quality":
@@ -172,13 +185,15 @@ def run_select(card: str | Path, out: str | Path, *, objective: str | None = Non
                k: int | None = None, budget: float | None = None, budget_unit: str = "flops",
                target: float | None = None, seed: int = 0, rank: int | None = None, rank_budget: int | None = None,
                alpha: float | None = None, model: str | None = None, step_budget: float | None = None,
-               train_config: str | None = None, target_form: str = "auto", overwrite: bool = False) -> dict:
+               train_config: str | None = None, target_form: str = "auto", overwrite: bool = False,
+               layers: list[int] | None = None, from_search: str | Path | None = None) -> dict:
     """Choose layers from the card in ``card`` and write the selection to ``out`` (``layercard select``;
     the arguments are its options). Returns selection.json's content."""
     a = SimpleNamespace(card=card, out=out, objective=objective, strategy=strategy, k=k, budget=budget,
                         budget_unit=budget_unit, target=target, seed=seed, rank=rank, rank_budget=rank_budget,
                         alpha=alpha, model=model, step_budget=step_budget, train_config=train_config,
-                        target_form=target_form, overwrite=overwrite)
+                        target_form=target_form, overwrite=overwrite, layers=layers, from_search=from_search,
+                        measured=None)
     _check_args(a)
     card = LayerCard.load(a.card, with_stats=False)
     rho = step_budget_of(a)
@@ -220,6 +235,8 @@ def run_select(card: str | Path, out: str | Path, *, objective: str | None = Non
         "ambiguous_targets": info["ambiguous_targets"],
         "modules": sorted({m for ms in info["modules"].values() for m in ms}),
     }
+    if a.measured is not None:
+        selection["measured"] = a.measured      # the search that measured this set (layercard.select.measured)
     if missing:
         selection["predictions_missing"] = missing
     else:
@@ -242,7 +259,8 @@ def run_select(card: str | Path, out: str | Path, *, objective: str | None = Non
 
     out = Path(a.out)
     _write_atomically(out, a.overwrite, write)
-    what = f"--strategy {a.strategy}" if a.strategy else f"--objective {a.objective}"
+    what = (f"--strategy {a.strategy}" if a.strategy else f"--objective {a.objective}" if a.objective
+            else "--layers" if a.layers is not None else f"--from-search {a.from_search}")
     gf, cf = selection["gain_fraction"], (selection["cost_fraction"] or {}).get(COST_UNITS[a.budget_unit])
     tail = "" if gf is None else f": {gf:.1%} of the all-layer predicted gain at {cf:.1%} of its cost"
     print(f"{what}: layers {layers}{tail} -> {out}")

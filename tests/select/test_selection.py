@@ -367,7 +367,7 @@ def test_cli_errors(card_dir, tmp_path):
         (["--budget", "1"], r"budget 1 FLOPs/token is below the cheapest single layer \(layer 5: "),
         (["--objective", "min-cost", "--target", "1.2"], r"target 1.2 is outside \(0, 1\]"),
         (["--objective", "max-quality"], r"needs --k and/or --budget"),
-        (["--strategy", "top", "--objective", "pareto"], r"--strategy or --objective"),
+        (["--strategy", "top", "--objective", "pareto"], r"not --strategy and --objective"),
         (["--k", "2", "--rank-budget", "10"], r"--rank-budget 10 is below one rank-1 adapter on the 2 chosen layers"),
         (["--strategy", "bogus"], r"invalid choice: 'bogus'"),
     ]
