@@ -12,7 +12,8 @@ overrides, :mod:`layercard.data.task_recipes`): ``WORK/TASK/explore-k5`` (the ca
 without the card's pick and neighbours). A finished search is reused; an interrupted one continues with
 ``--resume``.
 
-Writes ``RESULTS/explore_<task>.json``: the search's explore.json rows (one per k) plus
+Writes ``RESULTS/explore_<task>.json`` (and ``explore_<task>_meta.json``: command, commit, machine, each
+search's wall-clock minutes): the search's explore.json rows (one per k) plus
 ``ablation_gain_fraction`` (``_sd``), ``ablation_steps`` and ``ablation_picked_layers``; ``best_fixed_*``
 come from the committed ``RESULTS/paper_table.json`` (same recipe). ``meets_best_fixed``: the pick's mean
 gain fraction ≥ the best fixed strategy's − one seed sd (``meets_best_fixed_unselected``: the same on the
@@ -24,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         verify(None, ["smollm2", "vader", "news"] if "headline" in tasks else ["smollm2", "vader"])
         for task in tasks:
             prepare_task(task)
+    from layercard.atomic import atomic_write_text
+
     results.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         started = time.time()
@@ -144,12 +150,25 @@ def main(argv: list[str] | None = None) -> int:
             search_config(task, card_dir, k, seeds, True, args), work / task / f"{name}-ablation", args.resume)
         merged = merge(rows, ablation)
         path = results / f"explore_{task}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
+        searches = [work / task / name, *([] if args.no_ablation else [work / task / f"{name}-ablation"])]
+        atomic_write_text(results / f"explore_{task}_meta.json", json.dumps({
+            "command": "python benchmarks/explore_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip() or None,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+            "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
         print(json.dumps(merged, indent=1))
         print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)
     return 0
+
+
+def search_minutes(out: Path) -> float | None:
+    """Wall-clock minutes from a search's first trial start to its last trial end (its trial log)."""
+    from layercard.search.events import read_events
+
+    times = [e["time"] for e in read_events(out)] if out.is_dir() else []
+    return round((max(times) - min(times)) / 60, 1) if times else None
 
 
 def ensure_card(task: str, work: Path) -> Path:

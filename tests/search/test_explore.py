@@ -439,6 +439,10 @@ def test_explore_table_smoke(ray_local, tmp_path):
     assert bench.main([*args, "--resume"]) == 0
     assert (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "results" / "explore_tiny.json").read_text()) == [row]
+    meta = json.loads((tmp_path / "results" / "explore_tiny_meta.json").read_text())
+    assert meta["command"].startswith("python benchmarks/explore_table.py --smoke") and meta["machine"]
+    assert set(meta["searches"]) == {str(tmp_path / "work" / "tiny" / n) for n in ("explore-k2", "explore-k2-ablation")}
+    assert all(m > 0 for m in meta["searches"].values())
 
 
 def test_explore_table_verdicts():
