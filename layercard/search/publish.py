@@ -131,7 +131,7 @@ def write_outputs(s: Setup, grid) -> dict:
     atomic_write_bytes(s.out / "trials.parquet", _parquet_bytes(rows_frame(trials)))
     unit = _UNIT_WORDS[s.cfg.budget_unit]
     write_frontier_png(rows, s.out / "frontier.png",
-                       f"{s.plan.model_id}: {sum(r['status'] == 'trained' for r in rows)} trained, budget "
+                       f"{Path(str(s.plan.model_id)).name}: {sum(r['status'] == 'trained' for r in rows)} trained, budget "
                        f"{_fmt(s.cfg.budget)} {unit}")
     atomic_write_text(s.out / "summary.md", summary_markdown(s, rows, per_layer, card_dir))
     version = None

@@ -161,3 +161,16 @@ def test_trial_line_tells_finished_from_stopped():
     assert trial_line("k5c01-s0", {"step": 30, "rung_quality": 0.61239}) == \
         "k5c01-s0 stopped at step 30 (rung quality 0.6124)"
     assert trial_line("k5c02-s0", {"step": 10}) == "k5c02-s0 stopped at step 10"
+
+
+def test_frontier_labels_compress_layer_runs_and_name_the_candidate_kinds():
+    from layercard.search.plots import _kind, layer_label
+
+    assert layer_label([16, 12, 13, 14, 15], 30) == "12–16" and layer_label(range(30), 30) == "all"
+    assert layer_label([2, 9, 10, 11, 28], 30) == "2,9–11,28" and layer_label([5], 30) == "5"
+    row = {"card_guided": True, "baseline": False}
+    assert _kind({**row, "labels": ["max-quality k=5"]}) == "card-guided"
+    assert _kind({**row, "labels": ["shift k=5 #1", "swap k=5 #2"]}) == "card neighbour"
+    assert _kind({"card_guided": False, "baseline": True, "labels": ["mid k=5"]}) == "baseline"
+    assert _kind({"card_guided": True, "baseline": True, "labels": ["mid k=5", "max-quality k=5"]}) == "both"
+    assert _kind({"card_guided": False, "baseline": False, "labels": ["stratified k=5 #3"]}) == "stratified random"
