@@ -138,29 +138,40 @@ def main(argv: list[str] | None = None) -> int:
         verify(None, ["smollm2", "vader", "news"] if "headline" in tasks else ["smollm2", "vader"])
         for task in tasks:
             prepare_task(task)
-    from layercard.atomic import atomic_write_text
+    from layercard.search.results import SearchInterrupted
 
     results.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        started = time.time()
-        card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
-        name = f"explore-k{k}"
-        rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args), work / task / name, args.resume)
-        ablation = [] if args.no_ablation else run_or_resume(
-            search_config(task, card_dir, k, seeds, True, args), work / task / f"{name}-ablation", args.resume)
-        merged = merge(rows, ablation)
-        path = results / f"explore_{task}.json"
-        atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
-        searches = [work / task / name, *([] if args.no_ablation else [work / task / f"{name}-ablation"])]
-        atomic_write_text(results / f"explore_{task}_meta.json", json.dumps({
-            "command": "python benchmarks/explore_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip() or None,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
-        print(json.dumps(merged, indent=1))
-        print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)
+    try:
+        for task in tasks:
+            run_task(task, k, seeds, args, work, results, argv)
+    except SearchInterrupted as err:
+        print(f"explore_table: {err}; continue with the same command and --resume", file=sys.stderr)
+        return 3
     return 0
+
+
+def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Path, argv) -> None:
+    """One task: its card, the explore search and the ablation (reused or resumed), merged and written."""
+    from layercard.atomic import atomic_write_text
+
+    started = time.time()
+    card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
+    name = f"explore-k{k}"
+    rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args), work / task / name, args.resume)
+    ablation = [] if args.no_ablation else run_or_resume(
+        search_config(task, card_dir, k, seeds, True, args), work / task / f"{name}-ablation", args.resume)
+    merged = merge(rows, ablation)
+    path = results / f"explore_{task}.json"
+    atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
+    searches = [work / task / name, *([] if args.no_ablation else [work / task / f"{name}-ablation"])]
+    atomic_write_text(results / f"explore_{task}_meta.json", json.dumps({
+        "command": "python benchmarks/explore_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip() or None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
+    print(json.dumps(merged, indent=1))
+    print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)
 
 
 def search_minutes(out: Path) -> float | None:
