@@ -44,14 +44,18 @@ def check_layers(card, layers) -> list[int]:
     return sorted(out)
 
 
-def _record(out: Path) -> dict:
-    path = out / SEARCH_RECORD
-    if not path.is_file():
-        raise LayercardError(f"--from-search: '{out}' holds no search ({SEARCH_RECORD} is missing)")
+def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise LayercardError(f"--from-search: '{path}' is unreadable ({type(err).__name__})") from None
+
+
+def _record(out: Path) -> dict:
+    path = out / SEARCH_RECORD
+    if not path.is_file():
+        raise LayercardError(f"--from-search: '{out}' holds no search ({SEARCH_RECORD} is missing)")
+    return _read_json(path)
 
 
 def measured_pick(card, out: str | Path, k: int | None) -> tuple[list[int], dict]:
@@ -64,7 +68,7 @@ def measured_pick(card, out: str | Path, k: int | None) -> tuple[list[int], dict
                              f"{card.card_id} (or the card it came from)")
     explore = out / EXPLORE_RECORD
     if explore.is_file():
-        rows = json.loads(explore.read_text())
+        rows = _read_json(explore)
         if k is None and len(rows) == 1:
             k = rows[0]["k"]
         row = next((r for r in rows if r["k"] == k), None)

@@ -119,3 +119,13 @@ def test_from_search_refuses_another_cards_search_and_an_unfinished_one(card_dir
     with pytest.raises(LayercardError, match="holds no search"):
         run_select(card_dir, tmp_path / "a", from_search=str(tmp_path / "nothing"))
     assert not (tmp_path / "a").exists()
+
+
+def test_from_search_with_a_truncated_explore_record_is_one_line(card_dir, tmp_path):
+    from layercard.select.run import run_select
+
+    search = _search(tmp_path, LayerCard.load(card_dir, with_stats=False).card_id)
+    (search / "explore.json").write_text('[{"k": 2, "picked_')              # a killed writer
+    with pytest.raises(LayercardError, match="explore.json' is unreadable") as e:
+        run_select(card_dir, tmp_path / "a", from_search=str(search))
+    assert "\n" not in str(e.value) and not (tmp_path / "a").exists()
