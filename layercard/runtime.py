@@ -131,7 +131,47 @@ def ray_init_kwargs() -> dict:
     quiet_console()
     for name in ("ray", "ray.data"):
         reroute_logger(name)
+    route_raylet_notices()
     return {"log_to_driver": False}
+
+
+# What the raylet pushes to every driver that is routine on a small node: a Tune search starts a trial actor
+# and a Train worker group per trial, which trips "N PYTHON worker processes have been started" on every
+# search with few CPUs. Everything else the raylet pushes (a worker killed, out of memory) still prints.
+RAYLET_NOTICES = ("worker processes have been started on node",)
+
+
+def route_raylet_notices() -> None:
+    """Send the raylet's routine notices (:data:`RAYLET_NOTICES`) to the log file instead of stdout.
+
+    Ray's driver prints what the raylet pushes through ``print_to_stdstream`` whatever ``log_to_driver``
+    says, and has no switch for it (ray-project/ray#63800), so that one function is wrapped; if a Ray
+    release renames it, the notices print as before. Idempotent."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    log = logging.getLogger("layercard.raylet")
+    if _file_handler() not in log.handlers:
+        log.addHandler(_file_handler())
+    log.propagate = False
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "layercard_routed", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        if data.get("pid") == "raylet":
+            lines = data.get("lines") or []
+            routine = [line for line in lines if any(n in line for n in RAYLET_NOTICES)]
+            for line in routine:
+                log.warning("(raylet) %s", line)
+            if len(routine) == len(lines):
+                return
+            data = {**data, "lines": [line for line in lines if line not in routine]}
+        return original(data, ignore_prefix)
+
+    print_to_stdstream.layercard_routed = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def init_ray(address: str | None, **kwargs):

@@ -21,7 +21,7 @@ def quiet(tmp_path, monkeypatch):
     yield tmp_path / "logs"
     handler = runtime._LOG.get("handler")
     logging.captureWarnings(False)
-    for name in ("py.warnings", "lc-test"):
+    for name in ("py.warnings", "lc-test", "layercard.raylet"):
         if handler is not None and handler in logging.getLogger(name).handlers:
             logging.getLogger(name).removeHandler(handler)
     logging.getLogger("py.warnings").propagate = True
@@ -101,3 +101,24 @@ def test_select_step_budget_from_a_train_config():
     t = load_config(TrainConfig, path, ["strategy=all"])
     rho = step_budget_of(Namespace(step_budget=None, train_config=path))
     assert rho == pytest.approx(step_budget(t.lr, t.steps, t.warmup_steps)) and rho > 0
+
+
+def test_quiet_routes_raylet_worker_count_notice_to_log(quiet, capfd):
+    """The raylet's "N PYTHON worker processes have been started" (every search on a small node trips it)
+    goes to the log file; anything else the raylet pushes still reaches the terminal."""
+    import ray._private.worker as ray_worker
+
+    runtime.ray_init_kwargs()
+    runtime.route_raylet_notices()                         # idempotent: wrapped once
+    assert getattr(ray_worker.print_to_stdstream, "layercard_routed", False)
+    notice = ("WARNING: 8 PYTHON worker processes have been started on node: 7b5a with address: 192.0.2.2, "
+              "which is 4x the maximum expected startup concurrency (2).")
+    capfd.readouterr()
+    ray_worker.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": [notice, "a worker died unexpectedly"], "pid": "raylet",
+                                   "is_err": False}, ignore_prefix=False)
+    out, err = capfd.readouterr()
+    assert "PYTHON worker processes" not in out + err
+    assert "a worker died unexpectedly" in out
+    (log,) = quiet.iterdir()
+    assert log.read_text().count("PYTHON worker processes have been started") == 2

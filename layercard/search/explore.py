@@ -200,7 +200,7 @@ def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> 
                                     metric="rung_quality", mode="min", max_t=t.steps, grace_period=p.grace,
                                     reduction_factor=s.cfg.explore.reduction_factor)
                      if asha else FIFOScheduler())
-        callbacks = [TrialLog(str(s.out), base_eval), RungLog(str(s.out / EXPLORE_DIR / RUNG_LOG))]
+        callbacks = [TrialLog(str(s.out), base_eval, len(trials)), RungLog(str(s.out / EXPLORE_DIR / RUNG_LOG))]
         tuner = tune.Tuner(
             trainable, param_space={"trial": tune.grid_search(list(trials))},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.cfg.max_concurrent_trials,

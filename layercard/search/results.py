@@ -42,12 +42,15 @@ def trial_rows_of(s: Setup, grid) -> list[dict]:
         else:
             status = "stopped_early"
         peak = m.get("peak_memory_bytes")
+        # A trial stopped at a rung reported the rung quality only: it has no quality, so no quality name.
+        quality = m.get("quality", m.get("eval_loss"))
+        quality_name = m.get("quality_name") or ("eval_loss" if quality is not None else None)
         rows.append({
             "trial": key, "candidate": trial["candidate"], "seed": trial["seed"], "trial_id": event["trial_id"],
             "attempts": attempts.get(key, 0), "status": status, "steps_done": m.get("step"),
             "initial_eval_loss": m.get("initial_eval_loss"), "eval_loss": m.get("eval_loss"),
             "initial_quality": m.get("initial_quality", m.get("initial_eval_loss")),
-            "quality": m.get("quality", m.get("eval_loss")), "quality_name": m.get("quality_name", "eval_loss"),
+            "quality": quality, "quality_name": quality_name,
             "label_loss": m.get("label_loss"),
             "metric": m.get("metric"), "metric_name": m.get("metric_name"),
             "step_seconds": m.get("median_step_s"),

@@ -115,10 +115,11 @@ def trial_line(key: str, result: dict) -> str:
             + ("" if rung is None else f" (rung quality {rung:.4f})"))
 
 
-def _progress(trials, trial) -> str:
-    """``[done/total]`` over the phase's trials, counting ``trial`` as done."""
+def _progress(trials, trial, total: int | None = None) -> str:
+    """``[done/total]`` over the phase's trials, counting ``trial`` as done. ``total``: the phase's trial
+    count (Tune creates a grid's trials as slots free up, so ``trials`` may not hold them all yet)."""
     done = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
-    return f"[{done}/{len(trials)}]"
+    return f"[{done}/{max(total or 0, len(trials))}]"
 
 
 class TrialLog(Callback):
@@ -127,9 +128,12 @@ class TrialLog(Callback):
     stopped trials (:func:`reap_orphaned_placement_groups`) and, when ``STOP_FILE`` holds N,
     interrupts the driver the way Ctrl+C does once N trials have completed (a test-only switch)."""
 
-    def __init__(self, out: str, base_eval: tuple[str, str] | None = None):
+    total: int | None = None         # class default: a TrialLog pickled by an older search has none
+
+    def __init__(self, out: str, base_eval: tuple[str, str] | None = None, total: int | None = None):
         self.out = out
         self.base_eval = base_eval   # (cache path, key): the first trial's base-model eval, for the rest
+        self.total = total           # the phase's trial count, for the [done/total] lines
         self._reaped = 0.0
 
     def on_step_end(self, iteration, trials, **info):
@@ -151,12 +155,12 @@ class TrialLog(Callback):
         self._append(trial, "complete", step=result.get("step"))
         if self.base_eval:
             write_base_eval(*self.base_eval, result)
-        print(f"layercard search: {_progress(trials, trial)} {trial_line(trial.config.get('trial'), result)}", flush=True)
+        print(f"layercard search: {_progress(trials, trial, self.total)} {trial_line(trial.config.get('trial'), result)}", flush=True)
         self._maybe_interrupt()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._append(trial, "error", error=str(getattr(trial, "error_msg", None) or "")[:500])
-        print(f"layercard search: {_progress(trials, trial)} {trial.config.get('trial')} failed", flush=True)
+        print(f"layercard search: {_progress(trials, trial, self.total)} {trial.config.get('trial')} failed", flush=True)
         self._maybe_interrupt()
 
     def _maybe_interrupt(self) -> None:
@@ -234,7 +238,7 @@ def _tuner(s: Setup, restore: bool):
         param_space={"trial": tune.grid_search(list(s.trials))},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out), base_eval)],
+        run_config=tune.RunConfig(name=cfg.name, storage_path=s.storage, callbacks=[TrialLog(str(s.out), base_eval, len(s.trials))],
                                   verbose=0),
     )
 

@@ -163,6 +163,23 @@ def test_trial_line_tells_finished_from_stopped():
     assert trial_line("k5c02-s0", {"step": 10}) == "k5c02-s0 stopped at step 10"
 
 
+def test_progress_counts_the_whole_phase_and_old_trial_logs_unpickle():
+    """Tune creates a grid's trials as slots free up: the total is the phase's, not the trials made so far;
+    a TrialLog pickled before it had a total (a search resumed across versions) still prints."""
+    from types import SimpleNamespace
+
+    from layercard.search.trials import TrialLog, _progress
+
+    made = [SimpleNamespace(status=st) for st in ("TERMINATED", "ERROR", "RUNNING", "PENDING")]
+    assert _progress(made, made[2], total=48) == "[3/48]"
+    assert _progress(made, made[2]) == "[3/4]"
+    log = TrialLog("/nonexistent", None, 48)
+    state = {k: v for k, v in vars(log).items() if k != "total"}
+    old = TrialLog.__new__(TrialLog)
+    old.__dict__.update(pickle.loads(pickle.dumps(state)))
+    assert log.total == 48 and old.total is None
+
+
 def test_frontier_labels_compress_layer_runs_and_name_the_candidate_kinds():
     from layercard.search.plots import _kind, layer_label
 
