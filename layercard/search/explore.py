@@ -68,6 +68,11 @@ class ExplorePlan:
     pool_size: dict[int, int]
 
 
+# What a failed rung gate means for the pick, and what to do about it.
+GATE_ADVICE = ("the pick is the best set that survived the rungs, not necessarily the pool's best: compare it with "
+               "the card's picks and the baselines trained to the end (mode=subsets) before relying on it")
+
+
 def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:
     """The rungs, the round-1 pool per k and the step budget, from the config and card alone."""
     from layercard.profile.adam_step import step_budget
@@ -289,7 +294,7 @@ def execute(s: Setup, p: ExplorePlan) -> dict:
             if g["spearman"] is None or g["spearman"] < ex.RUNG_GATE:
                 print(f"layercard search: warning: at k={r['k']} rung {g['rung']} (step {g['step']}) ranks the sets "
                       f"trained to the end with Spearman ρ {_rho(g['spearman'])} < {ex.RUNG_GATE}: the schedule is not "
-                      "to be trusted for this task and recipe", file=sys.stderr, flush=True)
+                      f"to be trusted for this task and recipe; {GATE_ADVICE}", file=sys.stderr, flush=True)
     return {**summary, "explore": rows}
 
 
@@ -425,7 +430,7 @@ def summary_lines(rows: list[dict], p: ExplorePlan) -> list[str]:
     if low:
         lines += [f"Warning: rung gate — at k={k} rung {g['rung']} (step {g['step']}) ranks the sets trained to the "
                   f"end with ρ {_rho(g['spearman'])} < {ex.RUNG_GATE} ({g['n_sets']} sets): early stopping there is "
-                  "not to be trusted for this task and recipe." for k, g in low]
+                  f"not to be trusted for this task and recipe; {GATE_ADVICE}." for k, g in low]
     else:
         lines.append(f"Rung gate passed: every rung ranks the sets trained to the end with ρ ≥ {ex.RUNG_GATE}.")
     return lines
