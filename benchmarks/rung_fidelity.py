@@ -120,6 +120,27 @@ def run_compressed(saved: dict, sets: dict[tuple, dict], steps: int, work: Path,
     return {by_id[key.rsplit("-s", 1)[0]]: q for key, q in quality.items() if q is not None}
 
 
+def seed_ceiling(paper_table: Path, task: str, k: int, seed: int) -> list[dict]:
+    """The full run on another seed as a fidelity: ρ between ``seed``'s qualities and each other seed's over
+    the paper table's sets at k. No short run can rank the sets more like ``seed``'s full runs than this,
+    beyond chance: it bounds what a rung gate against one seed can show."""
+    from layercard.select.candidates import spearman
+
+    if not paper_table.is_file():
+        return []
+    by_seed: dict[int, dict[tuple, float]] = {}
+    for row in json.loads(paper_table.read_text()):
+        if row.get("task") == task and row.get("k") == k:
+            by_seed.setdefault(row["seed"], {})[tuple(sorted(row["layers"]))] = float(row["quality"])
+    out = []
+    for other in sorted(s for s in by_seed if s != seed):
+        both = sorted(set(by_seed.get(seed, {})) & set(by_seed[other]))
+        if len(both) > 2:
+            out.append({"kind": "full run, another seed", "steps": None, "other_seed": other, "n_sets": len(both),
+                        "spearman": spearman([by_seed[other][s] for s in both], [by_seed[seed][s] for s in both])})
+    return out
+
+
 def fidelity_rows(sets: dict[tuple, dict], compressed: dict[int, dict[tuple, float]], full_steps: int) -> list[dict]:
     """One row per (kind, steps): ρ with the full-recipe quality over the sets that have both."""
     from layercard.select.candidates import spearman
@@ -164,6 +185,7 @@ def main(argv=None) -> int:
         sets = known_sets(out, saved, k, seed, Path(args.paper_table), task)
         compressed = {st: run_compressed(saved, sets, st, work, args.resume, args.max_concurrent) for st in args.steps}
         rows = fidelity_rows(sets, compressed, int(saved["config"]["train"]["steps"]))
+        rows += seed_ceiling(Path(args.paper_table), task, k, seed)
         doc = {"task": task, "k": k, "seed": seed, "full_steps": int(saved["config"]["train"]["steps"]),
                "fidelity": rows,
                "sets": [{"layers": list(layers), "source": v["source"], "final": v["final"],
@@ -184,7 +206,8 @@ def main(argv=None) -> int:
         print("| fidelity | steps | sets | ρ |\n|---|---|---|---|")
         for r in rows:
             rho = "–" if r["spearman"] is None else f"{r['spearman']:+.2f}"
-            print(f"| {r['kind']} | {r['steps']} | {r['n_sets']} | {rho} |")
+            steps = r["steps"] if r["steps"] is not None else f"{doc['full_steps']} (seed {r['other_seed']})"
+            print(f"| {r['kind']} | {steps} | {r['n_sets']} | {rho} |")
         return 0
 
     return run_main(run, [])

@@ -83,3 +83,19 @@ def test_known_sets_and_fidelity_rows(fid, tmp_path):
     want = _spearman_brute([compressed[10][s] for s in both], [known[s]["final"] for s in both])
     assert rows[("compressed", 10)]["n_sets"] == len(both) == 5
     assert rows[("compressed", 10)]["spearman"] == pytest.approx(want)
+
+
+def test_seed_ceiling_is_the_rank_correlation_between_seeds(fid, tmp_path):
+    rng = np.random.default_rng(1)
+    sets = [list(c) for c in itertools.combinations(range(7), 3)][:9]
+    q = {seed: rng.uniform(0.3, 0.5, size=len(sets)) for seed in (0, 1, 2)}
+    rows = [{"task": "t", "k": 3, "seed": seed, "layers": s[::-1], "quality": float(q[seed][i])}
+            for seed in (0, 1, 2) for i, s in enumerate(sets) if not (seed == 2 and i == 0)]
+    rows.append({"task": "u", "k": 3, "seed": 1, "layers": sets[0], "quality": 9.0})     # another task
+    table = tmp_path / "paper_table.json"
+    table.write_text(json.dumps(rows))
+    got = fid.seed_ceiling(table, "t", 3, 0)
+    assert [(r["other_seed"], r["n_sets"]) for r in got] == [(1, 9), (2, 8)]
+    assert got[0]["spearman"] == pytest.approx(_spearman_brute(q[1], q[0]))
+    assert got[1]["spearman"] == pytest.approx(_spearman_brute(q[2][1:], q[0][1:]))
+    assert fid.seed_ceiling(tmp_path / "missing.json", "t", 3, 0) == []
