@@ -18,7 +18,8 @@ search's wall-clock minutes): the search's explore.json rows (one per k) plus
 come from the committed ``RESULTS/paper_table.json`` (same recipe). ``meets_best_fixed``: the pick's mean
 gain fraction ≥ the best fixed strategy's − one seed sd (``meets_best_fixed_unselected``: the same on the
 seeds the pick was not chosen on, free of the winner's curse); ``card_helps``: the ablation ends at least one
-seed sd worse, or spent ≥ 2x the steps.
+seed sd worse, or spent ≥ 2x the steps; ``pick_proposed_by_card``: the pick is the card's pick or one of its
+neighbours (else a gap to the ablation is the halving's doing, not the card's).
 Needs ``layercard fetch --prepare sentiment headline`` first (``make fetch``), except with ``--smoke``.
 """
 from __future__ import annotations
@@ -79,6 +80,9 @@ def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
     return json.loads((out / "explore.json").read_text())
 
 
+CARD_LABELS = ("max-quality", "min-cost", "shift", "swap")     # labels of the sets the card proposes to a pool
+
+
 def merge(rows: list[dict], ablation: list[dict]) -> list[dict]:
     """The explore rows plus the ablation's pick, gain fraction and steps at the same k, and the verdicts."""
     from layercard.search.pool import unselected_mean
@@ -106,6 +110,10 @@ def merge(rows: list[dict], ablation: list[dict]) -> list[dict]:
         abl = row["ablation_gain_fraction"]
         row["card_helps"] = (None if mean is None or abl is None else
                              bool(abl <= mean - sd or (row["ablation_steps"] or 0) >= 2 * r["steps"]))
+        # the card proposed the pick (its pick or a neighbour): when it did not, the pick was in the ablation's
+        # pool too (a baseline) or a random set, and a gap to the ablation comes from which sets the halving
+        # kept, not from the card's candidates
+        row["pick_proposed_by_card"] = any(str(label).startswith(CARD_LABELS) for label in r.get("picked_labels") or [])
         out.append(row)
     return out
 

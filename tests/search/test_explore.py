@@ -455,12 +455,16 @@ def test_explore_table_verdicts():
 
     bench = load_benchmark("explore_table")
     row = {"k": 5, "gain_fraction_mean": 0.9, "gain_fraction_sd": 0.05, "gain_fractions": [1.0, 0.85, 0.85],
-           "seeds": [0, 1, 2], "best_fixed_gain_fraction": 0.92, "steps": 1100, "fixed_steps": 1000}
+           "seeds": [0, 1, 2], "best_fixed_gain_fraction": 0.92, "steps": 1100, "fixed_steps": 1000,
+           "picked_labels": ["mid k=5"]}
     ablation = {"k": 5, "gain_fraction_mean": 0.8, "gain_fraction_sd": 0.01, "steps": 1000, "picked_layers": [1]}
     (m,) = bench.merge([row], [ablation])
     assert m["selection_seed"] == 0 and m["gain_fraction_mean_unselected"] == pytest.approx(0.85)
     assert m["within_budget"] and m["meets_best_fixed"]                        # 0.9 ≥ 0.92 − 0.05
     assert m["meets_best_fixed_unselected"] is False                          # 0.85 < 0.87
     assert m["card_helps"] and m["ablation_gain_fraction"] == 0.8             # 0.8 ≤ 0.9 − 0.05
+    assert m["pick_proposed_by_card"] is False                                # a baseline, in both pools
+    for labels, want in ((["swap k=5 #1"], True), (["top k=5", "max-quality k=5"], True), (["stratified k=5 #2"], False)):
+        assert bench.merge([{**row, "picked_labels": labels}], [ablation])[0]["pick_proposed_by_card"] is want
     (m,) = bench.merge([{**row, "steps": 1101, "gain_fraction_mean_unselected": 0.88}], [])
     assert not m["within_budget"] and m["meets_best_fixed_unselected"] and m["card_helps"] is None
