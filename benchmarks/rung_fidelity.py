@@ -66,6 +66,10 @@ def known_sets(out: Path, saved: dict, k: int, seed: int, paper_table: Path, tas
     return sets
 
 
+class FidelityIncomplete(Exception):
+    pass
+
+
 def run_compressed(saved: dict, sets: dict[tuple, dict], steps: int, work: Path, resume: bool,
                    concurrent: int | None = None) -> dict[tuple, float]:
     """Train every set for ``steps`` steps with the recipe's schedule compressed into them; set → final quality."""
@@ -115,7 +119,11 @@ def run_compressed(saved: dict, sets: dict[tuple, dict], steps: int, work: Path,
         grid = tuner.fit()
     finally:
         settle()
-    quality = {r.config["trial"]: r.metrics.get("quality") for r in grid if r.error is None and r.metrics}
+    quality = {r.config["trial"]: r.metrics.get("quality") for r in grid
+               if r.error is None and r.metrics and r.metrics.get("step") == steps}
+    if len(quality) < len(trials):      # interrupted (Ctrl+C) or failed: no table from part of the runs
+        raise FidelityIncomplete(f"{len(trials) - len(quality)} of {len(trials)} compressed runs of {steps} steps "
+                                 f"did not finish; continue with --resume")
     by_id = {cid: layers for layers, cid in ids.items()}
     return {by_id[key.rsplit("-s", 1)[0]]: q for key, q in quality.items() if q is not None}
 
@@ -210,7 +218,11 @@ def main(argv=None) -> int:
             print(f"| {r['kind']} | {steps} | {r['n_sets']} | {rho} |")
         return 0
 
-    return run_main(run, [])
+    try:
+        return run_main(run, [])
+    except FidelityIncomplete as err:
+        print(f"rung_fidelity: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
