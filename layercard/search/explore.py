@@ -9,7 +9,7 @@ Phases, each one Ray Tune experiment under the search's storage (``NAME-<phase>`
 
 1. ``k<K>-r1`` per k: the pool of :func:`layercard.search.pool.build_pool` on the first seed under ASHA
    (``time_attr="step"``, metric ``rung_quality``: the label loss, else the eval loss, on the first
-   ``explore.rung_eval_examples`` eval examples, evaluated every ``grace_period`` steps without touching
+   ``explore.rung_eval_examples`` eval examples, evaluated at each rung's step only, without touching
    the training RNG). Survivors of the last rung train to ``train.steps``.
 2. ``k<K>-r2`` per k (``explore.second_round``): neighbours of the sets trained to the end, as many as
    the remaining step budget allows, under the same schedule.
@@ -160,8 +160,8 @@ class RungLog(Callback):
         self.path = path
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("rung_quality") is None:
-            return
+        if result.get("rung_quality") is None or result.get("rung_step", result.get("step")) != result.get("step"):
+            return              # none, or the last rung's repeated by a report between rungs
         row = {"time": time.time(), "key": trial.config.get("trial"), "trial_id": trial.trial_id,
                "step": result.get("step"), "rung_quality": result["rung_quality"]}
         with open(self.path, "a") as f:
@@ -193,8 +193,10 @@ def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> 
     sp = dataclasses.replace(s, trials=trials)
     experiment = f"{s.storage.rstrip('/')}/{s.cfg.name}-{name}"
     base_eval = trial_base_eval(sp)
-    rung_rows = s.plan.eval[:s.cfg.explore.rung_eval_examples]
-    trainable = tune_trainable(sp, base_eval, loop={"rung_eval_every": p.grace}, rung_eval=rung_rows)
+    # rung evals where ASHA decides; the final phase (no early stopping) needs none
+    rung_rows = s.plan.eval[:s.cfg.explore.rung_eval_examples] if asha else None
+    trainable = tune_trainable(sp, base_eval, loop={"rung_steps": p.milestones} if asha else None,
+                               rung_eval=rung_rows)
     if tune.Tuner.can_restore(experiment):      # an interrupted run of this phase saved its state
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)

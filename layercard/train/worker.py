@@ -24,7 +24,7 @@ from layercard.train.config import TrainConfig
 from layercard.train.label_loss import check_answer_tokens
 
 FAULT_MARKER = ".fault_injected"
-WORKER_SCHEMA_VERSION = 1
+WORKER_SCHEMA_VERSION = 2
 """Bumped whenever a :class:`WorkerConfig` field changes meaning, appears or goes."""
 
 
@@ -118,7 +118,8 @@ class WorkerConfig:
     fail_at_step: int | None
     fault_marker: str
     initial_eval: dict | None = None   # the base model's eval numbers, when already known
-    rung_eval_every: int | None = None  # steps between rung evals on the "rung_eval" dataset (explore)
+    rung_steps: list[int] | None = None  # steps whose reports measure the rung quality on the "rung_eval"
+                                         # dataset (explore's ASHA milestones); reports between carry the last
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -300,10 +301,11 @@ def train_func(config: dict) -> None:
         engine.train()
         return training.eval_metrics(_all_sum(sums, device), cfg.with_accuracy)
 
-    rung_every = cfg.rung_eval_every
-    rung_shard = ray.train.get_dataset_shard("rung_eval") if rung_every else None
+    rung_steps = set(cfg.rung_steps or ())
+    rung_shard = ray.train.get_dataset_shard("rung_eval") if rung_steps else None
+    last_rung: dict = {}
 
-    def run_rung_eval() -> dict:
+    def run_rung_eval(step: int) -> dict:
         # The quality successive halving compares, on a fixed eval subset. Under fork_rng: evaluating must
         # not move the RNG the training steps draw from, so a run with rung evals trains as one without.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -311,7 +313,16 @@ def train_func(config: dict) -> None:
             fwd = lambda ids, mask: engine(input_ids=ids, attention_mask=mask).logits  # noqa: E731
             sums = training.evaluate(fwd, _batches_once(rung_shard, bs, pad), device, cfg.label_token_ids)
             engine.train()
-        return {"rung_quality": training.eval_metrics(_all_sum(sums, device), False)["quality"]}
+        return {"rung_quality": training.eval_metrics(_all_sum(sums, device), False)["quality"], "rung_step": step}
+
+    def rung_metrics(step: int) -> dict:
+        # Measured at the milestones only (ASHA decides there). Every report must carry the scheduler's
+        # metric, so one between milestones repeats the last (``rung_step`` says where it was measured;
+        # ASHA reads it only where a report first reaches a milestone); measured once if none yet.
+        nonlocal last_rung
+        if step in rung_steps or not last_rung:
+            last_rung = run_rung_eval(step)
+        return last_rung
 
     # The base model's eval loss: the gain of this layer set is measured against it.
     initial = client["initial_eval"] if checkpoint else (cfg.initial_eval or _initial_metrics(run_eval()))
@@ -347,7 +358,7 @@ def train_func(config: dict) -> None:
             break  # the final report below carries everything
         do_ckpt = step % cfg.checkpoint_every == 0
         do_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0
-        do_rung = bool(rung_every) and step % rung_every == 0
+        do_rung = step in rung_steps
         if not (do_ckpt or do_eval or do_rung or step % cfg.report_every == 0):
             continue
         metrics = {"step": step, "lr": engine.get_lr()[0], **initial,
@@ -356,14 +367,14 @@ def train_func(config: dict) -> None:
         window = []
         if do_eval:
             metrics.update(run_eval())
-        if rung_every:      # in every report: Tune refuses a report without the scheduler's metric
-            metrics.update(run_rung_eval())
+        if rung_steps:      # in every report: Tune refuses a report without the scheduler's metric
+            metrics.update(rung_metrics(step))
         if do_ckpt:
             report(metrics, step)
         else:
             ray.train.report(metrics)
 
-    final = {**run_eval(), **(run_rung_eval() if rung_every else {})}
+    final = {**run_eval(), **(rung_metrics(steps) if rung_steps else {})}
     stats = _all_gather({"losses": losses, "step_s": step_s, "tokens": tokens, "setup_s": setup_s,
                          "peak_bytes": training.peak_memory_bytes(device)})
     metrics = {**_summary(stats, start, steps), **final, **info, **initial,

@@ -264,11 +264,34 @@ def test_rung_evals_leave_training_as_it_was(ray_local, tmp_path):
     plan = prepare(cfg)
     loop = worker_config(cfg, plan, tmp_path).to_dict()
     plain = _tiny_trainer(loop, plan).fit()
-    rung = _tiny_trainer({**loop, "rung_eval_every": 2}, plan, plan.eval[:4]).fit()
+    rung = _tiny_trainer({**loop, "rung_steps": [2, 4], "report_every": 1, "checkpoint_every": 1}, plan, plan.eval[:4]).fit()
     assert plain.error is None and rung.error is None
     a, b = plain.metrics, rung.metrics
     assert "rung_quality" not in a and b["rung_quality"] is not None
     assert b["train_loss_history"] == a["train_loss_history"] and b["eval_loss"] == a["eval_loss"]
+    # measured at the rung steps only; every report in between (and the final one) repeats the last
+    reports = rung.metrics_dataframe[["step", "rung_step", "rung_quality"]].to_dict("records")
+    assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert [r["rung_step"] for r in reports] == [1, 2, 2, 4, 4, 4]   # step 1: none yet, measured once
+    by_step = {r["step"]: r["rung_quality"] for r in reports}
+    assert by_step[3] == by_step[2] and by_step[5] == by_step[6] == by_step[4]
+
+
+def test_rung_log_keeps_measured_rung_qualities_only(tmp_path):
+    """A report between rungs repeats the last rung quality: the log keeps the one measured at its step."""
+    from types import SimpleNamespace
+
+    from layercard.search.explore import RungLog
+
+    path = tmp_path / "rungs.jsonl"
+    log, trial = RungLog(str(path)), SimpleNamespace(config={"trial": "k5c00-s0"}, trial_id="t0")
+    for result in ({"step": 10, "rung_quality": 0.5, "rung_step": 10}, {"step": 20, "rung_quality": 0.5, "rung_step": 10},
+                   {"step": 30, "rung_quality": 0.4, "rung_step": 30}, {"step": 40, "eval_loss": 1.0},
+                   {"step": 50, "rung_quality": 0.3}):      # no rung_step: written by an older worker, measured
+        log.on_trial_result(0, [trial], trial, result)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["rung_quality"]) for r in rows] == [(10, 0.5), (30, 0.4), (50, 0.3)]
+    assert {r["key"] for r in rows} == {"k5c00-s0"}
 
 
 @pytest.fixture(scope="module")
