@@ -166,8 +166,11 @@ def _from_config(cfg: ModelConfig):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(cfg.device)
+        # the weights come from the model's seed; the caller's RNG (a training run's seed: LoRA init,
+        # dropout) is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(cfg.device)
     return model
 
 

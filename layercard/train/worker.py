@@ -8,6 +8,7 @@ config written for another version of this module fails at once, naming the key.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -198,19 +199,14 @@ def _all_gather(obj) -> list:
     return out
 
 
-def _maybe_fail(cfg: WorkerConfig, step: int, rank: int) -> None:
+def _maybe_fail(cfg: WorkerConfig, step: int, host) -> None:
     """Test-only: rank 0 dies at ``fail_at_step`` once per run (a marker file stops the retry failing)."""
-    if cfg.fail_at_step != step or rank != 0:
+    if cfg.fail_at_step != step or host.rank != 0:
         return
     marker = Path(cfg.fault_marker)
     if marker.exists():
         return
-    # The controller registers a reported checkpoint when it next polls the workers: a kill within that
-    # window would lose the last one, and the retry would start elsewhere on a fast machine than on a slow
-    # one. Wait until every report so far is committed, so the retry resumes from the last checkpoint.
-    import ray.train
-
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    host.commit_reports()      # so the retry resumes from the last checkpoint reported
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker killed at step {step}\n")
     os._exit(1)  # a hard kill, like a lost node: no exception handling, no cleanup
@@ -257,6 +253,52 @@ def _train_step(engine, batch: dict, device, label_ids=None) -> tuple[float, int
     return loss.item(), int(mask.sum())
 
 
+class RayHost:
+    """What :func:`train_loop` needs from where it runs, here a Ray Train worker: the device, rank and world
+    size, the named dataset shards, the checkpoint to resume from, and where reports go."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    @contextlib.contextmanager
+    def resume_dir(self):
+        """The directory of the checkpoint to resume from (None: start at step 0)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=name)
+
+    def commit_reports(self) -> None:
+        """Wait until every report so far is committed: the controller registers a reported checkpoint when
+        it next polls the workers, and a kill within that window would lose it."""
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
 def train_func(config: dict) -> None:
     """One Ray Train worker: PEFT LoRA under DeepSpeed ZeRO, fed by this worker's Ray Data shard.
 
@@ -267,18 +309,20 @@ def train_func(config: dict) -> None:
     ``ray.train.get_checkpoint()`` after a worker-group restart.
     """
     entered = time.perf_counter()
-    cfg = WorkerConfig.from_dict(config)
+    train_loop(WorkerConfig.from_dict(config), RayHost(), entered)
+
+
+def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
+    """The training run itself, wherever it runs: ``host`` is a :class:`RayHost` in a Ray Train worker,
+    or :class:`layercard.train.local.LocalHost` for trials run one after another in one process (the
+    same steps, evals and reports)."""
+    entered = time.perf_counter() if entered is None else entered
     import torch
 
-    import ray.train
-    import ray.train.torch
-
-    device = ray.train.torch.get_device()
+    device, rank, world = host.device, host.rank, host.world
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     from layercard.train import training
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     training.skip_shm_op_build(force=not cfg.ds_shm_op)
     torch.manual_seed(cfg.seed)
     engine, info = _build_engine(cfg, device, world)
@@ -286,13 +330,13 @@ def train_func(config: dict) -> None:
     train_label_ids = cfg.label_token_ids if cfg.loss == "label" else None
 
     start, client = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    with host.resume_dir() as d:
+        if d is not None:
             _, client = engine.load_checkpoint(d, load_module_strict=False)
             start = int(client["step"])
-    batches = _batches(ray.train.get_dataset_shard("train"), bs, pad, skip=start)
-    eval_shard = ray.train.get_dataset_shard("eval")
+    checkpoint = d is not None
+    batches = _batches(host.shard("train"), bs, pad, skip=start)
+    eval_shard = host.shard("eval")
 
     def run_eval() -> dict:
         engine.eval()
@@ -302,7 +346,7 @@ def train_func(config: dict) -> None:
         return training.eval_metrics(_all_sum(sums, device), cfg.with_accuracy)
 
     rung_steps = set(cfg.rung_steps or ())
-    rung_shard = ray.train.get_dataset_shard("rung_eval") if rung_steps else None
+    rung_shard = host.shard("rung_eval") if rung_steps else None
     last_rung: dict = {}
 
     def run_rung_eval(step: int) -> dict:
@@ -336,8 +380,7 @@ def train_func(config: dict) -> None:
                                                  "final_metrics": metrics if final else None})
             if final and rank == 0:
                 engine.module.save_pretrained(str(Path(tmp) / "adapter"), state_dict=adapter)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_step{step:06d}{'_final' if final else ''}")
+            host.report(metrics, tmp, f"checkpoint_step{step:06d}{'_final' if final else ''}")
 
     if client.get("final_metrics") is not None:
         report(client["final_metrics"], steps, final=True)   # every step and the final eval were done
@@ -347,7 +390,7 @@ def train_func(config: dict) -> None:
     losses, step_s, tokens, window = [], [], 0, []
     for step in range(start + 1, steps + 1):
         batch = next(batches)
-        _maybe_fail(cfg, step, rank)
+        _maybe_fail(cfg, step, host)
         t0 = time.perf_counter()
         loss, n_tokens = _train_step(engine, batch, device, train_label_ids)
         step_s.append(time.perf_counter() - t0)
@@ -372,7 +415,7 @@ def train_func(config: dict) -> None:
         if do_ckpt:
             report(metrics, step)
         else:
-            ray.train.report(metrics)
+            host.report(metrics)
 
     final = {**run_eval(), **(rung_metrics(steps) if rung_steps else {})}
     stats = _all_gather({"losses": losses, "step_s": step_s, "tokens": tokens, "setup_s": setup_s,
