@@ -121,6 +121,9 @@ class SearchConfig:
     """Baselines trained beside the card-guided sets (layercard.select.baselines.STRATEGIES)."""
     random_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the ``random`` baseline (one candidate per seed and k)."""
+    sets: list[list[int]] = field(default_factory=list)
+    """mode=subsets: layer sets to train besides the proposals (e.g. an explore search's survivors, on more
+    seeds); with ``ks=[]`` and ``strategies=[all]`` only they and the all-layer reference are trained."""
     model: str | None = None
     """Set model the card-guided sets are chosen with (layercard.select.gain_models: newton, adam, coverage);
     None: the default when the card carries its columns. Its step budget ρ = Σ lr_t is the ``train`` recipe's."""
@@ -169,7 +172,10 @@ class SearchConfig:
 
         if self.model is not None and self.model not in MODELS:
             raise LayercardError(f"config key 'model' is {self.model!r}; use one of {', '.join(MODELS)} (or null)")
-        _check_list("ks", self.ks, lambda k: k >= 1, ">= 1", nonempty=self.mode == "subsets")
+        _check_list("ks", self.ks, lambda k: k >= 1, ">= 1", nonempty=self.mode == "subsets" and not self.sets)
+        if self.sets and self.mode != "subsets":
+            raise LayercardError(f"config key 'sets' is for mode=subsets, not mode={self.mode}")
+
         _check_list("budget_fractions", self.budget_fractions, lambda f: 0 < f <= 1, "in (0, 1]")
         _check_list("targets", self.targets, lambda f: 0 < f <= 1, "in (0, 1]")
         _check_list("strategies", self.strategies, lambda s: s in STRATEGIES, f"one of {list(STRATEGIES)}")

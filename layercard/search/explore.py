@@ -69,8 +69,8 @@ class ExplorePlan:
 
 
 # What a failed rung gate means for the pick, and what to do about it.
-GATE_ADVICE = ("the pick is the best set that survived the rungs, not necessarily the pool's best: compare it with "
-               "the card's picks and the baselines trained to the end (mode=subsets) before relying on it")
+GATE_ADVICE = ("the pick is the best set that survived the rungs, not necessarily the pool's best: train it beside "
+               "the baselines on more seeds (mode=subsets sets=[[...]] seeds=[0,1,2]) before relying on it")
 
 
 def plan_explore(cfg: SearchConfig, card) -> ExplorePlan:

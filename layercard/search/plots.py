@@ -16,7 +16,7 @@ def write_frontier_png(rows: list[dict], path: Path, title: str) -> None:
            and r["measured_gain"] is not None]
     styles = {"card-guided": dict(marker="o", color="tab:blue"), "card neighbour": dict(marker="o", color="lightsteelblue"),
               "baseline": dict(marker="s", color="tab:orange"), "both": dict(marker="D", color="tab:green"),
-              "stratified random": dict(marker="^", color="tab:gray")}
+              "stratified random": dict(marker="^", color="tab:gray"), "given": dict(marker="P", color="tab:purple")}
     n_layers = max((len(r["layers"]) for r in rows), default=0)
     for kind, style in styles.items():
         sel = [r for r in pts if _kind(r) == kind]
@@ -64,6 +64,8 @@ def _kind(row: dict) -> str:
     labels = list(row.get("labels") or [])
     if row["card_guided"] and labels and all(l.startswith(("shift", "swap")) for l in labels):
         return "card neighbour"
+    if not row["card_guided"] and labels and all(l.startswith("given") for l in labels):
+        return "given"
     if not row["card_guided"] and not row["baseline"] or labels and all(l.startswith("stratified") for l in labels):
         return "stratified random"
     return "both" if row["card_guided"] and row["baseline"] else "baseline" if row["baseline"] else "card-guided"

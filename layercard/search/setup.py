@@ -73,7 +73,7 @@ def setup(cfg: SearchConfig, out: Path) -> Setup:
     candidates = build_candidates(card, mode=cfg.mode, ks=cfg.ks, budget=cfg.budget, budget_unit=cfg.budget_unit,
                                   budget_fractions=cfg.budget_fractions, targets=cfg.targets,
                                   strategies=cfg.strategies, random_seeds=cfg.random_seeds,
-                                  model=cfg.model, step_budget=recipe_step_budget(cfg.train_config))
+                                  model=cfg.model, step_budget=recipe_step_budget(cfg.train_config), sets=cfg.sets)
     check_budget_fits(candidates, cfg.budget, cfg.budget_unit)
     trials = {}
     for c in training_order(candidates):        # Tune starts trials in this order

@@ -73,8 +73,9 @@ class Candidate:
         return {**asdict(self), "k": self.k}
 
 
-def _proposals(card, A, *, mode: str, ks, budget, budget_fractions, targets, strategies, random_seeds):
-    """(layers, label, objective or None, strategy or None), in a fixed order: card-guided first."""
+def _proposals(card, A, *, mode: str, ks, budget, budget_fractions, targets, strategies, random_seeds, sets=()):
+    """(layers, label, objective or None, strategy or None), in a fixed order: card-guided first, the
+    given ``sets`` last."""
     from layercard.select.baselines import baseline_layers
     from layercard.select.selection import select_max_quality, select_min_cost
 
@@ -103,20 +104,36 @@ def _proposals(card, A, *, mode: str, ks, budget, budget_fractions, targets, str
             for seed in (random_seeds if name == "random" else [None]):
                 label = f"{name} k={k}" + (f" seed={seed}" if seed is not None else "")
                 out.append((baseline_layers(card, name, k, seed=seed), label, None, name))
+    for layers in sets:
+        out.append((check_given_set(card, layers), f"given {','.join(str(l) for l in sorted(layers))}", None, "given"))
     return out
+
+
+def check_given_set(card, layers) -> list[int]:
+    """A layer set given in the config (``sets``): distinct layers of the card, else a one-line error."""
+    ids = set(int(l) for l in card.layer_ids)
+    bad = [l for l in layers if int(l) not in ids]
+    if not layers or bad or len(set(layers)) != len(layers):
+        why = ("is empty" if not layers else f"names layer {bad[0]}, not in the card (layers {min(ids)}..{max(ids)})"
+               if bad else "repeats a layer")
+        raise LayercardError(f"config key 'sets' has {list(layers)}, which {why}")
+    return [int(l) for l in layers]
 
 
 def build_candidates(card, *, mode: str = "subsets", ks=(1, 2), budget: float | None = None,
                      budget_unit: str = "flops", budget_fractions=(1.0,), targets=(), strategies=(),
-                     random_seeds=(0,), model: str | None = None, step_budget: float | None = None) -> list[Candidate]:
+                     random_seeds=(0,), model: str | None = None, step_budget: float | None = None,
+                     sets=()) -> list[Candidate]:
     """Every distinct layer set to try on ``card`` (a LayerCard with coupling and cost columns),
-    with predictions; ids ``c00``, ``c01``, ... in proposal order (card-guided first). ``model`` and
-    ``step_budget``: the set model and its ρ (:func:`layercard.select.selection.arrays_from_card`)."""
+    with predictions; ids ``c00``, ``c01``, ... in proposal order (card-guided first, the given ``sets``
+    last). ``model`` and ``step_budget``: the set model and its ρ
+    (:func:`layercard.select.selection.arrays_from_card`)."""
     from layercard.select.selection import arrays_from_card, card_cost, set_quality
 
     A = arrays_from_card(card, budget_unit, model=model, step_budget=step_budget)
     proposals = _proposals(card, A, mode=mode, ks=list(ks), budget=budget, budget_fractions=list(budget_fractions),
-                           targets=list(targets), strategies=list(strategies), random_seeds=list(random_seeds))
+                           targets=list(targets), strategies=list(strategies), random_seeds=list(random_seeds),
+                           sets=[list(x) for x in sets])
     all_gain = set_quality(A, card.layer_ids)
     by_set: dict[tuple, Candidate] = {}
     for layers, label, objective, strategy in proposals:

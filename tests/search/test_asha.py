@@ -191,3 +191,5 @@ def test_frontier_labels_compress_layer_runs_and_name_the_candidate_kinds():
     assert _kind({"card_guided": False, "baseline": True, "labels": ["mid k=5"]}) == "baseline"
     assert _kind({"card_guided": True, "baseline": True, "labels": ["mid k=5", "max-quality k=5"]}) == "both"
     assert _kind({"card_guided": False, "baseline": False, "labels": ["stratified k=5 #3"]}) == "stratified random"
+    assert _kind({"card_guided": False, "baseline": True, "labels": ["given 12,13,14"]}) == "given"
+    assert _kind({"card_guided": False, "baseline": True, "labels": ["mid k=3", "given 12,13,14"]}) == "baseline"
