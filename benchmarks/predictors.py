@@ -7,7 +7,11 @@ k = 3, 5, 8, seed-mean gain fraction) and a card of the same model and data (``-
 * within-k Spearman ρ between the predictor and the measured gain fraction at each k, their mean,
   and a permutation p-value of that mean (measured values shuffled within each k, one-sided);
 * where ``benchmarks/results/per_layer_<task>.json`` exists (every layer trained alone), the
-  Spearman ρ of the predictor's singleton score with the single-layer gain.
+  Spearman ρ of the predictor's singleton score with the single-layer gain;
+* with ``--searches`` (finished ``layercard search`` runs, e.g. explore and its ablation), the sets of one
+  k trained to the end on the searches' first seed, pooled with the table's rows of that k and seed
+  (training is deterministic per seed, so a set in both is one run, checked to agree): Spearman ρ over
+  all of them, with its permutation p-value. One seed, but two to three times the sets of a table's k.
 
 Constants: the ``adam`` and ``coverage`` models use the step budget ρ = Σ lr_t of the task's own
 training recipe (from its archived search records) and nothing fitted; the ``newton`` model's
@@ -92,6 +96,48 @@ def measured_sets(rows: list[dict], task: str) -> dict[int, list[tuple[tuple[int
     return out
 
 
+def search_sets(search_dirs: list[Path], task: str, rows: list[dict]) -> tuple[int, int, dict] | None:
+    """(k, seed, {layers: gain fraction}) of the sets ``task``'s searches trained to the end on their first
+    seed, pooled with the table's rows of that k and seed; None when no search is of ``task``. Gain
+    fraction = the set's measured gain over the all-layer reference's at the same seed, as in the table."""
+    import pandas as pd
+
+    pooled: dict[tuple[int, ...], float] = {}
+    k = seed = None
+    for d in search_dirs:
+        saved = json.loads((d / "search.json").read_text())
+        cfg = saved["config"]
+        if ((cfg.get("explore") or {}).get("task") or Path(cfg["train"]["data"]["path"]).stem) != task:
+            continue
+        if len(cfg["ks"]) != 1 or (k is not None and (cfg["ks"][0], cfg["seeds"][0]) != (k, seed)):
+            raise SystemExit(f"error: search {d}: pooled searches of '{task}' must share one k and first seed")
+        k, seed = cfg["ks"][0], cfg["seeds"][0]
+        layers_of = {c["id"]: tuple(sorted(c["layers"])) for c in saved["candidates"]}
+        t = pd.read_parquet(d / "trials.parquet")
+        t = t[(t.status == "trained") & (t.seed == seed)]
+        ref = t[t.candidate == "all"]
+        if ref.empty:
+            raise SystemExit(f"error: search {d} has no all-layer reference trained on seed {seed}")
+        ref_gain = float(ref.measured_gain.iloc[0])
+        for r in t.itertuples():
+            layers = layers_of.get(r.candidate)
+            if layers is not None and len(layers) == k:
+                _pool(pooled, layers, float(r.measured_gain) / ref_gain, str(d))
+    if k is None:
+        return None
+    for r in rows:
+        if r["task"] == task and r["k"] == k and r.get("seed") == seed and r["strategy"] != "all":
+            _pool(pooled, tuple(sorted(r["layers"])), float(r["gain_fraction"]), "the table")
+    return k, seed, pooled
+
+
+def _pool(pooled: dict, layers: tuple[int, ...], gain_fraction: float, source: str) -> None:
+    if layers in pooled and abs(pooled[layers] - gain_fraction) > 1e-4:
+        raise SystemExit(f"error: set {list(layers)} has gain fraction {gain_fraction:.4f} in {source} but "
+                         f"{pooled[layers]:.4f} elsewhere: not the same recipe and seed")
+    pooled[layers] = gain_fraction
+
+
 def within_k(scores: dict[int, np.ndarray], measured: dict[int, np.ndarray], perms: int, seed: int = 0) -> dict:
     """Spearman per k, its mean, and a one-sided permutation p-value of the mean."""
     rho = {k: spearman(scores[k], measured[k]) for k in scores}
@@ -116,7 +162,7 @@ def recipe_budget(task: str) -> float:
     return step_budget(r["lr"], r["steps"], r["warmup_steps"])
 
 
-def task_board(task: str, card_dir: Path, rows: list[dict], perms: int) -> dict:
+def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches: list[Path] = ()) -> dict:
     from layercard.card.layer_card import LayerCard
     from layercard.select.selection import arrays_from_card
 
@@ -136,6 +182,17 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int) -> dict:
         gains = np.asarray(d["measured_gain"], dtype=np.float64)
         board["per_layer"] = {name: spearman([fn(card, A, (l,)) for l in d["layers"]], gains)
                               for name, fn in PREDICTORS.items()}
+    pooled = search_sets(list(searches), task, rows)
+    board["pooled"] = None
+    if pooled is not None:
+        k, seed, gf = pooled
+        layer_sets = sorted(gf)
+        measured_k = {k: np.array([gf[ls] for ls in layer_sets])}
+        board["pooled"] = {"k": k, "seed": seed, "n_sets": len(layer_sets), "sets": [list(ls) for ls in layer_sets],
+                           "gain_fraction": measured_k[k].tolist(), "predictors": {}}
+        for name, fn in PREDICTORS.items():
+            r = within_k({k: np.array([fn(card, A, ls) for ls in layer_sets])}, measured_k, perms)
+            board["pooled"]["predictors"][name] = {"rho": r["mean"], "p_value": r["p_value"]}
     return board
 
 
@@ -178,6 +235,14 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
             lines.append(f"| {name} | {' | '.join(cells)} | **{s['mean']:+.2f}** | {s['p_value']:.3f} | "
                          f"{'' if pl is None else f'{pl:+.2f}'} |")
         lines.append("")
+        pooled = b.get("pooled")
+        if pooled:
+            lines += [f"Every set trained to the end at k = {pooled['k']} on seed {pooled['seed']} ({pooled['n_sets']} "
+                      "sets: the table's and the searches'):", "", "| predictor | ρ | p |", "|---|---|---|"]
+            pp = pooled["predictors"]
+            for name in sorted(pp, key=lambda n: -np.nan_to_num(pp[n]["rho"], nan=-9)):
+                lines.append(f"| {name} | **{pp[name]['rho']:+.2f}** | {pp[name]['p_value']:.3f} |")
+            lines.append("")
     if loto:
         lines += ["## Leave one task out: the predictor chosen on the other tasks, scored on the held-out one", "",
                   "| held out | chosen on | chosen predictor | ρ there | ρ held out | rank held out | best held out |",
@@ -197,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, default=RESULTS / "paper_table.json")
     p.add_argument("--perms", type=int, default=2000, help="permutations for the p-values")
     p.add_argument("--out", type=Path, default=RESULTS, help="where predictors.{json,md} go")
+    p.add_argument("--searches", type=Path, nargs="*", default=[],
+                   help="finished searches whose sets trained to the end are pooled with the table's (per task)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from layercard.atomic import atomic_write_text
@@ -210,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (a.cards / t).is_dir():
             print(f"error: no card for task '{t}' at {a.cards / t}", file=sys.stderr)
             return 2
-    boards = [task_board(t, a.cards / t, rows, a.perms) for t in tasks]
+    for d in a.searches:
+        if not (d / "search.json").is_file() or not (d / "trials.parquet").is_file():
+            print(f"error: --searches {d} is not a finished search (no search.json and trials.parquet)", file=sys.stderr)
+            return 2
+    boards = [task_board(t, a.cards / t, rows, a.perms, a.searches) for t in tasks]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": commit or None, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}"}

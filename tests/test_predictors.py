@@ -76,3 +76,42 @@ def test_leave_one_task_out_uses_only_predictors_every_task_has(pred):
     assert pred.leave_one_task_out(boards[:1]) == []
     md = pred.markdown([], {"command": "c", "commit": "h", "machine": "m"}, rows)
     assert "| a | b | x | +0.20 | **+0.10** | 1 of 1 |" in md
+
+
+def _search(d, task, k, seeds, candidates, trials):
+    """A finished search's two files as `layercard search` writes them (the columns search_sets reads)."""
+    import json
+
+    import pandas as pd
+
+    d.mkdir()
+    (d / "search.json").write_text(json.dumps({
+        "config": {"ks": [k], "seeds": seeds, "explore": {"task": task}, "train": {"data": {"path": f"{task}.jsonl"}}},
+        "candidates": [{"id": c, "layers": ls} for c, ls in candidates.items()]}))
+    pd.DataFrame([{"candidate": c, "seed": s, "status": st, "measured_gain": g} for c, s, st, g in trials]
+                 ).to_parquet(d / "trials.parquet")
+    return d
+
+
+def test_search_sets_pool_trained_sets_with_the_table_on_the_first_seed(pred, tmp_path):
+    all8 = list(range(8))
+    a = _search(tmp_path / "a", "t", 2, [0, 1], {"c0": [3, 1], "c1": [5, 6], "c2": [0, 7], "all": all8},
+                [("c0", 0, "trained", 0.05), ("c1", 0, "stopped_early", 0.20), ("c2", 1, "trained", 0.30),
+                 ("all", 0, "trained", 0.10), ("all", 1, "trained", 0.50)])
+    b = _search(tmp_path / "b", "t", 2, [0], {"d0": [1, 3], "d1": [2, 4], "all": all8},
+                [("d0", 0, "trained", 0.05), ("d1", 0, "trained", 0.12), ("all", 0, "trained", 0.10)])
+    other = _search(tmp_path / "o", "u", 2, [0], {"e0": [0, 1], "all": all8},
+                    [("e0", 0, "trained", 9.0), ("all", 0, "trained", 1.0)])
+    rows = [{"task": "t", "k": 2, "seed": 0, "strategy": "top", "layers": [6, 7], "gain_fraction": 0.8},
+            {"task": "t", "k": 2, "seed": 0, "strategy": "bottom", "layers": [2, 4], "gain_fraction": 1.2},
+            {"task": "t", "k": 2, "seed": 1, "strategy": "mid", "layers": [3, 4], "gain_fraction": 0.1},
+            {"task": "t", "k": 3, "seed": 0, "strategy": "top", "layers": [5, 6, 7], "gain_fraction": 0.1},
+            {"task": "u", "k": 2, "seed": 0, "strategy": "top", "layers": [6, 7], "gain_fraction": 0.5}]
+    k, seed, got = pred.search_sets([a, b, other], "t", rows)
+    # trained on seed 0 only, gain over the same seed's all-layer gain; a set in two sources counted once
+    assert (k, seed) == (2, 0)
+    assert got == {(1, 3): pytest.approx(0.5), (2, 4): pytest.approx(1.2), (6, 7): 0.8}
+    assert pred.search_sets([other], "t", rows) is None
+    rows[1]["gain_fraction"] = 1.0   # the same set and seed, another result: not the same recipe
+    with pytest.raises(SystemExit, match=r"set \[2, 4\]"):
+        pred.search_sets([a, b], "t", rows)
