@@ -11,6 +11,12 @@ never a truncated file or a missing directory:
   is missing; elsewhere the old version is moved aside, the new one renamed in, and the old one
   put back if that rename fails (and restored by the next write if the process died in between).
 
+A temporary sibling is named after its writer, ``.<name>.tmp-<host>-<pid>-<random>``. A writer that
+is killed (SIGKILL, OOM, a lost node) cannot remove its own, and a killed profile's can hold gigabytes
+of statistics, so every write first removes the siblings of its target that a writer on this host left
+when its process is gone (:func:`remove_stale_temporaries`). A live writer's, another host's and
+older-named ones are left alone.
+
 Temporary files and directories get the permissions a plain ``open``/``mkdir`` would give under
 the process umask (``mkstemp``/``mkdtemp`` would leave them 0600/0700, unreadable to a team that
 shares a store or a results directory).
@@ -23,10 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import glob
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 import uuid
@@ -54,6 +63,55 @@ def crash_point(name: str) -> None:
     _SEEN[name] = _SEEN.get(name, 0) + 1
     if want in (name, f"{name}#{_SEEN[name]}") and (want != name or _SEEN[name] == 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _writer_host() -> str:
+    """This host, and its pid namespace (containers sharing a hostname and a volume have their own pids),
+    without "-" (it separates the pid in a temporary's name)."""
+    host = socket.gethostname() or "localhost"
+    with contextlib.suppress(OSError):
+        host += "_" + "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    return re.sub(r"[^A-Za-z0-9_.]", "_", host)
+
+
+_HOST = _writer_host()
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by writers on this host whose process is gone;
+    returns what was removed. Live writers' temporaries, other hosts' (a shared filesystem) and names
+    without a writer are kept: a pid that was reused only delays the removal."""
+    path = Path(path)
+    removed = []
+    lead = f".{path.name}.tmp-"
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f"{glob.escape(lead)}*"):
+            parts = p.name[len(lead):].rsplit("-", 2)
+            if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -168,7 +226,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` whole or not at all (creating the parent directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -208,9 +267,10 @@ def atomic_dir(path: str | Path, *, replace: bool = False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     restore_moved_aside(path)
+    remove_stale_temporaries(path)
     if path.exists() and not replace:
         raise LayercardError(f"'{path}' already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp

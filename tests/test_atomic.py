@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from layercard.atomic import KILL_ENV, atomic_dir, atomic_write_bytes, atomic_write_json, check_private, \
-    private_dir, restore_moved_aside
+    private_dir, remove_stale_temporaries, restore_moved_aside
 from layercard.errors import LayercardError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,11 @@ def test_file_write_killed_at_each_step(tmp_path, step):
     assert run_writer("file", target, step) == -signal.SIGKILL
     assert target.read_bytes() in (b"old", b"new " * 50_000)        # never a truncated mix
     assert target.read_bytes() == (b"new " * 50_000 if step == "file-renamed" else b"old")
+    left = list(tmp_path.glob(".results.json.tmp-*"))
+    assert len(left) == (0 if step == "file-renamed" else 1)    # the killed writer could not remove its own
     assert run_writer("file", target, None) == 0
     assert target.read_bytes() == b"new " * 50_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]   # the next write removed it
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "move-aside"])
@@ -89,7 +92,8 @@ def test_dir_replace_killed_at_each_step(tmp_path, step, fallback):
     assert dir_state(target) == expect
     assert run_writer("dir", target, None, fallback) == 0
     assert dir_state(target) == NEW_DIR
-    assert not list(tmp_path.glob(".card.old-*"))       # (a killed writer's .card.tmp-* may stay: never read)
+    assert not list(tmp_path.glob(".card.old-*"))
+    assert not list(tmp_path.glob(".card.tmp-*"))       # the killed writer's temporary went with the next write
 
 
 @pytest.mark.parametrize("step", ["dir-filled", "dir-synced", "dir-renamed"])
@@ -97,6 +101,35 @@ def test_new_dir_killed_at_each_step_is_whole_or_absent(tmp_path, step):
     target = tmp_path / "selection"
     assert run_writer("new-dir", target, step) == -signal.SIGKILL
     assert dir_state(target) == ({"part0": b"new"} if step == "dir-renamed" else None)
+
+
+def test_only_dead_writers_temporaries_on_this_host_are_removed(tmp_path):
+    """A killed profile's temporary directory is removed by the next write to its target; a live
+    writer's (this process, or another running one), another host's, an unrelated target's and one
+    without a writer in its name are kept."""
+    import layercard.atomic as atomic
+
+    target = tmp_path / "card"
+    run_writer("new-dir", target, "dir-filled")                      # killed: leaves a full temporary
+    (dead,) = tmp_path.glob(".card.tmp-*")
+    assert (dead / "part0").read_bytes() == b"new"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        keep = [tmp_path / f".card.tmp-{atomic._HOST}-{os.getpid()}-mine",
+                tmp_path / f".card.tmp-{atomic._HOST}-{sleeper.pid}-live",
+                tmp_path / ".card.tmp-otherhost_1-1-x", tmp_path / ".card.tmp-nowriter",
+                tmp_path / f".cards.tmp-{atomic._HOST}-999999999-x"]
+        for p in keep:
+            p.mkdir()
+        assert remove_stale_temporaries(target) == [dead]
+        assert not dead.exists() and all(p.is_dir() for p in keep)
+        with atomic_dir(target) as tmp:                                # a write does the same first
+            (tmp / "a").write_text("1")
+        assert all(p.is_dir() for p in keep) and (target / "a").read_text() == "1"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temporaries(target) == [keep[1]]            # its writer is gone now
 
 
 def test_new_dir_refuses_an_existing_target(tmp_path):
