@@ -8,8 +8,9 @@ written, or the config and seed of a random model): a checkpoint updated in plac
 compared with its predecessor automatically; one at a new path needs ``--against``.
 
 The config is a profile config plus an optional ``drift`` section of thresholds
-(:class:`layercard.card.drift.DriftSettings`), e.g. ``drift.min_kendall_tau=0.9``. The store keeps the
-card without its sufficient statistics unless ``--with-stats``.
+(:class:`layercard.card.drift.DriftSettings`), e.g. ``drift.min_kendall_tau=0.9``. A store keeps a
+version per run, so it keeps the card without its sufficient statistics unless the config says
+``profile.save_stats: true`` or ``--with-stats`` is given (``null``, the default, means none here).
 
 The drift report is written to ``--out`` before the version is published, so a run that fails while
 publishing leaves no version behind and its rerun (``--overwrite``) compares against the same
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="VERSION", help="compare with this version (default: the model's latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--with-stats", action="store_true",
-                   help="store the sufficient statistics too (stats.safetensors, ~1 GB per layer of an 8B model)")
+                   help="store the sufficient statistics too (stats.safetensors, ~3 GiB per layer of an 8B model); "
+                        "the same as profile.save_stats=true")
     args = p.parse_args(argv)
     cfg = load_config(ReprofileConfig, args.config, args.overrides)
     out = Path(args.out)
@@ -84,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     store = CardStore(default_store(args.store))
     against = store.get(args.against) if args.against else None     # an unknown version fails before profiling
 
-    card = profile_card(cfg.profile_config())
+    pcfg = cfg.profile_config()
+    with_stats = args.with_stats or pcfg.profile.save_stats is True
+    card = profile_card(pcfg)
     if against is None:
         against = store.latest(card.meta["model_id"])
     with tempfile.TemporaryDirectory(prefix="layercard-reprofile-") as tmp:
         # saving fixes created_at and card_id, hence the version id
-        saved = card.save(Path(tmp) / "card", with_stats=args.with_stats)
+        saved = card.save(Path(tmp) / "card", with_stats=with_stats)
         version = version_id(card.meta)
         if against is None:
             report = baseline_report(card, version)

@@ -145,7 +145,12 @@ def test_killed_while_publishing_leaves_the_report_and_no_version(tmp_path, caps
     report = json.loads((tmp_path / "r1" / "drift.json").read_text())
     assert report["drift"] and report["exit_code"] == 3 and report["against"]["version"] == base.version
     assert [v.version for v in CardStore(store).list_versions()] == [base.version]
-    assert run_main(reprofile.main, ["--overwrite", *drift]) == 3
+    assert run_main(reprofile.main, ["--overwrite", *drift, "profile.save_stats=true"]) == 3
     again = json.loads((tmp_path / "r1" / "drift.json").read_text())
     assert again["against"]["version"] == base.version and again["changed_layers"] == report["changed_layers"]
-    assert len(CardStore(store).list_versions()) == 2
+    versions = {v.version: v for v in CardStore(store).list_versions()}
+    assert len(versions) == 2
+    # the store keeps statistics only when asked: the baseline has none, the run with save_stats=true has them
+    has_stats = {v: (Path(versions[v].path) / "stats.safetensors").is_file() for v in versions}
+    assert has_stats == {base.version: False, again["new"]["version"]: True}
+    assert CardStore(store).load(again["new"]["version"]).stats is not None
