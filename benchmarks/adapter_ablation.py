@@ -6,7 +6,7 @@ loop a Ray Train worker runs, so it is the same run) and evaluates the model wit
 layers' adapters switched on (the others' ``lora_B`` zeroed), on the same eval split:
 
 - ``only``: each layer's adapter alone, ``base − q({ℓ})``;
-- ``drop``: all but one, ``q(all − ℓ) − q(all)``;
+- ``drop`` (with ``--drop``): all but one, ``q(all − ℓ) − q(all)``;
 - ``restricted``: every measured set S, its own adapters of the all-layer run, as a gain fraction
   ``(base − q(S)) / (base − q(all))``.
 
@@ -89,20 +89,41 @@ class Restricted:
         self.torch = torch
 
     def quality(self, on: set[int] | None) -> float:
-        """The eval quality with only the adapters of ``on`` (None: every layer's)."""
-        from layercard.train import training
-        from layercard.train.worker import _batches_once
+        """The eval quality with only the adapters of ``on`` (None: every layer's): the mean label loss,
+        or the mean LM loss per supervised token, as the trainer's eval computes it (the LM head run on
+        the supervised rows only)."""
         from layercard.train.local import RowShard
+        from layercard.train.losses import loss_count, supervised_loss_sum
+        from layercard.train.worker import _batches_once
 
         torch = self.torch
+        total, count = 0.0, 0
         with torch.no_grad():
             for layer, mods in self.b.items():
                 for w, saved in mods:
                     w.copy_(saved if on is None or layer in on else torch.zeros_like(saved))
-            fwd = lambda ids, mask: self.model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-            sums = training.evaluate(fwd, _batches_once(RowShard(self.eval_rows), self.cfg.batch_size,
-                                                        self.pad_id), torch.device("cpu"), self.label_ids)
-        return training.eval_metrics(sums, False)["quality"]
+            for batch in _batches_once(RowShard(self.eval_rows), self.cfg.batch_size, self.pad_id):
+                total += float(supervised_loss_sum(self.model, batch["input_ids"], batch["attention_mask"],
+                                                   batch["labels"], self.label_ids))
+                count += loss_count(batch["labels"], self.label_ids)
+        return total / count
+
+
+class Cache:
+    """Evaluated qualities by layer set, written down as each is measured (a rerun skips them)."""
+
+    def __init__(self, path: Path, restricted: Restricted):
+        self.path, self.r = path, restricted
+        self.q: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, on: set[int] | None) -> float:
+        from layercard.atomic import atomic_write_json
+
+        key = "all" if on is None else ",".join(map(str, sorted(on)))
+        if key not in self.q:
+            self.q[key] = self.r.quality(on)
+            atomic_write_json(self.path, self.q)
+        return self.q[key]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="where the reference adapter goes (default: SEARCH/..)")
     p.add_argument("--eval-examples", type=int, default=None, help="eval on the first N of the eval split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drop", action="store_true", help="also evaluate all layers but one, for each layer")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
 
@@ -141,36 +163,33 @@ def main(argv: list[str] | None = None) -> int:
     sets = pred.measured_sets(rows, a.task)
     pooled = pred.search_sets(list(a.searches), a.task, rows) if a.searches else None
     r = Restricted(cfg, plan, adapter, a.eval_examples)
-    q: dict[str, float] = {}
-
-    def quality(on) -> float:
-        key = "all" if on is None else ",".join(map(str, sorted(on)))
-        if key not in q:
-            q[key] = r.quality(on)
-        return q[key]
+    quality = Cache(work / f"qualities-s{a.seed}-{len(r.eval_rows)}.json", r)
 
     q_all = quality(None)
     q_base = quality(set())
-    print(f"restricted evals: all {q_all:.4f}, none {q_base:.4f}", flush=True)
-    only, drop = {}, {}
+    print(f"restricted evals on {len(r.eval_rows)} examples: all {q_all:.4f}, none {q_base:.4f}", flush=True)
+    only = {}
     for l in r.layers:
         only[l] = q_base - quality({l})
-        drop[l] = quality(set(r.layers) - {l}) - q_all
-        print(f"  layer {l}: alone {only[l]:+.4f}, dropped {drop[l]:+.4f}", flush=True)
+        print(f"  layer {l} alone: {only[l]:+.4f}", flush=True)
     todo = {tuple(ls) for v in sets.values() for ls, _ in v} | (set(pooled[2]) if pooled else set())
     for i, ls in enumerate(sorted(todo)):
-        quality(set(ls))
-        print(f"  set {i + 1}/{len(todo)} {list(ls)}", flush=True)
+        print(f"  set {i + 1}/{len(todo)} {list(ls)}: {quality(set(ls)):.4f}", flush=True)
+    drop = {}
+    if a.drop:
+        for l in r.layers:
+            drop[l] = quality(set(r.layers) - {l}) - q_all
+            print(f"  layer {l} dropped: {drop[l]:+.4f}", flush=True)
 
     def restricted(ls) -> float:
         return (q_base - quality(set(ls))) / (q_base - q_all)
 
     scores = {"restricted all-layer adapter": restricted,
               "Σ only (each layer's adapter alone)": lambda ls: sum(only[l] for l in ls),
-              "Σ drop (all but one layer)": lambda ls: sum(drop[l] for l in ls)}
+              **({"Σ drop (all but one layer)": lambda ls: sum(drop[l] for l in ls)} if drop else {})}
     measured = {k: np.array([g for _, g in v]) for k, v in sets.items()}
     board = {"task": a.task, "seed": a.seed, "eval_examples": len(r.eval_rows), "reference": ref,
-             "q_all": q_all, "q_none": q_base, "only": only, "drop": drop, "qualities": q, "within_k": {}, "pooled": {}}
+             "q_all": q_all, "q_none": q_base, "only": only, "drop": drop, "qualities": quality.q, "within_k": {}, "pooled": {}}
     for name, fn in scores.items():
         sc = {k: np.array([fn(ls) for ls, _ in v]) for k, v in sets.items()}
         board["within_k"][name] = pred.within_k(sc, measured, 2000)
