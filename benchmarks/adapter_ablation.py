@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                      "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                               text=True).stdout.strip() or None,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-                     "minutes": round((time.time() - started) / 60, 1)}
+                     "minutes_this_invocation": round((time.time() - started) / 60, 1),
+                     "evals_cached": len(quality.q)}
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out / f"adapter_ablation_{a.task}.json", board, default=float)
     print(f"\n{a.task}: within-k Spearman ρ with the measured gain fraction")
