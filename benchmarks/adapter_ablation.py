@@ -62,7 +62,9 @@ def train_reference(scfg, card, plan, work: Path, seed: int) -> tuple[Path, dict
     lora, layers = trial_lora(card, [int(l) for l in card.layers["layer"]], scfg)
     reports = run_trial(base, {"seed": seed, "lora": lora, "layers": layers}, plan, adapter_dir=adapter)
     final = {k: v for k, v in reports[-1].items() if isinstance(v, (int, float, str, bool)) or v is None}
-    metrics_file.write_text(json.dumps(final, indent=1))
+    from layercard.atomic import atomic_write_json
+
+    atomic_write_json(metrics_file, final)      # last: an adapter without it is trained again
     return adapter, final
 
 
@@ -75,14 +77,17 @@ class Restricted:
 
         from layercard.models import load_model
 
+        from layercard.discovery import find_blocks
+
         lm = load_model(cfg.model)
         self.model = PeftModel.from_pretrained(lm.model, str(adapter)).eval()
-        self.b = {}        # layer → [(module, saved lora_B weight)]
-        for name, mod in self.model.named_modules():
-            if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
-                layer = int(name.split(".layers.")[1].split(".")[0])
-                w = mod.lora_B["default"].weight
-                self.b.setdefault(layer, []).append((w, w.detach().clone()))
+        _, blocks = find_blocks(self.model)
+        self.b = {}        # layer → [(its lora_B weight, a copy)]
+        for layer, block in enumerate(blocks):
+            for mod in block.modules():
+                if "default" in getattr(mod, "lora_B", {}):
+                    w = mod.lora_B["default"].weight
+                    self.b.setdefault(layer, []).append((w, w.detach().clone()))
         self.layers = sorted(self.b)
         self.eval_rows = plan.eval[:n_examples] if n_examples else plan.eval
         self.cfg, self.pad_id, self.label_ids = cfg, plan.pad_id, plan.label_token_ids
