@@ -10,7 +10,10 @@ with it), then two explore searches with the committed recipe (configs/search-sm
 overrides, :mod:`layercard.data.task_recipes`): ``WORK/TASK/explore-k5`` (the card-seeded pool) and
 ``WORK/TASK/explore-k5-ablation`` (``explore.card_candidates=false``: the same schedule and pool size
 without the card's pick and neighbours). A finished search is reused; an interrupted one continues with
-``--resume``.
+``--resume``. The ablation replays the runs it shares with the card-seeded search (config key ``reuse``:
+the same layers, seed and recipe report the same numbers), so it costs only the sets and rungs the two do
+not share; ``--no-reuse`` trains them again. ``ablation_steps`` still counts every step its schedule
+trained, replayed or not (``ablation_steps_reused``: those replayed).
 
 Writes ``RESULTS/explore_<task>.json`` (and ``explore_<task>_meta.json``: command, commit, machine, each
 search's wall-clock minutes): the search's explore.json rows (one per k) plus
@@ -45,7 +48,7 @@ SMOKE = {   # the tiny random Qwen3 (4 layers): wiring only, minutes
 }
 
 
-def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation: bool, args):
+def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation: bool, args, reuse=()):
     from layercard.config import load_config
     from layercard.search.config import SearchConfig
     from layercard.data.task_recipes import TASKS
@@ -57,14 +60,16 @@ def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation:
     table = Path(args.paper_table)
     overrides = [f"card={card_dir}", "mode=explore", f"ks=[{k}]", f"seeds={json.dumps(seeds)}",
                  f"explore.task={task}", f"explore.card_candidates={'false' if ablation else 'true'}",
-                 *([f"explore.paper_table={table.resolve()}"] if table.is_file() else []), *recipe, *args.overrides]
+                 *([f"explore.paper_table={table.resolve()}"] if table.is_file() else []), *recipe,
+                 *([f"reuse={json.dumps([str(r) for r in reuse])}"] if reuse else []), *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     return load_config(SearchConfig, yaml, overrides)
 
 
 def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
-    """The explore.json rows of the search in OUT: reused when finished, continued with ``resume``."""
+    """The explore.json rows of the search in OUT: reused when finished, continued with ``resume`` (with the
+    earlier searches ``cfg`` reuses runs of)."""
     from layercard.search import run as search
 
     if (out / "explore.json").is_file():
@@ -73,7 +78,7 @@ def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
         if not resume:
             raise SystemExit(f"error: {out} holds an unfinished search; pass --resume to continue it")
         print(f"== resuming {out}", flush=True)
-        search.resume_search(out)
+        search.resume_search(out, [f"reuse={json.dumps(cfg.reuse)}"] if cfg.reuse else [])
     else:
         print(f"== explore → {out}", flush=True)
         search.run_search(cfg, out)
@@ -93,6 +98,7 @@ def merge(rows: list[dict], ablation: list[dict]) -> list[dict]:
         a = by_k.get(r["k"], {})
         row = {**r, "ablation_gain_fraction": a.get("gain_fraction_mean"),
                "ablation_gain_fraction_sd": a.get("gain_fraction_sd"), "ablation_steps": a.get("steps"),
+               "ablation_steps_reused": a.get("steps_reused"),
                "ablation_picked_layers": a.get("picked_layers")}
         sd = r["gain_fraction_sd"] or 0.0
         mean, best = r["gain_fraction_mean"], r["best_fixed_gain_fraction"]
@@ -131,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fixed strategies' gain fractions (same recipe)")
     p.add_argument("--resume", action="store_true", help="continue interrupted searches")
     p.add_argument("--no-ablation", action="store_true", help="run only the card-seeded search")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="SEARCH",
+                   help="earlier searches (same recipe) whose runs both searches replay instead of training")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="the ablation trains every trial itself (by default it replays the runs it shares with "
+                        "the card-seeded search: the same numbers, deterministic per seed)")
     p.add_argument("--smoke", action="store_true",
                    help="the tiny random model of configs/search-tiny.yaml (task 'tiny', k=2, seeds 0 1): wiring only")
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
@@ -165,9 +176,13 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
     started = time.time()
     card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
     name = f"explore-k{k}"
-    rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args), work / task / name, args.resume)
+    reuse = [Path(r).resolve() for r in args.reuse]
+    rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args, reuse), work / task / name,
+                         args.resume)
+    if not args.no_reuse:
+        reuse.append((work / task / name).resolve())
     ablation = [] if args.no_ablation else run_or_resume(
-        search_config(task, card_dir, k, seeds, True, args), work / task / f"{name}-ablation", args.resume)
+        search_config(task, card_dir, k, seeds, True, args, reuse), work / task / f"{name}-ablation", args.resume)
     merged = merge(rows, ablation)
     path = results / f"explore_{task}.json"
     atomic_write_text(path, json.dumps(merged, indent=2) + "\n")

@@ -45,7 +45,7 @@ from layercard.search.config import SearchConfig
 from layercard.search.events import EVENTS_FILE, STOP_FILE, read_events
 from layercard.search.publish import write_outputs
 from layercard.search.results import SearchInterrupted
-from layercard.search.run import check_resumed, read_saved_search, resumed_config, save_search
+from layercard.search.run import check_resumed, read_saved_search, resumed_config, save_search, with_replays
 from layercard.search.setup import Setup, setup, trial_key, trial_lora
 from layercard.search.trials import TrialLog, check_trial_fits, settle, trial_base_eval, tune_trainable
 from layercard.select.candidates import Candidate
@@ -242,6 +242,12 @@ def _steps_done(results: list[PhaseResult]) -> dict[str, int]:
     return {r.config["trial"]: int(r.metrics.get("step") or 0) for r in results}
 
 
+def _steps_reused(results: list[PhaseResult]) -> dict[str, int]:
+    """trial key → the steps an earlier search trained for it (config key ``reuse``): its reports were
+    replayed, none of those steps was trained again."""
+    return {r.config["trial"]: int(r.metrics.get("step") or 0) for r in results if r.metrics.get("reused_from")}
+
+
 def execute(s: Setup, p: ExplorePlan) -> dict:
     """Run (or continue) every phase, then write the outputs."""
     cfg, t = s.cfg, s.cfg.train_config
@@ -352,6 +358,7 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
     seed0 = cfg.seeds[0]
     final_q = _final_quality(results, t.steps)
     spent = _steps_done(results)
+    reused = _steps_reused(results)
     base_q = [r.metrics.get("initial_quality", r.metrics.get("initial_eval_loss")) for r in results]
     base = float(np.median([b for b in base_q if b is not None]))
     all_q = {seed: final_q[trial_key(REFERENCE, seed)] for seed in cfg.seeds
@@ -360,7 +367,6 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
     for row in read_rungs(s.out):              # the last attempt's report wins
         rungs.setdefault(row["key"], {})[int(row["step"])] = row["rung_quality"]
     task = cfg.explore.task or Path(str(t.data.path)).stem
-    ref_steps = sum(spent.get(trial_key(REFERENCE, seed), 0) for seed in cfg.seeds)
     out = []
     for k in cfg.ks:
         pick = candidates[picks[k]]
@@ -389,8 +395,9 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
         elif cfg.explore.paper_table:
             best_name, best_gf = best_fixed_from_table(cfg.explore.paper_table, task, k)
             source = "paper_table" if best_name else None
-        steps = (sum(spent.get(trial_key(c, seed0), 0) for c in by_k[k])
-                 + sum(spent.get(trial_key(pick.id, seed), 0) for seed in cfg.seeds[1:]) + ref_steps)
+        counted = ([trial_key(c, seed0) for c in by_k[k]] + [trial_key(pick.id, seed) for seed in cfg.seeds[1:]]
+                   + [trial_key(REFERENCE, seed) for seed in cfg.seeds])
+        steps = sum(spent.get(key, 0) for key in counted)
         out.append({
             "task": task, "k": k, "picked_layers": pick.layers, "picked_candidate": pick.id,
             "picked_labels": pick.labels, "gain_fraction_mean": mean, "gain_fraction_sd": sd,
@@ -398,6 +405,7 @@ def explore_rows(s, p: ExplorePlan, candidates: dict[str, Candidate], by_k: dict
             "gain_fraction_mean_unselected": ex.unselected_mean(gf, gf_seeds, seed0),
             "best_fixed_strategy": best_name, "best_fixed_gain_fraction": best_gf, "best_fixed_source": source,
             "steps": int(steps), "fixed_steps": p.fixed_steps[k], "steps_ratio": steps / p.fixed_steps[k],
+            "steps_reused": sum(reused.get(key, 0) for key in counted),
             "rung_spearman": gate, "card_candidates": cfg.explore.card_candidates,
             "pool_size": p.pool_size[k], "n_candidates": len(by_k[k]), "n_trained_to_end": len(ended),
         })
@@ -435,6 +443,10 @@ def summary_lines(rows: list[dict], p: ExplorePlan) -> list[str]:
                   f"not to be trusted for this task and recipe; {GATE_ADVICE}." for k, g in low]
     else:
         lines.append(f"Rung gate passed: every rung ranks the sets trained to the end with ρ ≥ {ex.RUNG_GATE}.")
+    for r in rows:
+        if r.get("steps_reused"):
+            lines.append(f"At k={r['k']}, {r['steps_reused']} of the {r['steps']} steps were replayed from earlier "
+                         "searches (config key reuse), not trained again.")
     return lines
 
 
@@ -448,6 +460,7 @@ def _save(s: Setup) -> None:
 
 def run_explore(cfg: SearchConfig, out: Path) -> dict:
     s, p = setup_explore(cfg, out)
+    s = with_replays(s)
     _save(s)
     n = sum(len(v) for v in p.pools.values())
     print(f"layercard search: explore over {cfg.ks} with {n} candidates (pool sizes {p.pool_size}), rungs at steps "
@@ -460,7 +473,7 @@ def resume_explore(out: Path, overrides=()) -> dict:
     cfg = resumed_config(saved, overrides)
     s, p = setup_explore(cfg, out)
     check_resumed(s, saved, out)
-    return execute(s, p)
+    return execute(with_replays(s), p)
 
 
 __all__ = ["run_explore", "resume_explore", "plan_explore", "explore_rows", "best_fixed_from_table", "read_rungs"]

@@ -56,6 +56,7 @@ def trial_rows_of(s: Setup, grid) -> list[dict]:
             "step_seconds": m.get("median_step_s"),
             "peak_memory_bytes": max(peak) if isinstance(peak, list) and peak else peak,
             "train_tokens_per_s": m.get("train_tokens_per_s"),
+            "reused_from": m.get("reused_from"),    # the earlier search whose run was replayed (config key reuse)
             "error": event.get("error") or (str(r.error).splitlines()[0][:500] if r is not None and r.error else None),
         })
     base = [r["initial_quality"] for r in rows if r["initial_quality"] is not None]

@@ -2,6 +2,7 @@
 continuation after an interruption (``Tuner.restore``: finished trials are kept, unfinished ones run again)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from layercard.search.trials import run_tune
 from layercard.select.selection import resolve_model
 
 SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
-RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials")
+RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials", "reuse")
 
 
 def resumed_config(saved: dict, overrides) -> SearchConfig:
@@ -66,6 +67,20 @@ def check_resumable(out: Path, saved: dict) -> None:
     check_private(Path(storage).expanduser().resolve() if storage else out / "tune", "search storage")
 
 
+def with_replays(s: Setup) -> Setup:
+    """``s`` with the replays of the earlier searches config key ``reuse`` names."""
+    from layercard.search.reuse import load_sources
+
+    own = [r for r in s.cfg.reuse if Path(r).expanduser().resolve() == Path(s.out).resolve()]
+    if own:
+        raise LayercardError(f"config key 'reuse' names the search's own OUT '{own[0]}'; --resume continues it")
+    if not s.cfg.reuse:
+        return s
+    s = dataclasses.replace(s, replays=load_sources(s.cfg.reuse))
+    print(f"layercard search: {len(s.replays)} earlier runs to reuse from {len(s.cfg.reuse)} search(es)", flush=True)
+    return s
+
+
 def save_search(s: Setup) -> None:
     doc = {"config": s.cfg.to_dict(), "out": str(Path(s.out).resolve()), "card_id": s.card.card_id, "card": str(Path(s.cfg.card).expanduser().resolve()),
            "quality_model": resolve_model(s.card, s.cfg.model), "step_budget": recipe_step_budget(s.cfg.train_config),
@@ -85,7 +100,7 @@ def run_search(cfg: SearchConfig, out: str | Path) -> dict:
         from layercard.search.explore import run_explore
 
         return run_explore(cfg, out)
-    s = setup(cfg, out)
+    s = with_replays(setup(cfg, out))
     out.mkdir(parents=True, exist_ok=True)
     if "://" not in s.storage:
         private_dir(s.storage)      # resuming unpickles what Tune keeps here: owner-writable only
@@ -108,6 +123,7 @@ def resume_search(out: str | Path, overrides: list[str] = ()) -> dict:
     cfg = resumed_config(saved, overrides)
     s = setup(cfg, out)
     check_resumed(s, saved, out)
+    s = with_replays(s)
     exists = _exists(s.experiment)
     return write_outputs(s, run_tune(s, restore=exists))
 

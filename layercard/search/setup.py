@@ -24,6 +24,7 @@ class Setup:
     trials: dict[str, dict]            # trial key → {candidate, seed, layers, lora}
     rungs: list[int] | None = None     # mode=explore: the successive-halving milestones (steps)
     extra_summary: list[str] | None = None   # mode=explore: its section of summary.md
+    replays: dict | None = None        # fingerprint → Replay of the runs config key ``reuse`` names
 
     @property
     def storage(self) -> str:

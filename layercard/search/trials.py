@@ -21,21 +21,37 @@ from layercard.train.base_eval import base_eval_key, read_base_eval, write_base_
 from layercard.train.worker import FAULT_MARKER, WorkerConfig, train_func, worker_config
 
 
-def trial_function(config: dict, *, trials: dict, base: WorkerConfig, data: dict, run: dict) -> None:
+def trial_function(config: dict, *, trials: dict, base: WorkerConfig, data: dict, run: dict,
+                   replays: dict | None = None) -> None:
     """One Tune trial: a ``TorchTrainer`` running :func:`layercard.train.worker.train_func` on ``base``
     with the trial's layers and seed; ``TuneReportCallback`` forwards rank 0's reports (eval loss along
-    the way) to Tune."""
+    the way) to Tune. A trial in ``replays`` (an earlier search ran it) reports that run's reports
+    instead; when that run ended before this trial is stopped, it then trains from the start, silent
+    up to the last replayed step."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from layercard.search.reuse import REUSED_FROM
+
     key = config["trial"]
     trial = trials[key]
     nw = run["num_workers"]
+    silent = 0
+    replay = (replays or {}).get(key)
+    if replay:
+        from ray import tune
+
+        for metrics in replay["reports"]:
+            tune.report({**metrics, REUSED_FROM: replay["source"]})
+        if replay["complete"]:
+            return
+        silent = int(replay["reports"][-1].get("step") or 0)
     loop = dataclasses.replace(base, lora=trial["lora"], layers=trial["layers"], seed=trial["seed"],
                                fault_marker=f"{run['train_storage']}/{key}/{FAULT_MARKER}",
-                               initial_eval=read_base_eval(run["base_eval_cache"], run["base_eval_key"]))
+                               initial_eval=read_base_eval(run["base_eval_cache"], run["base_eval_key"]),
+                               silent_through=silent)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def dataset(rows):
@@ -108,11 +124,13 @@ def settle(timeout_s: float = 30.0) -> None:
 def trial_line(key: str, result: dict) -> str:
     """One trial's end as a person reads it: trained to the end (its quality), or stopped at a rung."""
     quality = result.get("quality")
+    reused = " (reused)" if result.get("reused_from") else ""
     if quality is not None:
-        return f"{key} finished at step {result.get('step')}: {result.get('quality_name') or 'eval_loss'} {quality:.4f}"
+        return (f"{key} finished at step {result.get('step')}: {result.get('quality_name') or 'eval_loss'} "
+                f"{quality:.4f}{reused}")
     rung = result.get("rung_quality")
     return (f"{key} stopped at step {result.get('step')}"
-            + ("" if rung is None else f" (rung quality {rung:.4f})"))
+            + ("" if rung is None else f" (rung quality {rung:.4f})") + reused)
 
 
 def _progress(trials, trial, total: int | None = None) -> str:
@@ -197,20 +215,30 @@ def trial_base_eval(s: Setup) -> tuple[str, str]:
     return str(path), base_eval_key(t, s.plan)
 
 
+def base_worker_config(s: Setup, loop: dict | None = None) -> WorkerConfig:
+    """The worker config every trial of ``s`` shares (layers, LoRA config, seed and fault marker are set per
+    trial); ``loop`` overrides its fields."""
+    return dataclasses.replace(worker_config(s.cfg.train_config, s.plan, Path(tempfile.gettempdir())), **(loop or {}))
+
+
 def tune_trainable(s: Setup, base_eval: tuple[str, str], loop: dict | None = None, rung_eval: list[dict] | None = None):
     """The Tune function of ``s.trials``; ``loop`` overrides :class:`WorkerConfig` fields, ``rung_eval``
-    is the fixed eval subset of the rung quality (mode=explore)."""
+    is the fixed eval subset of the rung quality (mode=explore). Trials an earlier search ran
+    (``s.replays``, config key ``reuse``) replay its reports (:mod:`layercard.search.reuse`)."""
     from ray import tune
+
+    from layercard.search.reuse import replays_for
 
     t = s.cfg.train_config
     train_storage = f"{s.experiment}/train_runs"
-    base = dataclasses.replace(worker_config(t, s.plan, Path(tempfile.gettempdir())), **(loop or {}))   # fault_marker: per trial
+    base = base_worker_config(s, loop)
+    data = {"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval}
+    replays = {k: dataclasses.asdict(r) for k, r in replays_for(s, base.to_dict(), data, s.replays or {}).items()}
     cache, key = base_eval
     run = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker,
            "max_failures": t.max_failures, "train_storage": train_storage,
            "base_eval_cache": cache, "base_eval_key": key}
-    fn = tune.with_parameters(trial_function, trials=s.trials, base=base,
-                              data={"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval}, run=run)
+    fn = tune.with_parameters(trial_function, trials=s.trials, base=base, data=data, run=run, replays=replays)
     return tune.with_resources(fn, {"CPU": s.cfg.trial_cpus})
 
 

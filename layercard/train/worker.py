@@ -121,6 +121,7 @@ class WorkerConfig:
     initial_eval: dict | None = None   # the base model's eval numbers, when already known
     rung_steps: list[int] | None = None  # steps whose reports measure the rung quality on the "rung_eval"
                                          # dataset (explore's ASHA milestones); reports between carry the last
+    silent_through: int = 0            # no metrics-only report up to this step (an earlier run's replay sent them)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -414,7 +415,7 @@ def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
             metrics.update(rung_metrics(step))
         if do_ckpt:
             report(metrics, step)
-        else:
+        elif step > cfg.silent_through:
             host.report(metrics)
 
     final = {**run_eval(), **(rung_metrics(steps) if rung_steps else {})}

@@ -5,6 +5,7 @@ a real explore search on a tiny random Qwen3 (ASHA stops the worse trials at a r
 finished ones and ASHA's rung records, explore.json), and one under ``ray job submit`` on a test head."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -22,6 +23,7 @@ from layercard.card.layer_card import LayerCard
 from layercard.config import load_config
 from layercard.errors import LayercardError
 from layercard.search.config import SearchConfig
+from layercard.search.setup import trial_key
 from tests.select.test_selection import make_card
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -425,6 +427,121 @@ def test_explore_writes_its_rows_and_the_usual_outputs(explored, card_dir):
     assert (out / "frontier.png").is_file() and summary["explore"][0] == row
 
 
+def test_fingerprint_names_what_the_numbers_depend_on():
+    from layercard.search.reuse import fingerprint
+
+    base = {"lr": 0.005, "steps": 6, "rung_steps": [2, 4], "fault_marker": "/a", "initial_eval": None,
+            "silent_through": 0, "lora": None, "layers": None, "seed": 0}
+    data = {"train": "t", "eval": "e", "rung_eval": None}
+    trial = {"lora": {"r": 4}, "layers": [1, 2], "seed": 0}
+    fp = fingerprint(base, "w", data, trial)
+    same = [({**base, "fault_marker": "/b", "initial_eval": {"x": 1}, "silent_through": 2}, "w", data, trial)]
+    other = [({**base, "lr": 0.004}, "w", data, trial), ({**base, "rung_steps": None}, "w", data, trial),
+             (base, "v", data, trial), (base, "w", {**data, "rung_eval": "r"}, trial),
+             (base, "w", data, {**trial, "seed": 1}), (base, "w", data, {**trial, "layers": [1, 3]}),
+             (base, "w", data, {**trial, "lora": {"r": 8}})]
+    assert all(fingerprint(*a) == fp for a in same) and all(fingerprint(*a) != fp for a in other)
+
+
+@pytest.mark.slow
+def test_reuse_matches_the_same_recipe_only(explored, card_dir, tmp_path):
+    """Every trial of the explored search is found again by a search with its config, in the phase it ran in;
+    a search with another learning rate, or the final phase's trials looked up with rung steps, find none."""
+    from layercard.search.explore import REFERENCE, _trials, setup_explore
+    from layercard.search.reuse import load_sources, replays_for
+    from layercard.search.trials import base_worker_config
+
+    out, _, _ = explored
+    index = load_sources([str(out)])
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(index) == len(trials) and all(r.source == str(out) for r in index.values())
+
+    def found(cfg, rungs: bool, final: bool):
+        s, p = setup_explore(cfg, tmp_path / "probe")
+        pool = [*p.pools[2], p.reference] if final else p.pools[2]
+        s = dataclasses.replace(s, trials=_trials(s, pool, cfg.seeds if final else cfg.seeds[:1]))
+        rung_rows = s.plan.eval[:cfg.explore.rung_eval_examples] if rungs else None
+        base = base_worker_config(s, {"rung_steps": p.milestones} if rungs else None).to_dict()
+        return replays_for(s, base, {"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_rows}, index)
+
+    cfg = explore_cfg(card_dir)
+    r1 = found(cfg, True, False)
+    assert sorted(r1) == sorted(k for k in trials["trial"] if k.startswith("k2") and k.endswith("-s0"))
+    final = found(cfg, False, True)
+    assert {trial_key(REFERENCE, 0), trial_key(REFERENCE, 1)} <= set(final)
+    assert all(r.complete and r.reports[-1]["step"] == 6 for r in final.values())
+    assert not found(explore_cfg(card_dir, "train.lr=0.004"), True, False)
+    assert not set(found(cfg, True, True)) & {trial_key(REFERENCE, 0), trial_key(REFERENCE, 1)}
+
+
+def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
+    from layercard.search.run import run_search
+
+    with pytest.raises(LayercardError, match="config key 'reuse' names '.*nothing', which holds no search"):
+        run_search(explore_cfg(card_dir, f"reuse=[{tmp_path / 'nothing'}]"), tmp_path / "a")
+    with pytest.raises(LayercardError, match="names the search's own OUT"):
+        run_search(explore_cfg(card_dir, f"reuse=[{tmp_path / 'b'}]"), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_dir, tmp_path, capsys):
+    """The ablation with ``reuse`` = the explored search. A trial both ran replays the earlier reports: the
+    same numbers bit for bit, and nothing trains for it. A trial the earlier search ended early (here its
+    result.json cut to its first report, as when ASHA stops it at a rung) replays that report, then trains
+    from the start, silent through it: the uncut run's final numbers, each step reported once."""
+    import shutil
+
+    from layercard.search.explore import read_rungs
+    from layercard.search.run import run_search
+
+    out, _, _ = explored
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    (cut,) = [d for d in (src / "tune" / "search-final").glob("*trial=all-s0*") if d.is_dir()]
+    lines = (cut / "result.json").read_text().splitlines()
+    assert len(lines) > 1
+    (cut / "result.json").write_text(lines[0] + "\n")
+    new = tmp_path / "ablation"
+    # 4 layers hold 6 pairs: with one shift neighbour and no swap the card proposes 2, the ablation takes 3 others
+    summary = run_search(explore_cfg(card_dir, "explore.card_candidates=false", "explore.n_shifts=1",
+                                     "explore.n_swaps=0", "explore.pool_size=3", f"reuse=[{src}]"), new)
+    assert summary["failed"] == 0
+    printed = capsys.readouterr().out
+    assert "earlier runs to reuse from 1 search(es)" in printed and "(reused)" in printed
+
+    def by_set(d):
+        t = pd.read_parquet(d / "trials.parquet")
+        res = pd.read_parquet(d / "results.parquet").set_index("candidate")
+        rungs = {(r["key"], r["step"]): r["rung_quality"] for r in read_rungs(d)}
+        return {(tuple(res.loc[r.trial.rsplit("-s", 1)[0], "layers"]), int(r.trial.rsplit("-s", 1)[1])):
+                (r.trial, r.steps_done, r.quality, {s: q for (k, s), q in rungs.items() if k == r.trial})
+                for r in t.itertuples()}
+
+    old, now = by_set(out), by_set(new)
+    shared = [k for k in now if k in old]
+    assert len(shared) >= 3                         # the reference on both seeds and a baseline at least
+    for k in shared:
+        key, steps, q, rung = now[k]
+        _, old_steps, old_q, old_rung = old[k]
+        trained = (new / "tune").rglob(f"train_runs/{key}")
+        if key == "all-s0":                         # its cut run: trained again, to the same numbers
+            assert list(trained) and q == old_q and steps == 6
+            reports = [json.loads(l) for l in next((new / "tune" / "search-final").glob("*trial=all-s0*"))
+                       .joinpath("result.json").read_text().splitlines()]
+            assert [r["step"] for r in reports] == sorted({r["step"] for r in reports})
+            assert reports[0].get("reused_from") == str(src) and not reports[-1].get("reused_from")
+        elif steps <= old_steps:                    # replayed: nothing trained, the same numbers
+            assert not list(trained), key
+            assert rung == {s: v for s, v in old_rung.items() if s <= steps}
+            assert q == old_q or steps < 6
+    reused = pd.read_parquet(new / "trials.parquet").set_index("trial")["reused_from"]
+    assert reused["all-s1"] == str(src) and reused["all-s0"] is None
+    (row,) = json.loads((new / "explore.json").read_text())
+    assert row["steps_reused"] >= 6 and row["steps_reused"] <= row["steps"]
+    assert "replayed from earlier searches" in (new / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_explore_under_ray_job_submit(card_dir, tmp_path):
     """``layercard search mode=explore`` as a job on a real head (token auth on): it finishes and writes explore.json."""
@@ -461,6 +578,7 @@ def test_explore_table_smoke(ray_local, tmp_path):
     assert {"picked_layers", "gain_fraction_mean", "steps", "fixed_steps", "rung_spearman", "ablation_gain_fraction",
             "ablation_steps", "best_fixed_strategy"} <= set(row)
     assert row["task"] == "tiny" and row["ablation_steps"] > 0 and row["card_helps"] in (True, False)
+    assert 4 <= row["ablation_steps_reused"] <= row["ablation_steps"]       # the reference at least: replayed
     ablation = json.loads((tmp_path / "work" / "tiny" / "explore-k2-ablation" / "search.json").read_text())
     assert not any(c["objectives"] for c in ablation["candidates"])           # no card pick, no neighbour
     stamp = (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns

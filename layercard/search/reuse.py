@@ -1,0 +1,179 @@
+"""Reuse of finished training runs across searches (config key ``reuse``).
+
+Training is deterministic per seed: a trial whose worker config (recipe, layers, LoRA config, seed, rung
+steps), model weights and data are those of a trial an earlier search ran reports exactly what that trial
+reported. Such a trial replays the earlier reports to Tune instead of training, so the scheduler sees the
+same numbers at no cost; an ablation over a pool that shares most sets with the search it ablates costs
+only the sets it does not share.
+
+A trial is matched by :func:`fingerprint`: a digest of everything the worker's numbers depend on. When the
+earlier trial ended before the step the new search takes it to (ASHA stopped it at a rung the new search
+promotes it past), its reports are replayed and the trial then trains from the start, silent up to the
+last replayed step (:attr:`layercard.train.worker.WorkerConfig.silent_through`).
+
+What a replay cannot know: a change to the training code or to torch/PEFT/DeepSpeed between the two
+searches. Reuse runs from the same install, or none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from layercard.errors import LayercardError
+
+# Keys Tune adds to every reported result; a replay reports the trial's own metrics only.
+_TUNE_KEYS = frozenset({"trial_id", "done", "experiment_tag", "should_checkpoint", "episodes_total",
+                        "timesteps_total", "timesteps_since_restore"})
+# Not part of what the worker computes: where its fault marker lives, a cached base eval (the same numbers).
+_NOT_FINGERPRINTED = ("fault_marker", "initial_eval", "silent_through")
+REUSED_FROM = "reused_from"     # the metric a replayed report carries: the search it came from
+
+
+@dataclass
+class Replay:
+    reports: list[dict]          # the earlier trial's reports, in order, without Tune's keys
+    source: str                  # the earlier search's OUT
+    key: str                     # the earlier trial's key
+    complete: bool               # its last report is the final one (trained to train.steps)
+
+    @property
+    def last_step(self) -> int:
+        return int(self.reports[-1].get("step") or 0)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data: dict) -> dict:
+    """Digest of each dataset a trial reads (train, eval, rung_eval)."""
+    return {name: None if rows is None else _digest(rows) for name, rows in sorted(data.items())}
+
+
+def fingerprint(base: dict, weights_hash: str, data: dict[str, str | None], trial: dict) -> str:
+    """Everything a trial's reported numbers depend on: the worker config (``base``, a
+    :class:`~layercard.train.worker.WorkerConfig` dict, with the trial's layers, LoRA config and seed), the
+    model weights' hash and the datasets' digests (:func:`data_digest`)."""
+    cfg = {k: v for k, v in base.items() if k not in _NOT_FINGERPRINTED}
+    cfg.update(lora=trial["lora"], layers=trial["layers"], seed=trial["seed"])
+    return _digest({"worker": cfg, "weights_hash": weights_hash, "data": data})
+
+
+def read_reports(trial_dir: Path) -> list[dict]:
+    """A Tune trial directory's reports (``result.json``), Tune's own keys dropped. A trial restarted
+    after an interruption appends its second attempt; only the last attempt (from the last step that
+    does not follow its predecessor) is kept."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break           # a line cut by a kill: what precedes it stands
+    start = 0
+    for i in range(1, len(rows)):
+        if (rows[i].get("step") or 0) <= (rows[i - 1].get("step") or 0):
+            start = i
+    drop = _TUNE_KEYS | set(AUTO_RESULT_KEYS) | {REUSED_FROM}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows[start:]]
+
+
+def _trial_dirs(experiment: Path):
+    """(trial key, directory) of every trial Tune ran in ``experiment``."""
+    for params in sorted(experiment.glob("*/params.json")):
+        try:
+            key = json.loads(params.read_text()).get("trial")
+        except (OSError, ValueError):
+            continue
+        if isinstance(key, str):
+            yield key, params.parent
+
+
+def _source_phases(src: Path):
+    """The earlier search in ``src`` as (setup, {experiment name: (trials, loop, rung_eval)}): what each
+    of its Tune experiments trained, rebuilt from its saved config and card."""
+    import pandas as pd
+
+    from layercard.search.explore import REFERENCE, _trials, setup_explore
+    from layercard.search.run import read_saved_search, resumed_config
+    from layercard.search.setup import setup, trial_lora
+
+    saved = read_saved_search(src)
+    cfg = resumed_config(saved, ())
+    if cfg.mode != "explore":
+        s = setup(cfg, src)
+        return s, {cfg.name: (s.trials, None, None)}
+    s, p = setup_explore(cfg, src)
+    layers = {c["id"]: c["layers"] for c in saved.get("candidates", [])}
+    results = src / "results.parquet"
+    if results.is_file():             # the second round's candidates exist only in the finished results
+        frame = pd.read_parquet(results, columns=["candidate", "layers"])
+        layers.update({c: [int(x) for x in ls] for c, ls in zip(frame["candidate"], frame["layers"])})
+    layers[REFERENCE] = list(p.reference.layers)
+
+    def trials_of(keys):
+        out = {}
+        for key in keys:
+            cand, _, seed = key.rpartition("-s")
+            if cand in layers and seed.isdigit():
+                lora, ls = trial_lora(s.card, layers[cand], cfg)
+                out[key] = {"candidate": cand, "seed": int(seed), "layers": ls, "lora": lora}
+        return out
+
+    rung_rows = s.plan.eval[:cfg.explore.rung_eval_examples]
+    phases = {}
+    for experiment in sorted(Path(s.storage).glob(f"{cfg.name}-*")):
+        keys = [k for k, _ in _trial_dirs(experiment)]
+        if experiment.name == f"{cfg.name}-final":
+            phases[experiment.name] = (trials_of(keys), None, None)
+        else:
+            phases[experiment.name] = (trials_of(keys), {"rung_steps": p.milestones}, rung_rows)
+    return s, phases
+
+
+def load_sources(sources: list[str]) -> dict[str, Replay]:
+    """fingerprint → :class:`Replay` of every trial the searches in ``sources`` reported (a later source
+    wins over an earlier one for the same fingerprint; a complete run over a partial one)."""
+    from layercard.search.trials import base_worker_config
+
+    index: dict[str, Replay] = {}
+    for src in sources:
+        path = Path(src).expanduser().resolve()
+        if not (path / "search.json").is_file():
+            raise LayercardError(f"config key 'reuse' names '{src}', which holds no search (no search.json)")
+        s, phases = _source_phases(path)
+        for name, (trials, loop, rung_eval) in phases.items():
+            base = base_worker_config(s, loop).to_dict()
+            data = data_digest({"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval})
+            for key, trial_dir in _trial_dirs(Path(s.storage) / name):
+                if key not in trials:
+                    continue
+                reports = read_reports(trial_dir)
+                if not reports:
+                    continue
+                last = reports[-1]
+                complete = last.get("step") == base["steps"] and "num_adapter_layers" in last
+                fp = fingerprint(base, s.plan.weights_hash, data, trials[key])
+                have = index.get(fp)
+                if have is None or complete or not have.complete and len(reports) >= len(have.reports):
+                    index[fp] = Replay(reports, str(path), key, complete)
+    return index
+
+
+def replays_for(s, base: dict, data: dict, index: dict[str, Replay]) -> dict[str, Replay]:
+    """trial key → the :class:`Replay` of each of ``s.trials`` an earlier search ran."""
+    if not index:
+        return {}
+    digests = data_digest(data)
+    out = {}
+    for key, trial in s.trials.items():
+        replay = index.get(fingerprint(base, s.plan.weights_hash, digests, trial))
+        if replay is not None:
+            out[key] = replay
+    return out
