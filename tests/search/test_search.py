@@ -323,6 +323,34 @@ def test_relative_base_eval_cache_is_shared_by_every_trial(full_search):
     assert not list((out / "tune").rglob("base_eval.json"))   # no private copies in trial directories
 
 
+@pytest.mark.slow
+def test_a_finished_search_is_a_source_of_replays(full_search, card_dir, tmp_path):
+    """config key reuse over a mode=subsets search: each of its trials is found by the same config, complete
+    when it trained to the end, its last report the trial's result; none with another seed."""
+    import dataclasses
+
+    from layercard.search.reuse import load_sources, replays_for
+    from layercard.search.setup import setup
+    from layercard.search.trials import base_worker_config
+
+    out = full_search[0]
+    index = load_sources([str(out)])
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+
+    def found(*overrides):
+        s = setup(search_cfg(card_dir, *overrides), tmp_path)
+        data = {"train": s.plan.train, "eval": s.plan.eval, "rung_eval": None}
+        return replays_for(s, base_worker_config(s).to_dict(), data, index)
+
+    replays = found()
+    assert sorted(replays) == sorted(trials.index)
+    for key, r in replays.items():
+        assert r.complete == (trials.loc[key, "status"] == "trained"), key
+        assert r.reports[-1]["step"] == trials.loc[key, "steps_done"]
+        assert r.reports[-1].get("quality", r.reports[-1].get("eval_loss")) == trials.loc[key, "quality"]
+    assert not found("seeds=[1]")
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(full_search):
     from layercard.search.events import read_events
 
