@@ -11,8 +11,9 @@ earlier trial ended before the step the new search takes it to (ASHA stopped it 
 promotes it past), its reports are replayed and the trial then trains from the start, silent up to the
 last replayed step (:attr:`layercard.train.worker.WorkerConfig.silent_through`).
 
-What a replay cannot know: a change to the training code or to torch/PEFT/DeepSpeed between the two
-searches. Reuse runs from the same install, or none.
+A run trained to the end records the versions of the libraries its numbers depend on
+(:data:`NUMERIC_LIBRARIES`); it is not replayed under others. A run stopped before its end, and a run
+of a layercard that did not record them, carries none: those are replayed on trust.
 """
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ _TUNE_KEYS = frozenset({"trial_id", "done", "experiment_tag", "should_checkpoint
 # Not part of what the worker computes: where its fault marker lives, a cached base eval (the same numbers).
 _NOT_FINGERPRINTED = ("fault_marker", "initial_eval", "silent_through")
 REUSED_FROM = "reused_from"     # the metric a replayed report carries: the search it came from
+NUMERIC_LIBRARIES = ("layercard", "torch", "transformers", "peft", "deepspeed")
+
+
+def version_mismatch(reports: list[dict], here: dict[str, str]) -> str | None:
+    """'torch 2.12.0 (here 2.13.0)' when the run's recorded library versions differ from ``here``."""
+    recorded = next((r["library_versions"] for r in reversed(reports) if isinstance(r.get("library_versions"), dict)),
+                    None)
+    if recorded is None:
+        return None
+    for lib in NUMERIC_LIBRARIES:
+        if recorded.get(lib) != here.get(lib):
+            return f"{lib} {recorded.get(lib)} (here {here.get(lib)})"
+    return None
 
 
 @dataclass
@@ -140,14 +154,17 @@ def _source_phases(src: Path):
 def load_sources(sources: list[str]) -> dict[str, Replay]:
     """fingerprint → :class:`Replay` of every trial the searches in ``sources`` reported (a later source
     wins over an earlier one for the same fingerprint; a complete run over a partial one)."""
+    from layercard.card.layer_card import library_versions
     from layercard.search.trials import base_worker_config
 
+    here = library_versions()
     index: dict[str, Replay] = {}
     for src in sources:
         path = Path(src).expanduser().resolve()
         if not (path / "search.json").is_file():
             raise LayercardError(f"config key 'reuse' names '{src}', which holds no search (no search.json)")
         s, phases = _source_phases(path)
+        skipped: list[str] = []
         for name, (trials, loop, rung_eval) in phases.items():
             base = base_worker_config(s, loop).to_dict()
             data = data_digest({"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval})
@@ -157,12 +174,19 @@ def load_sources(sources: list[str]) -> dict[str, Replay]:
                 reports = read_reports(trial_dir)
                 if not reports:
                     continue
+                mismatch = version_mismatch(reports, here)
+                if mismatch:
+                    skipped.append(mismatch)
+                    continue
                 last = reports[-1]
                 complete = last.get("step") == base["steps"] and "num_adapter_layers" in last
                 fp = fingerprint(base, s.plan.weights_hash, data, trials[key])
                 have = index.get(fp)
                 if have is None or complete or not have.complete and len(reports) >= len(have.reports):
                     index[fp] = Replay(reports, str(path), key, complete)
+        if skipped:
+            print(f"layercard search: reuse: {len(skipped)} run(s) of {path} are not replayed: trained with "
+                  f"{skipped[0]}", flush=True)
     return index
 
 

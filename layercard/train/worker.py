@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from layercard.card.layer_card import library_versions
 from layercard.config import from_dict
 from layercard.data.examples import check_sequence_format, load_examples, sequence_format
 from layercard.errors import LayercardError
@@ -424,7 +425,8 @@ def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
     metrics = {**_summary(stats, start, steps), **final, **info, **initial,
                "step": steps, "num_adapter_layers": len(info["adapter_layers"]),
                "lowest_adapted_layer": info["adapter_layers"][0], "zero_stage": cfg.zero_stage,
-               "num_workers": world, "device": device.type, "initial_from_cache": bool(cfg.initial_eval)}
+               "num_workers": world, "device": device.type, "initial_from_cache": bool(cfg.initial_eval),
+               "library_versions": library_versions()}       # a replay of this run checks them (search reuse)
     report(metrics, steps, final=True)
 
 

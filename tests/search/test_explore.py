@@ -444,9 +444,14 @@ def test_fingerprint_names_what_the_numbers_depend_on():
 
 
 @pytest.mark.slow
-def test_reuse_matches_the_same_recipe_only(explored, card_dir, tmp_path):
+def test_reuse_matches_the_same_recipe_only(explored, card_dir, tmp_path, capsys):
     """Every trial of the explored search is found again by a search with its config, in the phase it ran in;
-    a search with another learning rate, or the final phase's trials looked up with rung steps, find none."""
+    a search with another learning rate, or the final phase's trials looked up with rung steps, find none; a
+    run recorded under another torch is not replayed."""
+    import shutil
+
+    import torch
+
     from layercard.search.explore import REFERENCE, _trials, setup_explore
     from layercard.search.reuse import load_sources, replays_for
     from layercard.search.trials import base_worker_config
@@ -472,6 +477,17 @@ def test_reuse_matches_the_same_recipe_only(explored, card_dir, tmp_path):
     assert all(r.complete and r.reports[-1]["step"] == 6 for r in final.values())
     assert not found(explore_cfg(card_dir, "train.lr=0.004"), True, False)
     assert not set(found(cfg, True, True)) & {trial_key(REFERENCE, 0), trial_key(REFERENCE, 1)}
+    # a run trained under another torch is not replayed (the run records the versions it trained with)
+    assert final[trial_key(REFERENCE, 0)].reports[-1]["library_versions"]["torch"] == torch.__version__
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    (result,) = [d / "result.json" for d in (src / "tune" / "search-final").glob("*trial=all-s0*") if d.is_dir()]
+    rows = [json.loads(l) for l in result.read_text().splitlines()]
+    rows[-1]["library_versions"]["torch"] = "0.0.1"
+    result.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = load_sources([str(src)])
+    assert len(index) == len(trials) - 1 and "trained with torch 0.0.1 (here" in capsys.readouterr().out
+    assert trial_key(REFERENCE, 0) not in found(cfg, False, True)
 
 
 def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
