@@ -11,9 +11,9 @@ earlier trial ended before the step the new search takes it to (ASHA stopped it 
 promotes it past), its reports are replayed and the trial then trains from the start, silent up to the
 last replayed step (:attr:`layercard.train.worker.WorkerConfig.silent_through`).
 
-A run trained to the end records the versions of the libraries its numbers depend on
-(:data:`NUMERIC_LIBRARIES`); it is not replayed under others. A run stopped before its end, and a run
-of a layercard that did not record them, carries none: those are replayed on trust.
+Every report records the versions of the libraries the run's numbers depend on
+(:data:`NUMERIC_LIBRARIES`); a run is not replayed under others. A run of a layercard that did not
+record them is replayed on trust.
 """
 from __future__ import annotations
 

@@ -389,6 +389,7 @@ def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
         return
 
     setup_s = time.perf_counter() - entered          # imports, model, DeepSpeed, data, initial eval
+    versions = library_versions()                     # in every report: a replay of it checks them (search reuse)
     losses, step_s, tokens, window = [], [], 0, []
     for step in range(start + 1, steps + 1):
         batch = next(batches)
@@ -406,7 +407,7 @@ def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
         do_rung = step in rung_steps
         if not (do_ckpt or do_eval or do_rung or step % cfg.report_every == 0):
             continue
-        metrics = {"step": step, "lr": engine.get_lr()[0], **initial,
+        metrics = {"step": step, "lr": engine.get_lr()[0], **initial, "library_versions": versions,
                    "train_loss": _all_sum({"l": sum(window) / len(window)}, device)["l"] / world,
                    "median_step_s": statistics.median(step_s[min(2, len(step_s) - 1):])}
         window = []
@@ -426,7 +427,7 @@ def train_loop(cfg: WorkerConfig, host, entered: float | None = None) -> None:
                "step": steps, "num_adapter_layers": len(info["adapter_layers"]),
                "lowest_adapted_layer": info["adapter_layers"][0], "zero_stage": cfg.zero_stage,
                "num_workers": world, "device": device.type, "initial_from_cache": bool(cfg.initial_eval),
-               "library_versions": library_versions()}       # a replay of this run checks them (search reuse)
+               "library_versions": versions}
     report(metrics, steps, final=True)
 
 
