@@ -52,10 +52,6 @@ class Replay:
     key: str                     # the earlier trial's key
     complete: bool               # its last report is the final one (trained to train.steps)
 
-    @property
-    def last_step(self) -> int:
-        return int(self.reports[-1].get("step") or 0)
-
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
