@@ -552,7 +552,7 @@ def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_d
             assert rung == {s: v for s, v in old_rung.items() if s <= steps}
             assert q == old_q or steps < 6
     reused = pd.read_parquet(new / "trials.parquet").set_index("trial")["reused_from"]
-    assert reused["all-s1"] == str(src) and reused["all-s0"] is None
+    assert reused["all-s1"] == str(src) and pd.isna(reused["all-s0"])
     (row,) = json.loads((new / "explore.json").read_text())
     assert row["steps_reused"] >= 6 and row["steps_reused"] <= row["steps"]
     assert "replayed from earlier searches" in (new / "summary.md").read_text()
