@@ -13,7 +13,10 @@ without the card's pick and neighbours). A finished search is reused; an interru
 ``--resume``. The ablation replays the runs it shares with the card-seeded search (config key ``reuse``:
 the same layers, seed and recipe report the same numbers), so it costs only the sets and rungs the two do
 not share; ``--no-reuse`` trains them again. ``ablation_steps`` still counts every step its schedule
-trained, replayed or not (``ablation_steps_reused``: those replayed).
+trained, replayed or not (``ablation_steps_reused``: those replayed). Every run both searches report is
+kept in a run-record file, ``RESULTS/runs/explore_<task>.jsonl`` (``--records``; :func:`layercard.search.reuse.export_runs`),
+written when a search finishes or is interrupted, and replayed by both searches when it exists: a search
+restarted on another machine, with no WORK left, trains only what no earlier run reported.
 
 Writes ``RESULTS/explore_<task>.json`` (and ``explore_<task>_meta.json``: command, commit, machine, each
 search's wall-clock minutes): the search's explore.json rows (one per k) plus
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ablation", action="store_true", help="run only the card-seeded search")
     p.add_argument("--reuse", nargs="+", default=[], metavar="SEARCH",
                    help="earlier searches (same recipe) whose runs both searches replay instead of training")
+    p.add_argument("--records", default=None, metavar="FILE",
+                   help="run-record file both searches replay and add their runs to (default: "
+                        "RESULTS/runs/explore_<task>.jsonl)")
     p.add_argument("--no-reuse", action="store_true",
                    help="the ablation trains every trial itself (by default it replays the runs it shares with "
                         "the card-seeded search: the same numbers, deterministic per seed)")
@@ -176,13 +182,14 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
     started = time.time()
     card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
     name = f"explore-k{k}"
-    reuse = [Path(r).resolve() for r in args.reuse]
-    rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args, reuse), work / task / name,
-                         args.resume)
+    records = Path(args.records or results / "runs" / f"explore_{task}.jsonl").resolve()
+    reuse = [Path(r).resolve() for r in args.reuse] + ([records] if records.is_file() else [])
+    rows = recorded(records, work / task / name, lambda out: run_or_resume(
+        search_config(task, card_dir, k, seeds, False, args, reuse), out, args.resume))
     if not args.no_reuse:
         reuse.append((work / task / name).resolve())
-    ablation = [] if args.no_ablation else run_or_resume(
-        search_config(task, card_dir, k, seeds, True, args, reuse), work / task / f"{name}-ablation", args.resume)
+    ablation = [] if args.no_ablation else recorded(records, work / task / f"{name}-ablation", lambda out: run_or_resume(
+        search_config(task, card_dir, k, seeds, True, args, reuse), out, args.resume))
     merged = merge(rows, ablation)
     path = results / f"explore_{task}.json"
     atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
@@ -195,6 +202,19 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
         "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
     print(json.dumps(merged, indent=1))
     print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)
+
+
+def recorded(records: Path, out: Path, run):
+    """``run(out)``, then (finished or interrupted) the runs of the search in OUT merged into ``records``."""
+    from layercard.search.reuse import export_runs
+    from layercard.search.run import SEARCH_FILE
+
+    try:
+        return run(out)
+    finally:
+        if (out / SEARCH_FILE).is_file():
+            counts = export_runs([str(out)], records)
+            print(f"== {records}: {counts['runs']} runs ({counts['new']} new from {out.name})", flush=True)
 
 
 def search_minutes(out: Path) -> float | None:

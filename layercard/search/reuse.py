@@ -14,12 +14,18 @@ last replayed step (:attr:`layercard.train.worker.WorkerConfig.silent_through`).
 Every report records the versions of the libraries the run's numbers depend on
 (:data:`NUMERIC_LIBRARIES`); a run is not replayed under others. A run of a layercard that did not
 record them is replayed on trust.
+
+A source is a search's OUT or a *run-record file* (``*.jsonl``, :func:`export_runs`, ``layercard
+export-runs``): one line per run, its fingerprint and reports. A record file outlives the search's
+directory: kept beside the results (or in object storage), it lets a search on another machine, or a
+search restarted from nothing, replay every run already paid for.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layercard.errors import LayercardError
@@ -30,6 +36,8 @@ _TUNE_KEYS = frozenset({"trial_id", "done", "experiment_tag", "should_checkpoint
 # Not part of what the worker computes: where its fault marker lives, a cached base eval (the same numbers).
 _NOT_FINGERPRINTED = ("fault_marker", "initial_eval", "silent_through")
 REUSED_FROM = "reused_from"     # the metric a replayed report carries: the search it came from
+RECORD_SUFFIX = ".jsonl"        # a run-record file (export_runs)
+_RECORD_KEYS = ("fingerprint", "source", "key", "complete", "reports")
 NUMERIC_LIBRARIES = ("layercard", "torch", "transformers", "peft", "deepspeed")
 
 
@@ -147,43 +155,127 @@ def _source_phases(src: Path):
     return s, phases
 
 
-def load_sources(sources: list[str]) -> dict[str, Replay]:
-    """fingerprint → :class:`Replay` of every trial the searches in ``sources`` reported (a later source
-    wins over an earlier one for the same fingerprint; a complete run over a partial one)."""
-    from layercard.card.layer_card import library_versions
+def _better(new: Replay, have: Replay | None) -> bool:
+    """Whether ``new`` replaces ``have`` for one fingerprint: a complete run wins, else the longer one."""
+    return have is None or new.complete or not have.complete and len(new.reports) >= len(have.reports)
+
+
+def _index_search(path: Path) -> dict[str, Replay]:
+    """fingerprint → :class:`Replay` of every run the search in ``path`` reported."""
     from layercard.search.trials import base_worker_config
+
+    s, phases = _source_phases(path)
+    index: dict[str, Replay] = {}
+    for name, (trials, loop, rung_eval) in phases.items():
+        base = base_worker_config(s, loop).to_dict()
+        data = data_digest({"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval})
+        for key, trial_dir in _trial_dirs(Path(s.storage) / name):
+            if key not in trials:
+                continue
+            reports = read_reports(trial_dir)
+            if not reports:
+                continue
+            last = reports[-1]
+            replay = Replay(reports, str(path), key, last.get("step") == base["steps"] and "num_adapter_layers" in last)
+            fp = fingerprint(base, s.plan.weights_hash, data, trials[key])
+            if _better(replay, index.get(fp)):
+                index[fp] = replay
+    return index
+
+
+def read_records(path: Path) -> dict[str, Replay]:
+    """fingerprint → :class:`Replay` of a run-record file; a line that is no record is a one-line error."""
+    index: dict[str, Replay] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            replay = Replay(list(rec["reports"]), str(rec["source"]), str(rec["key"]), bool(rec["complete"]))
+            fp = str(rec["fingerprint"])
+            if not replay.reports or not all(isinstance(r, dict) for r in replay.reports):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise LayercardError(f"'{path}' line {n} is not a run record ({', '.join(_RECORD_KEYS)})") from None
+        if _better(replay, index.get(fp)):
+            index[fp] = replay
+    return index
+
+
+def _index(src: str) -> dict[str, Replay]:
+    path = Path(src).expanduser().resolve()
+    if path.is_file() and path.suffix == RECORD_SUFFIX:
+        return read_records(path)
+    if not (path / "search.json").is_file():
+        raise LayercardError(f"config key 'reuse' names '{src}', which holds no search (no search.json) and is no "
+                             f"run-record file (*{RECORD_SUFFIX})")
+    return _index_search(path)
+
+
+def _merge(sources: list[str]) -> dict[str, Replay]:
+    index: dict[str, Replay] = {}
+    for src in sources:
+        for fp, replay in _index(src).items():
+            if _better(replay, index.get(fp)):
+                index[fp] = replay
+    return index
+
+
+def load_sources(sources: list[str]) -> dict[str, Replay]:
+    """fingerprint → :class:`Replay` of every run the searches or run-record files in ``sources`` reported
+    (a later source wins over an earlier one for the same fingerprint; a complete run over a partial one),
+    less those trained under other library versions than these."""
+    from layercard.card.layer_card import library_versions
 
     here = library_versions()
     index: dict[str, Replay] = {}
     for src in sources:
-        path = Path(src).expanduser().resolve()
-        if not (path / "search.json").is_file():
-            raise LayercardError(f"config key 'reuse' names '{src}', which holds no search (no search.json)")
-        s, phases = _source_phases(path)
         skipped: list[str] = []
-        for name, (trials, loop, rung_eval) in phases.items():
-            base = base_worker_config(s, loop).to_dict()
-            data = data_digest({"train": s.plan.train, "eval": s.plan.eval, "rung_eval": rung_eval})
-            for key, trial_dir in _trial_dirs(Path(s.storage) / name):
-                if key not in trials:
-                    continue
-                reports = read_reports(trial_dir)
-                if not reports:
-                    continue
-                mismatch = version_mismatch(reports, here)
-                if mismatch:
-                    skipped.append(mismatch)
-                    continue
-                last = reports[-1]
-                complete = last.get("step") == base["steps"] and "num_adapter_layers" in last
-                fp = fingerprint(base, s.plan.weights_hash, data, trials[key])
-                have = index.get(fp)
-                if have is None or complete or not have.complete and len(reports) >= len(have.reports):
-                    index[fp] = Replay(reports, str(path), key, complete)
+        for fp, replay in _index(src).items():
+            mismatch = version_mismatch(replay.reports, here)
+            if mismatch:
+                skipped.append(mismatch)
+            elif _better(replay, index.get(fp)):
+                index[fp] = replay
         if skipped:
-            print(f"layercard search: reuse: {len(skipped)} run(s) of {path} are not replayed: trained with "
-                  f"{skipped[0]}", flush=True)
+            print(f"layercard search: reuse: {len(skipped)} run(s) of {Path(src).expanduser().resolve()} are not "
+                  f"replayed: trained with {skipped[0]}", flush=True)
     return index
+
+
+def export_runs(sources: list[str], dest: str | Path) -> dict[str, int]:
+    """Merge the runs of ``sources`` (searches or run-record files) into the run-record file ``dest``,
+    kept as it was where it already holds the same run or a longer one: runs are only added or
+    extended, never dropped (whatever their library versions: :func:`load_sources` filters on reading).
+    One JSON line per run, sorted by source and trial key; the write is atomic. Returns the counts of
+    runs in ``dest`` (``runs``, ``complete``) and of those this call added or extended (``new``)."""
+    from layercard.atomic import atomic_write_text
+
+    dest = Path(dest).expanduser().resolve()
+    if dest.suffix != RECORD_SUFFIX:
+        raise LayercardError(f"run-record file '{dest}' must end in {RECORD_SUFFIX}")
+    if dest.exists() and not dest.is_file():
+        raise LayercardError(f"run-record file '{dest}' is a directory")
+    if not sources:
+        raise LayercardError("export-runs needs at least one search (OUT) or run-record file to read")
+    have = read_records(dest) if dest.is_file() else {}
+    index = dict(have)
+    new = 0
+    for fp, replay in _merge(list(sources)).items():
+        old = index.get(fp)
+        if old is None or (replay.complete, len(replay.reports)) > (old.complete, len(old.reports)):
+            index[fp] = Replay(replay.reports, _shown(replay.source), replay.key, replay.complete)
+            new += 1
+    lines = sorted((r.source, r.key, json.dumps({"fingerprint": fp, **asdict(r)}, sort_keys=True, default=str))
+                   for fp, r in index.items())
+    atomic_write_text(dest, "".join(line + "\n" for _, _, line in lines))
+    return {"runs": len(index), "complete": sum(r.complete for r in index.values()), "new": new}
+
+
+def _shown(source: str) -> str:
+    """A source path as a record keeps it: relative to the working directory when it lies under it."""
+    path, cwd = Path(source), Path.cwd()
+    return os.path.relpath(path, cwd) if path.is_absolute() and path.is_relative_to(cwd) else source
 
 
 def replays_for(s, base: dict, data: dict, index: dict[str, Replay]) -> dict[str, Replay]:

@@ -501,14 +501,68 @@ def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
+    """A run-record file holds every run of the search, with the reports and completeness reading the
+    search finds; exporting again changes nothing; a shorter run with the same fingerprint is extended,
+    a run from elsewhere kept; a run under another torch is kept but not replayed."""
+    from layercard.search.reuse import export_runs, load_sources, read_records
+
+    out, _, _ = explored
+    index = load_sources([str(out)])
+    records = tmp_path / "runs.jsonl"
+    assert export_runs([str(out)], records) == {"runs": len(index), "complete": sum(r.complete for r in index.values()),
+                                                "new": len(index)}
+    got = read_records(records)
+    assert {fp: (r.key, r.complete, r.reports) for fp, r in got.items()} == \
+        {fp: (r.key, r.complete, r.reports) for fp, r in index.items()}
+    text = records.read_text()
+    assert export_runs([str(out)], records)["new"] == 0 and records.read_text() == text     # idempotent
+    # a cut run and a foreign run in the file: the cut one is extended, the foreign one kept
+    lines = [json.loads(l) for l in text.splitlines()]
+    cut = next(r for r in lines if r["complete"] and len(r["reports"]) > 1)
+    cut.update(complete=False, reports=cut["reports"][:1])
+    foreign = {**lines[0], "fingerprint": "f" * 64, "key": "elsewhere-s0", "source": "other"}
+    records.write_text("".join(json.dumps(r) + "\n" for r in [*lines, foreign]))
+    assert export_runs([str(out)], records) == {"runs": len(index) + 1, "complete": sum(r.complete for r in index.values())
+                                                + foreign["complete"], "new": 1}
+    assert read_records(records)[cut["fingerprint"]].reports == index[cut["fingerprint"]].reports
+    # another torch: kept in the file, not replayed
+    rows = [json.loads(l) for l in records.read_text().splitlines()]
+    rows[0]["reports"][-1]["library_versions"]["torch"] = "0.0.1"
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_sources([str(records)])) == len(index)
+    assert "trained with torch 0.0.1 (here" in capsys.readouterr().out
+    assert export_runs([str(out)], records)["runs"] == len(index) + 1
+
+
+def test_export_runs_refuses_bad_input_and_leaves_the_file(tmp_path, capsys):
+    from pipelines.cli import main
+
+    records = tmp_path / "runs.jsonl"
+    assert main(["export-runs", "--to", str(records), str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing" in err and "no search" in err and not records.exists()
+    records.write_text('{"fingerprint": "a", "source": "s", "key": "k"}\n')
+    before = records.read_text()
+    assert main(["export-runs", "--to", str(records), str(records)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{records}' line 1 is not a run record" in err
+    assert records.read_text() == before
+    assert main(["export-runs", "--to", str(tmp_path / "runs.json"), str(records)]) == 2
+    assert "must end in .jsonl" in capsys.readouterr().err and not (tmp_path / "runs.json").exists()
+
+
+@pytest.mark.slow
 def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_dir, tmp_path, capsys):
-    """The ablation with ``reuse`` = the explored search. A trial both ran replays the earlier reports: the
+    """The ablation with ``reuse`` = a run-record file of the explored search, whose directory is gone. A
+    trial both ran replays the earlier reports: the
     same numbers bit for bit, and nothing trains for it. A trial the earlier search ended early (here its
     result.json cut to its first report, as when ASHA stops it at a rung) replays that report, then trains
     from the start, silent through it: the uncut run's final numbers, each step reported once."""
     import shutil
 
     from layercard.search.explore import read_rungs
+    from layercard.search.reuse import export_runs
     from layercard.search.run import run_search
 
     out, _, _ = explored
@@ -518,10 +572,13 @@ def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_d
     lines = (cut / "result.json").read_text().splitlines()
     assert len(lines) > 1
     (cut / "result.json").write_text(lines[0] + "\n")
+    records = tmp_path / "runs.jsonl"             # replayed from a run-record file of the cut copy
+    export_runs([str(src)], records)
+    shutil.rmtree(src)
     new = tmp_path / "ablation"
     # 4 layers hold 6 pairs: with one shift neighbour and no swap the card proposes 2, the ablation takes 3 others
     summary = run_search(explore_cfg(card_dir, "explore.card_candidates=false", "explore.n_shifts=1",
-                                     "explore.n_swaps=0", "explore.pool_size=3", f"reuse=[{src}]"), new)
+                                     "explore.n_swaps=0", "explore.pool_size=3", f"reuse=[{records}]"), new)
     assert summary["failed"] == 0
     printed = capsys.readouterr().out
     assert "earlier runs to reuse from 1 search(es)" in printed and "(reused)" in printed
@@ -583,7 +640,10 @@ def test_explore_under_ray_job_submit(card_dir, tmp_path):
 @pytest.mark.slow
 def test_explore_table_smoke(ray_local, tmp_path):
     """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model, merged
-    into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains)."""
+    into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains); with the
+    searches deleted, it replays every run from RESULTS/runs/explore_tiny.jsonl (nothing trains)."""
+    import shutil
+
     from bench_scripts import load_benchmark
 
     bench = load_benchmark("explore_table")
@@ -605,6 +665,18 @@ def test_explore_table_smoke(ray_local, tmp_path):
     assert meta["command"].startswith("python benchmarks/explore_table.py --smoke") and meta["machine"]
     assert set(meta["searches"]) == {str(tmp_path / "work" / "tiny" / n) for n in ("explore-k2", "explore-k2-ablation")}
     assert all(m > 0 for m in meta["searches"].values())
+    # every run is kept in the run-record file; with the searches gone, a new run replays them all
+    from layercard.search.reuse import read_records
+
+    records = read_records(tmp_path / "results" / "runs" / "explore_tiny.jsonl")
+    trials = pd.read_parquet(tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet")
+    assert set(trials["trial"]) <= {r.key for r in records.values() if r.source.endswith("explore-k2")}
+    for name in ("explore-k2", "explore-k2-ablation"):
+        shutil.rmtree(tmp_path / "work" / "tiny" / name)
+    assert bench.main(args) == 0
+    again = json.loads((tmp_path / "results" / "explore_tiny.json").read_text())[0]
+    assert again["steps_reused"] == again["steps"] and again["ablation_steps_reused"] == again["ablation_steps"]
+    assert not list((tmp_path / "work" / "tiny").rglob("train_runs/*"))           # nothing trained
 
 
 def test_explore_table_verdicts():
