@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from layercard.errors import LayercardError
@@ -124,6 +124,8 @@ def _source_phases(src: Path):
 
     saved = read_saved_search(src)
     cfg = resumed_config(saved, ())
+    if saved.get("card"):                # its resolved path: the config's may be relative to where it ran
+        cfg = replace(cfg, card=saved["card"])
     if cfg.mode != "explore":
         s = setup(cfg, src)
         return s, {cfg.name: (s.trials, None, None)}

@@ -501,10 +501,11 @@ def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
+def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys, monkeypatch):
     """A run-record file holds every run of the search, with the reports and completeness reading the
     search finds; exporting again changes nothing; a shorter run with the same fingerprint is extended,
-    a run from elsewhere kept; a run under another torch is kept but not replayed."""
+    a run from elsewhere kept; a run under another torch is kept but not replayed. A search is read from any
+    working directory."""
     from layercard.search.reuse import export_runs, load_sources, read_records
 
     out, _, _ = explored
@@ -533,6 +534,16 @@ def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
     assert len(load_sources([str(records)])) == len(index)
     assert "trained with torch 0.0.1 (here" in capsys.readouterr().out
     assert export_runs([str(out)], records)["runs"] == len(index) + 1
+    # a search whose config names its card relative to where it ran is read from anywhere
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    saved = json.loads((src / "search.json").read_text())
+    saved["config"]["card"] = "card"
+    (src / "search.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    assert set(load_sources([str(src)])) == set(index)
 
 
 def test_export_runs_refuses_bad_input_and_leaves_the_file(tmp_path, capsys):
@@ -638,23 +649,25 @@ def test_explore_under_ray_job_submit(card_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_explore_table_smoke(ray_local, tmp_path):
-    """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model, merged
-    into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains); with the
+def test_explore_table_smoke(explored, tmp_path):
+    """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model (replaying
+    the runs the explored search made), merged into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains); with the
     searches deleted, it replays every run from RESULTS/runs/explore_tiny.jsonl (nothing trains)."""
     import shutil
 
     from bench_scripts import load_benchmark
 
     bench = load_benchmark("explore_table")
+    # the explored search's recipe (6 steps, the same rungs): the sets both pools hold replay its runs
     args = ["--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--seeds", "0",
-            "--steps", "4"]
+            "--steps", "6", "--reuse", str(explored[0])]
     assert bench.main(args) == 0
     (row,) = json.loads((tmp_path / "results" / "explore_tiny.json").read_text())
     assert {"picked_layers", "gain_fraction_mean", "steps", "fixed_steps", "rung_spearman", "ablation_gain_fraction",
             "ablation_steps", "best_fixed_strategy"} <= set(row)
     assert row["task"] == "tiny" and row["ablation_steps"] > 0 and row["card_helps"] in (True, False)
-    assert 4 <= row["ablation_steps_reused"] <= row["ablation_steps"]       # the reference at least: replayed
+    assert 0 < row["steps_reused"] <= row["steps"]                          # runs of the explored search
+    assert 6 <= row["ablation_steps_reused"] <= row["ablation_steps"]       # the reference at least: replayed
     ablation = json.loads((tmp_path / "work" / "tiny" / "explore-k2-ablation" / "search.json").read_text())
     assert not any(c["objectives"] for c in ablation["candidates"])           # no card pick, no neighbour
     stamp = (tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet").stat().st_mtime_ns
@@ -665,18 +678,29 @@ def test_explore_table_smoke(ray_local, tmp_path):
     assert meta["command"].startswith("python benchmarks/explore_table.py --smoke") and meta["machine"]
     assert set(meta["searches"]) == {str(tmp_path / "work" / "tiny" / n) for n in ("explore-k2", "explore-k2-ablation")}
     assert all(m > 0 for m in meta["searches"].values())
-    # every run is kept in the run-record file; with the searches gone, a new run replays them all
-    from layercard.search.reuse import read_records
+    # every run is kept in the run-record file, which a new run replays with the searches gone
+    from layercard.search.reuse import load_sources, read_records
 
     records = read_records(tmp_path / "results" / "runs" / "explore_tiny.jsonl")
-    trials = pd.read_parquet(tmp_path / "work" / "tiny" / "explore-k2" / "trials.parquet")
-    assert set(trials["trial"]) <= {r.key for r in records.values() if r.source.endswith("explore-k2")}
+    for name in ("explore-k2", "explore-k2-ablation"):       # each run, or a longer one of the same set
+        for fp, run in load_sources([str(tmp_path / "work" / "tiny" / name)]).items():
+            assert records[fp].reports[-1]["step"] >= run.reports[-1]["step"], (name, run.key)
+    first = {}
     for name in ("explore-k2", "explore-k2-ablation"):
+        first[name] = pd.read_parquet(tmp_path / "work" / "tiny" / name / "trials.parquet") \
+            .set_index("trial")["steps_done"].to_dict()
         shutil.rmtree(tmp_path / "work" / "tiny" / name)
     assert bench.main(args) == 0
     again = json.loads((tmp_path / "results" / "explore_tiny.json").read_text())[0]
-    assert again["steps_reused"] == again["steps"] and again["ablation_steps_reused"] == again["ablation_steps"]
-    assert not list((tmp_path / "work" / "tiny").rglob("train_runs/*"))           # nothing trained
+    assert again["steps_reused"] > 0 and again["ablation_steps_reused"] > 0
+    # every trial this run takes no further than the first run did replays it: nothing trains for it (one
+    # the first halving stopped at a rung trains when this one, seeing replays in another order, goes on)
+    for name, before in first.items():
+        out = tmp_path / "work" / "tiny" / name
+        for t in pd.read_parquet(out / "trials.parquet").itertuples():
+            if t.steps_done <= before[t.trial]:
+                assert not list((out / "tune").rglob(f"train_runs/{t.trial}")), (name, t.trial)
+                assert isinstance(t.reused_from, str), (name, t.trial)
 
 
 def test_explore_table_verdicts():
