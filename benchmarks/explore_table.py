@@ -14,7 +14,7 @@ without the card's pick and neighbours). A finished search is reused; an interru
 the same layers, seed and recipe report the same numbers), so it costs only the sets and rungs the two do
 not share; ``--no-reuse`` trains them again. ``ablation_steps`` still counts every step its schedule
 trained, replayed or not (``ablation_steps_reused``: those replayed). Every run both searches report is
-kept in a run-record file, ``RESULTS/runs/explore_<task>.jsonl`` (``--records``; :func:`layercard.search.reuse.export_runs`),
+kept in a run-record file, ``RESULTS/records/explore_<task>.jsonl`` (``--records``; :func:`layercard.search.reuse.export_runs`),
 written when a search finishes or is interrupted, and replayed by both searches when it exists: a search
 restarted on another machine, with no WORK left, trains only what no earlier run reported.
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="earlier searches (same recipe) whose runs both searches replay instead of training")
     p.add_argument("--records", default=None, metavar="FILE",
                    help="run-record file both searches replay and add their runs to (default: "
-                        "RESULTS/runs/explore_<task>.jsonl)")
+                        "RESULTS/records/explore_<task>.jsonl)")
     p.add_argument("--no-reuse", action="store_true",
                    help="the ablation trains every trial itself (by default it replays the runs it shares with "
                         "the card-seeded search: the same numbers, deterministic per seed)")
@@ -182,7 +182,7 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
     started = time.time()
     card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
     name = f"explore-k{k}"
-    records = Path(args.records or results / "runs" / f"explore_{task}.jsonl").resolve()
+    records = Path(args.records or results / "records" / f"explore_{task}.jsonl").resolve()
     reuse = [Path(r).resolve() for r in args.reuse] + ([records] if records.is_file() else [])
     rows = recorded(records, work / task / name, lambda out: run_or_resume(
         search_config(task, card_dir, k, seeds, False, args, reuse), out, args.resume))

@@ -652,7 +652,7 @@ def test_explore_under_ray_job_submit(card_dir, tmp_path):
 def test_explore_table_smoke(explored, tmp_path):
     """benchmarks/explore_table.py --smoke: the explore search and its ablation on the tiny model (replaying
     the runs the explored search made), merged into RESULTS/explore_tiny.json; run again, it reuses the finished searches (nothing trains); with the
-    searches deleted, it replays every run from RESULTS/runs/explore_tiny.jsonl (nothing trains)."""
+    searches deleted, it replays from RESULTS/records/explore_tiny.jsonl every run it takes no further."""
     import shutil
 
     from bench_scripts import load_benchmark
@@ -681,7 +681,7 @@ def test_explore_table_smoke(explored, tmp_path):
     # every run is kept in the run-record file, which a new run replays with the searches gone
     from layercard.search.reuse import load_sources, read_records
 
-    records = read_records(tmp_path / "results" / "runs" / "explore_tiny.jsonl")
+    records = read_records(tmp_path / "results" / "records" / "explore_tiny.jsonl")
     for name in ("explore-k2", "explore-k2-ablation"):       # each run, or a longer one of the same set
         for fp, run in load_sources([str(tmp_path / "work" / "tiny" / name)]).items():
             assert records[fp].reports[-1]["step"] >= run.reports[-1]["step"], (name, run.key)
