@@ -501,11 +501,10 @@ def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys, monkeypatch):
+def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
     """A run-record file holds every run of the search, with the reports and completeness reading the
     search finds; exporting again changes nothing; a shorter run with the same fingerprint is extended,
-    a run from elsewhere kept; a run under another torch is kept but not replayed. A search is read from any
-    working directory."""
+    a run from elsewhere kept; a run under another torch is kept but not replayed."""
     from layercard.search.reuse import export_runs, load_sources, read_records
 
     out, _, _ = explored
@@ -534,7 +533,7 @@ def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys, m
     assert len(load_sources([str(records)])) == len(index)
     assert "trained with torch 0.0.1 (here" in capsys.readouterr().out
     assert export_runs([str(out)], records)["runs"] == len(index) + 1
-    # a search whose config names its card relative to where it ran is read from anywhere
+    # a search whose config names its card relative to where it ran: the card's resolved path is used
     import shutil
 
     src = tmp_path / "src"
@@ -542,8 +541,7 @@ def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys, m
     saved = json.loads((src / "search.json").read_text())
     saved["config"]["card"] = "card"
     (src / "search.json").write_text(json.dumps(saved))
-    monkeypatch.chdir(tmp_path)
-    assert set(load_sources([str(src)])) == set(index)
+    assert not Path("card").exists() and set(load_sources([str(src)])) == set(index)
 
 
 def test_export_runs_refuses_bad_input_and_leaves_the_file(tmp_path, capsys):
