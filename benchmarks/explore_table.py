@@ -14,8 +14,8 @@ without the card's pick and neighbours). A finished search is reused; an interru
 the same layers, seed and recipe report the same numbers), so it costs only the sets and rungs the two do
 not share; ``--no-reuse`` trains them again. ``ablation_steps`` still counts every step its schedule
 trained, replayed or not (``ablation_steps_reused``: those replayed). Every run both searches report is
-kept in a run-record file, ``RESULTS/records/explore_<task>.jsonl`` (``--records``; :func:`layercard.search.reuse.export_runs`),
-written when a search finishes or is interrupted, and replayed by both searches when it exists: a search
+kept in a run-record file, ``RESULTS/records/explore_<task>.jsonl`` (``--records``; the search config key
+``records``), written when a search finishes or is interrupted, and replayed by both searches when it exists: a search
 restarted on another machine, with no WORK left, trains only what no earlier run reported.
 
 Writes ``RESULTS/explore_<task>.json`` (and ``explore_<task>_meta.json``: command, commit, machine, each
@@ -51,7 +51,8 @@ SMOKE = {   # the tiny random Qwen3 (4 layers): wiring only, minutes
 }
 
 
-def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation: bool, args, reuse=()):
+def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation: bool, args, reuse=(),
+                  records: Path | None = None):
     from layercard.config import load_config
     from layercard.search.config import SearchConfig
     from layercard.data.task_recipes import TASKS
@@ -64,7 +65,8 @@ def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation:
     overrides = [f"card={card_dir}", "mode=explore", f"ks=[{k}]", f"seeds={json.dumps(seeds)}",
                  f"explore.task={task}", f"explore.card_candidates={'false' if ablation else 'true'}",
                  *([f"explore.paper_table={table.resolve()}"] if table.is_file() else []), *recipe,
-                 *([f"reuse={json.dumps([str(r) for r in reuse])}"] if reuse else []), *args.overrides]
+                 *([f"reuse={json.dumps([str(r) for r in reuse])}"] if reuse else []),
+                 *([f"records={records}"] if records else []), *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     return load_config(SearchConfig, yaml, overrides)
@@ -72,7 +74,7 @@ def search_config(task: str, card_dir: Path, k: int, seeds: list[int], ablation:
 
 def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
     """The explore.json rows of the search in OUT: reused when finished, continued with ``resume`` (with the
-    earlier searches ``cfg`` reuses runs of)."""
+    earlier searches ``cfg`` reuses runs of, and its run-record file)."""
     from layercard.search import run as search
 
     if (out / "explore.json").is_file():
@@ -81,7 +83,8 @@ def run_or_resume(cfg, out: Path, resume: bool) -> list[dict]:
         if not resume:
             raise SystemExit(f"error: {out} holds an unfinished search; pass --resume to continue it")
         print(f"== resuming {out}", flush=True)
-        search.resume_search(out, [f"reuse={json.dumps(cfg.reuse)}"] if cfg.reuse else [])
+        search.resume_search(out, [*([f"reuse={json.dumps(cfg.reuse)}"] if cfg.reuse else []),
+                                   *([f"records={cfg.records}"] if cfg.records else [])])
     else:
         print(f"== explore → {out}", flush=True)
         search.run_search(cfg, out)
@@ -183,13 +186,13 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
     card_dir = smoke_card(work) if args.smoke else ensure_card(task, work)
     name = f"explore-k{k}"
     records = Path(args.records or results / "records" / f"explore_{task}.jsonl").resolve()
-    reuse = [Path(r).resolve() for r in args.reuse] + ([records] if records.is_file() else [])
-    rows = recorded(records, work / task / name, lambda out: run_or_resume(
-        search_config(task, card_dir, k, seeds, False, args, reuse), out, args.resume))
+    reuse = [Path(r).resolve() for r in args.reuse]
+    rows = run_or_resume(search_config(task, card_dir, k, seeds, False, args, reuse, records), work / task / name,
+                         args.resume)
     if not args.no_reuse:
         reuse.append((work / task / name).resolve())
-    ablation = [] if args.no_ablation else recorded(records, work / task / f"{name}-ablation", lambda out: run_or_resume(
-        search_config(task, card_dir, k, seeds, True, args, reuse), out, args.resume))
+    ablation = [] if args.no_ablation else run_or_resume(
+        search_config(task, card_dir, k, seeds, True, args, reuse, records), work / task / f"{name}-ablation", args.resume)
     merged = merge(rows, ablation)
     path = results / f"explore_{task}.json"
     atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
@@ -202,19 +205,6 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
         "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
     print(json.dumps(merged, indent=1))
     print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)
-
-
-def recorded(records: Path, out: Path, run):
-    """``run(out)``, then (finished or interrupted) the runs of the search in OUT merged into ``records``."""
-    from layercard.search.reuse import export_runs
-    from layercard.search.run import SEARCH_FILE
-
-    try:
-        return run(out)
-    finally:
-        if (out / SEARCH_FILE).is_file():
-            counts = export_runs([str(out)], records)
-            print(f"== {records}: {counts['runs']} runs ({counts['new']} new from {out.name})", flush=True)
 
 
 def search_minutes(out: Path) -> float | None:

@@ -20,7 +20,9 @@ Writes ``benchmarks/results/paper_table.json`` (one row per strategy, k and seed
 (means ± sd over seeds), ``frontier_<task>.png`` and ``searches/TASK/NAME.json``, one record per finished
 search: the table merges those records with the searches under ``--work``, so it survives the loss of
 ``--work`` and grows on another machine (same card source and recipe). Searches and cards stay under
-``--work``.
+``--work``. Every run a search reports, finished or cut by an interruption, is kept in
+``RESULTS/records/paper_<task>.jsonl`` (``--records``; the search config key ``records``) and replayed from
+there: an unfinished scope continues on another machine training only what no record holds.
 Needs ``layercard fetch --prepare sentiment headline`` first (``make fetch``).
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ def search_config(task: str, card_dir: Path, args):
     # one base-model eval per task, shared by its searches (the file is keyed by weights, eval data, batching)
     overrides = [f"card={card_dir}", f"ks={json.dumps(args.ks)}", f"targets={json.dumps(args.targets)}",
                  f"seeds={json.dumps(args.seeds)}", f"train.base_eval_cache={Path(card_dir).parent / 'base_eval.json'}",
-                 *TASKS[task]["train"], *args.overrides]
+                 *TASKS[task]["train"], f"records={records_file(task, args)}", *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     return load_config(SearchConfig, ROOT / "configs" / "search-smollm2.yaml", overrides)
@@ -93,6 +95,12 @@ def missing_rows(card_dir: Path, cfg, rows: list[dict]) -> tuple[dict[tuple, lis
     return out, len(wanted)
 
 
+def records_file(task: str, args) -> Path:
+    """The run-record file of the task's searches (config key ``records``): every run they report is kept
+    there and replayed from there, so a scope interrupted on one machine continues on another."""
+    return Path(args.records or Path(args.results) / "records" / f"paper_{task}.jsonl").resolve()
+
+
 def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
     """Run (or resume) this scope's search in WORK/TASK/SEARCH_NAME; a finished one there is reused
     only if it ran the same scope, else the error says to pick another ``--search-name``."""
@@ -108,7 +116,7 @@ def run_search(task: str, card_dir: Path, work: Path, args) -> Path:
             raise SystemExit(f"error: {out} holds a search of another scope ({diff[0]}: {saved[diff[0]]!r}, asked "
                              f"{wanted[diff[0]]!r}); pass --search-name NEW to run this scope beside it")
         if not (out / "results.parquet").exists():
-            search.resume_search(out)
+            search.resume_search(out, [f"records={cfg.records}"])
         return out
     print(f"== {task}: search ({len(args.ks)} ks, {len(args.seeds)} seeds) → {out}", flush=True)
     search.run_search(cfg, out)
@@ -159,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
                    help="where the table goes; RESULTS/searches/TASK/NAME.json keeps every finished search's "
                         "record, so the table can grow on another machine")
+    p.add_argument("--records", default=None, metavar="FILE",
+                   help="run-record file the searches replay and keep their runs in (default: "
+                        "RESULTS/records/paper_<task>.jsonl)")
     p.add_argument("--profile-override", dest="profile_overrides", action="append", default=[])
     p.add_argument("overrides", nargs="*", help="search config key=value overrides")
     args = p.parse_args(argv)
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rebuild:
         for task in args.tasks:
             run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
+    from layercard.atomic import atomic_write_text
     from layercard.card.layer_card import LayerCard
 
     results = Path(args.results)
@@ -207,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             "search_minutes": minutes, "searches": names, "untimed_searches": untimed,
             "prediction_agreement": agreement}
     results.mkdir(parents=True, exist_ok=True)
-    (results / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (results / "paper_table_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(results / "paper_table.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(results / "paper_table_meta.json", json.dumps(meta, indent=2) + "\n")
     text = markdown(rows, meta)
-    (results / "paper_table.md").write_text(text)
+    atomic_write_text(results / "paper_table.md", text)
     for task in tasks:
         plot_frontier(rows, task, results / f"frontier_{task}.png")
     print(text)

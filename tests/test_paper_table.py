@@ -195,7 +195,7 @@ def test_a_finished_search_of_another_scope_is_not_silently_reused(paper, tmp_pa
     saved = paper.scope_of({**_recipe()["config"], "mode": "subsets", "random_seeds": [0]})
     (out / "search.json").write_text(json.dumps({"config": {**saved, "train": saved["train"]}}))
     args = argparse.Namespace(search_name="search", ks=[3, 5, 8], targets=[0.9], seeds=[0, 1, 2], steps=None,
-                              overrides=[])
+                              overrides=[], records=None, results=str(tmp_path / "results"))
     with pytest.raises(SystemExit, match=r"another scope \(ks: \[2\], asked \[3, 5, 8\]\).*--search-name"):
         paper.run_search("sentiment", tmp_path / "card", tmp_path, args)
 
@@ -211,8 +211,11 @@ def test_missing_lists_what_no_finished_search_holds(paper, tmp_path):
     U = rng.normal(size=(6, 9))
     make_card(U @ rng.normal(size=9), U @ U.T, res2=rng.uniform(1, 2, 6), kappa=rng.uniform(10, 1e3, 6)).save(
         tmp_path / "card")
-    args = argparse.Namespace(ks=[2, 3], targets=[], seeds=[0, 1], steps=None, overrides=["strategies=[top, all]"])
+    args = argparse.Namespace(ks=[2, 3], targets=[], seeds=[0, 1], steps=None, overrides=["strategies=[top, all]"],
+                              records=None, results=str(tmp_path / "results"))
     cfg = paper.search_config("sentiment", tmp_path / "card", args)
+    # every run of the task's searches is kept in its run-record file, beside the results
+    assert cfg.records == str(tmp_path / "results" / "records" / "paper_sentiment.jsonl")
     rows = [{"strategy": "top", "k": 2, "seed": 0}, {"strategy": "top", "k": 2, "seed": 1},
             {"strategy": "all", "k": 6, "seed": 1}, {"strategy": "bottom", "k": 2, "seed": 0}]   # last: not asked
     lacking, wanted = paper.missing_rows(tmp_path / "card", cfg, rows)

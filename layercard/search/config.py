@@ -146,6 +146,11 @@ class SearchConfig:
     """Earlier searches' OUT directories or run-record files (``*.jsonl``, ``layercard export-runs``): a trial
     one of them ran with the same recipe, data, model, layers and seed replays its reports instead of
     training (training is deterministic per seed; see layercard.search.reuse). Also allowed with ``--resume``."""
+    records: str | None = None
+    """A run-record file (``*.jsonl``) the search keeps its runs in: it replays the runs the file holds (as
+    ``reuse`` does) and merges every run it reports into the file when it ends, finished or interrupted, so a
+    search restarted on another machine, or from nothing, trains only what no record holds. Also allowed with
+    ``--resume``."""
     resume: bool = False
     """Resume the search in OUT if it holds one (same as ``layercard search --resume OUT``)."""
     stop_after_trials: int | None = None
@@ -196,6 +201,8 @@ class SearchConfig:
             raise LayercardError(f"config key 'stop_after_trials' must be >= 1 or null, got {self.stop_after_trials}")
         _check_list("reuse", self.reuse, lambda r: isinstance(r, str) and r != "",
                     "a search directory or run-record file")
+        if self.records is not None and (not isinstance(self.records, str) or not self.records.endswith(".jsonl")):
+            raise LayercardError(f"config key 'records' must be a run-record file ending in .jsonl, got {self.records!r}")
         if not self.name or "/" in self.name:
             raise LayercardError(f"config key 'name' must be a plain directory name, got {self.name!r}")
         if self.mode == "per-layer" and self.asha.enabled:

@@ -214,19 +214,10 @@ def _index(src: str) -> dict[str, Replay]:
     return _index_search(path)
 
 
-def _merge(sources: list[str]) -> dict[str, Replay]:
-    index: dict[str, Replay] = {}
-    for src in sources:
-        for fp, replay in _index(src).items():
-            if _better(replay, index.get(fp)):
-                index[fp] = replay
-    return index
-
-
-def load_sources(sources: list[str]) -> dict[str, Replay]:
+def load_sources(sources: list[str], check_versions: bool = True) -> dict[str, Replay]:
     """fingerprint → :class:`Replay` of every run the searches or run-record files in ``sources`` reported
     (a later source wins over an earlier one for the same fingerprint; a complete run over a partial one),
-    less those trained under other library versions than these."""
+    less, with ``check_versions``, those trained under other library versions than these."""
     from layercard.card.layer_card import library_versions
 
     here = library_versions()
@@ -234,7 +225,7 @@ def load_sources(sources: list[str]) -> dict[str, Replay]:
     for src in sources:
         skipped: list[str] = []
         for fp, replay in _index(src).items():
-            mismatch = version_mismatch(replay.reports, here)
+            mismatch = version_mismatch(replay.reports, here) if check_versions else None
             if mismatch:
                 skipped.append(mismatch)
             elif _better(replay, index.get(fp)):
@@ -263,7 +254,7 @@ def export_runs(sources: list[str], dest: str | Path) -> dict[str, int]:
     have = read_records(dest) if dest.is_file() else {}
     index = dict(have)
     new = 0
-    for fp, replay in _merge(list(sources)).items():
+    for fp, replay in load_sources(list(sources), check_versions=False).items():
         old = index.get(fp)
         if old is None or (replay.complete, len(replay.reports)) > (old.complete, len(old.reports)):
             index[fp] = Replay(replay.reports, _shown(replay.source), replay.key, replay.complete)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from layercard.atomic import atomic_write_json, check_private, private_dir
@@ -16,7 +17,7 @@ from layercard.search.trials import run_tune
 from layercard.select.selection import resolve_model
 
 SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
-RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials", "reuse")
+RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials", "reuse", "records")
 
 
 def resumed_config(saved: dict, overrides) -> SearchConfig:
@@ -68,17 +69,50 @@ def check_resumable(out: Path, saved: dict) -> None:
 
 
 def with_replays(s: Setup) -> Setup:
-    """``s`` with the replays of the earlier searches config key ``reuse`` names."""
+    """``s`` with the replays of the earlier searches config key ``reuse`` names and of the run-record
+    file config key ``records`` names (once it exists)."""
     from layercard.search.reuse import load_sources
 
     own = [r for r in s.cfg.reuse if Path(r).expanduser().resolve() == Path(s.out).resolve()]
     if own:
         raise LayercardError(f"config key 'reuse' names the search's own OUT '{own[0]}'; --resume continues it")
-    if not s.cfg.reuse:
+    sources = [*s.cfg.reuse, *([s.cfg.records] if s.cfg.records and Path(s.cfg.records).expanduser().is_file() else [])]
+    if not sources:
         return s
-    s = dataclasses.replace(s, replays=load_sources(s.cfg.reuse))
-    print(f"layercard search: {len(s.replays)} earlier runs to reuse from {len(s.cfg.reuse)} search(es)", flush=True)
+    s = dataclasses.replace(s, replays=load_sources(sources))
+    print(f"layercard search: {len(s.replays)} earlier runs to reuse from {len(sources)} search(es)", flush=True)
     return s
+
+
+def recorded(records: str | None, out: Path, run):
+    """``run()``; then, whether it finished or not, every run the search in OUT reported merged into the
+    run-record file ``records`` (config key ``records``; nothing when None). When ``run`` raised (an
+    interruption, a failure), a record that cannot be written is reported on stderr and the search's own
+    error stands."""
+    if not records:
+        return run()
+    try:
+        result = run()
+    except BaseException:
+        _keep_runs(records, out, quiet=True)
+        raise
+    _keep_runs(records, out)
+    return result
+
+
+def _keep_runs(records: str, out: Path, quiet: bool = False) -> None:
+    from layercard.search.reuse import export_runs
+
+    if not (out / SEARCH_FILE).is_file():
+        return
+    try:
+        counts = export_runs([str(out)], records)
+    except (LayercardError, OSError) as err:
+        if not quiet:
+            raise
+        print(f"layercard search: the runs were not added to '{records}': {err}", file=sys.stderr, flush=True)
+        return
+    print(f"layercard search: {counts['runs']} runs in {records} ({counts['new']} new or longer)", flush=True)
 
 
 def save_search(s: Setup) -> None:
@@ -96,6 +130,12 @@ def run_search(cfg: SearchConfig, out: str | Path) -> dict:
             return resume_search(out)
         raise LayercardError(f"'{out}' already holds a search; resume it with `layercard search --resume {out}` "
                              "or choose another --out")
+    if cfg.records:         # saved absolute: a resumed search finds it from any working directory
+        cfg = dataclasses.replace(cfg, records=str(Path(cfg.records).expanduser().resolve()))
+    return recorded(cfg.records, out, lambda: _run_search(cfg, out))
+
+
+def _run_search(cfg: SearchConfig, out: Path) -> dict:
     if cfg.mode == "explore":
         from layercard.search.explore import run_explore
 
@@ -116,11 +156,15 @@ def resume_search(out: str | Path, overrides: list[str] = ()) -> dict:
     out = Path(out).expanduser().resolve()
     saved = read_saved_search(out)
     check_resumable(out, saved)
+    cfg = resumed_config(saved, overrides)
+    return recorded(cfg.records, out, lambda: _resume_search(out, saved, cfg, overrides))
+
+
+def _resume_search(out: Path, saved: dict, cfg: SearchConfig, overrides) -> dict:
     if saved["config"].get("mode") == "explore":
         from layercard.search.explore import resume_explore
 
         return resume_explore(out, overrides)
-    cfg = resumed_config(saved, overrides)
     s = setup(cfg, out)
     check_resumed(s, saved, out)
     s = with_replays(s)

@@ -187,7 +187,8 @@ def test_explore_config_is_checked():
     for override, key in [("explore.reduction_factor=1", "explore.reduction_factor"),
                           ("explore.grace_period=6", "explore.grace_period"),
                           ("explore.pool_size=1", "explore.pool_size"),
-                          ("asha.enabled=true", "asha.enabled")]:
+                          ("asha.enabled=true", "asha.enabled"),
+                          ("records=runs.json", "records")]:
         with pytest.raises(LayercardError, match=key.replace(".", r"\.")):
             load_config(SearchConfig, SEARCH_YAML, [*base, override])
     cfg = load_config(SearchConfig, SEARCH_YAML, base)
@@ -544,6 +545,32 @@ def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
     assert not Path("card").exists() and set(load_sources([str(src)])) == set(index)
 
 
+@pytest.mark.slow
+def test_a_search_keeps_its_runs_when_it_is_interrupted(explored, tmp_path, capsys):
+    """config key ``records``: whatever ends the search (here Ctrl+C), its runs are merged into the
+    record file and the interruption stands; a record file that cannot be written is one line on stderr
+    and does not hide the interruption."""
+    from layercard.search.reuse import load_sources, read_records
+    from layercard.search.run import recorded
+
+    out, _, _ = explored
+    records = tmp_path / "runs.jsonl"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recorded(str(records), out, interrupted)
+    assert set(read_records(records)) == set(load_sources([str(out)]))
+    assert f"in {records} (" in capsys.readouterr().out
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        recorded(str(tmp_path / "dir.jsonl"), out, interrupted)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dir.jsonl" in err and "is a directory" in err
+    assert recorded(None, out, lambda: 7) == 7
+
+
 def test_export_runs_refuses_bad_input_and_leaves_the_file(tmp_path, capsys):
     from pipelines.cli import main
 
@@ -563,7 +590,7 @@ def test_export_runs_refuses_bad_input_and_leaves_the_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_dir, tmp_path, capsys):
-    """The ablation with ``reuse`` = a run-record file of the explored search, whose directory is gone. A
+    """The ablation with ``records`` = a run-record file of the explored search, whose directory is gone. A
     trial both ran replays the earlier reports: the
     same numbers bit for bit, and nothing trains for it. A trial the earlier search ended early (here its
     result.json cut to its first report, as when ASHA stops it at a rung) replays that report, then trains
@@ -583,11 +610,13 @@ def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_d
     (cut / "result.json").write_text(lines[0] + "\n")
     records = tmp_path / "runs.jsonl"             # replayed from a run-record file of the cut copy
     export_runs([str(src)], records)
+    cut_records = tmp_path / "cut.jsonl"
+    shutil.copy(records, cut_records)
     shutil.rmtree(src)
     new = tmp_path / "ablation"
     # 4 layers hold 6 pairs: with one shift neighbour and no swap the card proposes 2, the ablation takes 3 others
     summary = run_search(explore_cfg(card_dir, "explore.card_candidates=false", "explore.n_shifts=1",
-                                     "explore.n_swaps=0", "explore.pool_size=3", f"reuse=[{records}]"), new)
+                                     "explore.n_swaps=0", "explore.pool_size=3", f"records={records}"), new)
     assert summary["failed"] == 0
     printed = capsys.readouterr().out
     assert "earlier runs to reuse from 1 search(es)" in printed and "(reused)" in printed
@@ -622,6 +651,13 @@ def test_an_ablation_replays_the_runs_it_shares_with_the_search(explored, card_d
     (row,) = json.loads((new / "explore.json").read_text())
     assert row["steps_reused"] >= 6 and row["steps_reused"] <= row["steps"]
     assert "replayed from earlier searches" in (new / "summary.md").read_text()
+    # the record file now also holds the ablation's runs: the cut run trained to the end, its own sets
+    from layercard.search.reuse import load_sources, read_records
+
+    kept = read_records(records)
+    for fp, run in load_sources([str(new)]).items():
+        assert kept[fp].reports[-1]["step"] >= run.reports[-1]["step"], run.key
+    assert sum(r.complete for r in kept.values()) > sum(r.complete for r in read_records(cut_records).values())
 
 
 @pytest.mark.slow
