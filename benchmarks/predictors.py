@@ -12,6 +12,9 @@ k = 3, 5, 8, seed-mean gain fraction) and a card of the same model and data (``-
   k trained to the end on the searches' first seed, pooled with the table's rows of that k and seed
   (training is deterministic per seed, so a set in both is one run, checked to agree): Spearman ρ over
   all of them, with its permutation p-value. One seed, but two to three times the sets of a table's k.
+  ``--records TASK=FILE`` adds the runs of a run-record file (``layercard export-runs``, the search config
+  key ``records``) the same way, so the runs of a search still under way, or of one whose directory is
+  gone, count too (its all-layer reference, or else the table's at that seed).
 
 Constants: the ``adam`` and ``coverage`` models use the step budget ρ = Σ lr_t of the task's own
 training recipe (from its archived search records) and nothing fitted; the ``newton`` model's
@@ -23,6 +26,8 @@ rows measure that choice honestly: for each task, the predictor with the best me
 other tasks is taken and scored on the held-out one (with its rank there among all predictors).
 
     python benchmarks/predictors.py --cards runs/cards            # → benchmarks/results/predictors.{json,md}
+    python benchmarks/predictors.py --cards runs/cards --tasks headline --update \
+        --records headline=benchmarks/results/records/explore_headline.jsonl   # one task again, the rest kept
 """
 from __future__ import annotations
 
@@ -96,10 +101,12 @@ def measured_sets(rows: list[dict], task: str) -> dict[int, list[tuple[tuple[int
     return out
 
 
-def search_sets(search_dirs: list[Path], task: str, rows: list[dict]) -> tuple[int, int, dict] | None:
-    """(k, seed, {layers: gain fraction}) of the sets ``task``'s searches trained to the end on their first
-    seed, pooled with the table's rows of that k and seed; None when no search is of ``task``. Gain
-    fraction = the set's measured gain over the all-layer reference's at the same seed, as in the table."""
+def search_sets(search_dirs: list[Path], task: str, rows: list[dict], records: list[Path] = ()
+                ) -> tuple[int, int, dict] | None:
+    """(k, seed, {layers: gain fraction}) of the sets ``task``'s searches (and the run-record files
+    ``records`` of ``task``) trained to the end on their first seed, pooled with the table's rows of that k
+    and seed; None when no search or record file is of ``task``. Gain fraction = the set's measured gain over
+    the all-layer reference's at the same seed, as in the table."""
     import pandas as pd
 
     pooled: dict[tuple[int, ...], float] = {}
@@ -123,12 +130,48 @@ def search_sets(search_dirs: list[Path], task: str, rows: list[dict]) -> tuple[i
             layers = layers_of.get(r.candidate)
             if layers is not None and len(layers) == k:
                 _pool(pooled, layers, float(r.measured_gain) / ref_gain, str(d))
+    runs = [r for path in records for r in record_runs(path)]
+    if runs and k is None:          # no search of the task: the (k, seed) most of the records' runs have
+        counts: dict[tuple[int, int], int] = {}
+        for r in runs:
+            if not r["reference"]:
+                counts[(len(r["layers"]), r["seed"])] = counts.get((len(r["layers"]), r["seed"]), 0) + 1
+        if counts:
+            k, seed = max(counts, key=lambda ks: (counts[ks], -ks[0], -ks[1]))
     if k is None:
         return None
+    table_ref = next((r for r in rows if r["task"] == task and r["strategy"] == "all" and r.get("seed") == seed), None)
+    for path in records:
+        mine = [r for r in record_runs(path) if r["seed"] == seed]
+        ref = next((r for r in mine if r["reference"]), None)
+        if ref is None and table_ref is None:
+            raise SystemExit(f"error: {path}: no all-layer reference on seed {seed}, in the file or the table")
+        ref_quality = table_ref["quality"] if ref is None else ref["quality"]
+        for r in mine:
+            if len(r["layers"]) == k:
+                gain = (r["base"] - r["quality"]) / (r["base"] - ref_quality)
+                _pool(pooled, r["layers"], gain, f"{path} ({r['key']})")
     for r in rows:
         if r["task"] == task and r["k"] == k and r.get("seed") == seed and r["strategy"] != "all":
             _pool(pooled, tuple(sorted(r["layers"])), float(r["gain_fraction"]), "the table")
     return k, seed, pooled
+
+
+def record_runs(path: Path) -> list[dict]:
+    """The runs of a run-record file (``layercard export-runs``) trained to the end: key, seed, layers (the
+    last report's ``adapter_layers``), final quality, the base model's quality, whether it is the all-layer
+    reference (candidate ``all``)."""
+    from layercard.search.reuse import read_records
+
+    out = []
+    for run in read_records(path).values():
+        last = run.reports[-1]
+        cand, _, seed = run.key.rpartition("-s")
+        if not run.complete or not seed.isdigit() or last.get("adapter_layers") is None:
+            continue
+        out.append({"key": run.key, "seed": int(seed), "layers": tuple(sorted(int(l) for l in last["adapter_layers"])),
+                    "quality": float(last["quality"]), "base": float(last["initial_quality"]), "reference": cand == "all"})
+    return out
 
 
 def _pool(pooled: dict, layers: tuple[int, ...], gain_fraction: float, source: str) -> None:
@@ -162,7 +205,8 @@ def recipe_budget(task: str) -> float:
     return step_budget(r["lr"], r["steps"], r["warmup_steps"])
 
 
-def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches: list[Path] = ()) -> dict:
+def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches: list[Path] = (),
+               records: list[Path] = ()) -> dict:
     from layercard.card.layer_card import LayerCard
     from layercard.select.selection import arrays_from_card
 
@@ -182,7 +226,7 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches
         gains = np.asarray(d["measured_gain"], dtype=np.float64)
         board["per_layer"] = {name: spearman([fn(card, A, (l,)) for l in d["layers"]], gains)
                               for name, fn in PREDICTORS.items()}
-    pooled = search_sets(list(searches), task, rows)
+    pooled = search_sets(list(searches), task, rows, list(records))
     board["pooled"] = None
     if pooled is not None:
         k, seed, gf = pooled
@@ -194,6 +238,17 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches
             r = within_k({k: np.array([fn(card, A, ls) for ls in layer_sets])}, measured_k, perms)
             board["pooled"]["predictors"][name] = {"rho": r["mean"], "p_value": r["p_value"]}
     return board
+
+
+def with_kept_boards(boards: list[dict], path: Path) -> list[dict]:
+    """``boards`` plus the boards ``path`` (an earlier predictors.json) holds for other tasks, each with the
+    command that computed it; sorted by task."""
+    if not path.is_file():
+        return boards
+    kept = json.loads(path.read_text())
+    tasks = {b["task"] for b in boards}
+    return sorted([*boards, *({**b, "computed": b.get("computed") or kept["meta"]} for b in kept["tasks"]
+                              if b["task"] not in tasks)], key=lambda b: b["task"])
 
 
 def leave_one_task_out(boards: list[dict]) -> list[dict]:
@@ -225,8 +280,11 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
              "was trained alone. No constant is fitted on any task (ρ = Σ lr_t comes from each task's recipe).", ""]
     for b in boards:
         lines += [f"## {b['task']} (step budget ρ = {b['step_budget']:.4g}; sets per k: "
-                  f"{', '.join(f'{k}: {n}' for k, n in b['sets_per_k'].items())})", "",
-                  "| predictor | k = 3 | k = 5 | k = 8 | mean | p | per layer |", "|---|---|---|---|---|---|---|"]
+                  f"{', '.join(f'{k}: {n}' for k, n in b['sets_per_k'].items())})", ""]
+        computed = b.get("computed") or meta
+        if computed["command"] != meta["command"]:
+            lines += [f"Kept from `{computed['command']}` at commit {computed['commit']}.", ""]
+        lines += ["| predictor | k = 3 | k = 5 | k = 8 | mean | p | per layer |", "|---|---|---|---|---|---|---|"]
         order = sorted(b["sets"], key=lambda n: -np.nan_to_num(b["sets"][n]["mean"], nan=-9))
         for name in order:
             s = b["sets"][name]
@@ -238,7 +296,8 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
         pooled = b.get("pooled")
         if pooled:
             lines += [f"Every set trained to the end at k = {pooled['k']} on seed {pooled['seed']} ({pooled['n_sets']} "
-                      "sets: the table's and the searches'):", "", "| predictor | ρ | p |", "|---|---|---|"]
+                      "sets: the table's, the searches' and the run records'):", "", "| predictor | ρ | p |",
+                      "|---|---|---|"]
             pp = pooled["predictors"]
             for name in sorted(pp, key=lambda n: -np.nan_to_num(pp[n]["rho"], nan=-9)):
                 lines.append(f"| {name} | **{pp[name]['rho']:+.2f}** | {pp[name]['p_value']:.3f} |")
@@ -264,10 +323,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="where predictors.{json,md} go")
     p.add_argument("--searches", type=Path, nargs="*", default=[],
                    help="finished searches whose sets trained to the end are pooled with the table's (per task)")
+    p.add_argument("--records", nargs="*", default=[], metavar="TASK=FILE",
+                   help="run-record files (layercard export-runs, a search's config key records) of a task: their "
+                        "runs trained to the end are pooled like a search's")
+    p.add_argument("--update", action="store_true",
+                   help="recompute --tasks only; every other task keeps its board from OUT/predictors.json (each "
+                        "board records the command and commit that computed it)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from layercard.atomic import atomic_write_text
 
+    records: dict[str, list[Path]] = {}
+    for spec in a.records:
+        task, _, path = spec.partition("=")
+        if not path or not Path(path).is_file() or not path.endswith(".jsonl"):
+            print(f"error: --records {spec!r} is not TASK=FILE.jsonl naming a run-record file", file=sys.stderr)
+            return 2
+        records.setdefault(task, []).append(Path(path))
     rows = json.loads(a.table.read_text())
     tasks = a.tasks or sorted({r["task"] for r in rows if (a.cards / r["task"]).is_dir()})
     if not tasks:
@@ -281,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (d / "search.json").is_file() or not (d / "trials.parquet").is_file():
             print(f"error: --searches {d} is not a finished search (no search.json and trials.parquet)", file=sys.stderr)
             return 2
-    boards = [task_board(t, a.cards / t, rows, a.perms, a.searches) for t in tasks]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": commit or None, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}"}
+    boards = [{**task_board(t, a.cards / t, rows, a.perms, a.searches, records.get(t, [])), "computed": meta}
+              for t in tasks]
+    if a.update:
+        boards = with_kept_boards(boards, a.out / "predictors.json")
     a.out.mkdir(parents=True, exist_ok=True)
     loto = leave_one_task_out(boards)
     atomic_write_text(a.out / "predictors.json", json.dumps({"meta": meta, "tasks": boards, "leave_one_task_out": loto},

@@ -115,3 +115,61 @@ def test_search_sets_pool_trained_sets_with_the_table_on_the_first_seed(pred, tm
     rows[1]["gain_fraction"] = 1.0   # the same set and seed, another result: not the same recipe
     with pytest.raises(SystemExit, match=r"set \[2, 4\]"):
         pred.search_sets([a, b], "t", rows)
+
+
+def _record(key, layers, quality, base=1.0, complete=True):
+    import json
+
+    reports = [{"step": 1, "rung_quality": quality + 0.5}]
+    if complete:
+        reports.append({"step": 2, "quality": quality, "initial_quality": base, "adapter_layers": list(layers)})
+    return json.dumps({"fingerprint": key, "source": "s", "key": key, "complete": complete, "reports": reports}) + "\n"
+
+
+def test_record_files_pool_their_finished_runs_like_a_search(pred, tmp_path):
+    """Runs of a run-record file: trained to the end on the pooled seed, gain over the file's all-layer run
+    (else the table's); a cut run and another seed are left out; a disagreement with the table is refused."""
+    f = tmp_path / "runs.jsonl"
+    f.write_text(_record("c0-s0", [3, 1], 0.8) + _record("c1-s0", [5, 6], 0.6) + _record("all-s0", range(8), 0.5)
+                 + _record("c2-s0", [0, 7], 0.9, complete=False) + _record("c3-s1", [2, 3], 0.7))
+    rows = [{"task": "t", "k": 2, "seed": 0, "strategy": "top", "layers": [6, 7], "gain_fraction": 0.3},
+            {"task": "t", "k": 2, "seed": 0, "strategy": "mid", "layers": [5, 6], "gain_fraction": 0.8}]
+    k, seed, got = pred.search_sets([], "t", rows, [f])
+    assert (k, seed) == (2, 0)
+    assert got == {(1, 3): pytest.approx(0.4), (5, 6): pytest.approx(0.8), (6, 7): 0.3}
+    # no reference in the file: the table's all-layer run at that seed
+    g = tmp_path / "noref.jsonl"
+    g.write_text(_record("c0-s0", [3, 1], 0.8, base=1.1) + _record("c1-s0", [2, 4], 0.9, base=1.1))
+    table = [*rows, {"task": "t", "k": 8, "seed": 0, "strategy": "all", "layers": list(range(8)), "quality": 0.1,
+                     "gain_fraction": 1.0}]
+    _, _, got = pred.search_sets([], "t", table, [g])
+    assert got[(1, 3)] == pytest.approx(0.3 / 1.0) and got[(2, 4)] == pytest.approx(0.2 / 1.0)
+    with pytest.raises(SystemExit, match="no all-layer reference on seed 0"):
+        pred.search_sets([], "t", rows, [g])
+    rows[1]["gain_fraction"] = 0.5
+    with pytest.raises(SystemExit, match=r"set \[5, 6\]"):
+        pred.search_sets([], "t", rows, [f])
+    assert pred.search_sets([], "t", rows, []) is None
+
+
+def test_update_recomputes_one_task_and_keeps_the_others(pred, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"task": "other", "step_budget": 0.03, "sets_per_k": {"5": 3}, "per_layer": None, "pooled": None,
+           "sets": {"coverage Q": {"per_k": {"5": 0.5}, "mean": 0.5, "p_value": 0.2}}}
+    (out / "predictors.json").write_text(json.dumps({"meta": {"command": "old cmd", "commit": "abc", "machine": "m"},
+                                                     "tasks": [old], "leave_one_task_out": []}))
+    assert pred.main(["--cards", str(tmp_path / "cards"), "--tasks", "missing", "--out", str(out), "--update"]) == 2
+    assert "no card for task 'missing'" in capsys.readouterr().err
+    assert pred.main(["--cards", str(tmp_path), "--records", "t=nothing.jsonl", "--out", str(out)]) == 2
+    assert "--records 't=nothing.jsonl' is not TASK=FILE.jsonl" in capsys.readouterr().err
+    new = {**old, "task": "a", "computed": {"command": "new cmd", "commit": "def", "machine": "m"}}
+    replaced = {**old, "task": "other", "computed": new["computed"]}
+    assert pred.with_kept_boards([new], out / "predictors.json") == [new, {**old, "computed": {
+        "command": "old cmd", "commit": "abc", "machine": "m"}}]
+    assert pred.with_kept_boards([replaced], out / "predictors.json") == [replaced]     # recomputed: not kept
+    assert pred.with_kept_boards([new], out / "none.json") == [new]
+    md = pred.markdown(pred.with_kept_boards([new], out / "predictors.json"), new["computed"])
+    assert md.count("Kept from `old cmd` at commit abc.") == 1 and "## a " in md and "## other " in md
