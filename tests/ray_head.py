@@ -67,11 +67,37 @@ def submit_job(head: "Head", args: list[str], timeout: float = 600) -> subproces
 
     deadline = time.monotonic() + 180
     while True:
-        proc = subprocess.run([ray_bin(), "job", "submit", "--address", head.dashboard, *args], env=head.env,
-                              capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run([ray_bin(), "job", "submit", "--address", head.dashboard, *args], env=head.env,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"ray job submit did not return in {timeout:.0f} s\n{job_diagnostics(head, args, err)}") \
+                from None
         if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
             return proc
         time.sleep(3)
+
+
+def job_diagnostics(head: "Head", args: list[str], err: subprocess.TimeoutExpired) -> str:
+    """What a job that did not end was doing: the submit's own output, the job's log, the cluster's
+    resources and placement groups (a hang that waits for CPUs shows there)."""
+    def text(b) -> str:
+        return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+    parts = [f"--- submit output (tail)\n{(text(err.stdout) + text(err.stderr))[-3000:]}"]
+    sid = args[args.index("--submission-id") + 1] if "--submission-id" in args else None
+    cmds = []
+    if sid:
+        cmds.append(["job", "logs", "--address", head.dashboard, sid])
+    cmds += [["list", "placement-groups", "--address", head.dashboard, "--detail"],
+             ["list", "actors", "--address", head.dashboard, "--filter", "state=ALIVE"]]
+    for cmd in cmds:
+        try:
+            r = subprocess.run([ray_bin(), *cmd], env=head.env, capture_output=True, text=True, timeout=60)
+            parts.append(f"--- ray {' '.join(cmd[:2])} (tail)\n{(r.stdout + r.stderr)[-4000:]}")
+        except subprocess.TimeoutExpired:
+            parts.append(f"--- ray {' '.join(cmd[:2])}: no answer in 60 s")
+    return "\n".join(parts)
 
 
 def wait_started(proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -671,7 +671,8 @@ def test_explore_under_ray_job_submit(card_dir, tmp_path):
         proc = submit_job(head, ["--submission-id", f"explore-{uuid.uuid4().hex[:8]}", "--working-dir", str(ROOT),
                                  "--", sys.executable, "-m", "pipelines.search", "--config", str(SEARCH_YAML),
                                  "--out", str(out), f"card={card_dir}", *EXPLORE, "seeds=[0]", "explore.pool_size=2",
-                                 "train.steps=4", "max_concurrent_trials=2"])
+                                 "train.steps=4", "max_concurrent_trials=2"],
+                          timeout=1200)     # ~90 s on an idle 2-core machine; 8 min beside other training
     finally:
         stop_head(head.temp_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
