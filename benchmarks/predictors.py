@@ -130,7 +130,8 @@ def search_sets(search_dirs: list[Path], task: str, rows: list[dict], records: l
             layers = layers_of.get(r.candidate)
             if layers is not None and len(layers) == k:
                 _pool(pooled, layers, float(r.measured_gain) / ref_gain, str(d))
-    runs = [r for path in records for r in record_runs(path)]
+    by_file = {path: record_runs(path) for path in records}
+    runs = [r for rs in by_file.values() for r in rs]
     if runs and k is None:          # no search of the task: the (k, seed) most of the records' runs have
         counts: dict[tuple[int, int], int] = {}
         for r in runs:
@@ -141,8 +142,8 @@ def search_sets(search_dirs: list[Path], task: str, rows: list[dict], records: l
     if k is None:
         return None
     table_ref = next((r for r in rows if r["task"] == task and r["strategy"] == "all" and r.get("seed") == seed), None)
-    for path in records:
-        mine = [r for r in record_runs(path) if r["seed"] == seed]
+    for path, file_runs in by_file.items():
+        mine = [r for r in file_runs if r["seed"] == seed]
         ref = next((r for r in mine if r["reference"]), None)
         if ref is None and table_ref is None:
             raise SystemExit(f"error: {path}: no all-layer reference on seed {seed}, in the file or the table")
