@@ -18,6 +18,30 @@ from layercard.select.selection import resolve_model
 
 SEARCH_FILE = "search.json"        # the config, card and candidates of the search in OUT
 RESUME_OVERRIDES = ("stop_after_trials", "store", "max_concurrent_trials", "reuse", "records")
+# config keys that name local files: saved absolute, so a search resumes or is reused from any directory
+PATH_KEYS = (("card",), ("train", "model", "path"), ("train", "model", "gguf_file"), ("train", "data", "path"),
+             ("train", "eval_data", "path"), ("train", "base_eval_cache"), ("explore", "paper_table"),
+             ("storage_path",), ("records",))
+
+
+def anchored(config: dict, cwd: Path) -> dict:
+    """``config`` (a SearchConfig dict) with its local paths (``PATH_KEYS`` and ``reuse``) made absolute,
+    relative ones against ``cwd``; ``cache:``, ``$VAR`` and URI paths are kept as written."""
+    def fix(text):
+        if not isinstance(text, str) or not text or text.startswith(("cache:", "$")) or "://" in text:
+            return text
+        return str((cwd / Path(text).expanduser()).resolve())
+
+    config = json.loads(json.dumps(config, default=str))
+    for *parents, key in PATH_KEYS:
+        node = config
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            node[key] = fix(node[key])
+    if isinstance(config.get("reuse"), list):
+        config["reuse"] = [fix(r) for r in config["reuse"]]
+    return config
 
 
 def resumed_config(saved: dict, overrides) -> SearchConfig:
@@ -130,8 +154,8 @@ def run_search(cfg: SearchConfig, out: str | Path) -> dict:
             return resume_search(out)
         raise LayercardError(f"'{out}' already holds a search; resume it with `layercard search --resume {out}` "
                              "or choose another --out")
-    if cfg.records:         # saved absolute: a resumed search finds it from any working directory
-        cfg = dataclasses.replace(cfg, records=str(Path(cfg.records).expanduser().resolve()))
+    # local paths saved absolute: the search resumes, and is reused, from any working directory
+    cfg = from_dict(SearchConfig, anchored(cfg.to_dict(), Path.cwd()))
     return recorded(cfg.records, out, lambda: _run_search(cfg, out))
 
 

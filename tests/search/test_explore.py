@@ -502,7 +502,7 @@ def test_reuse_of_no_search_is_a_one_line_error(card_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
+def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys, monkeypatch):
     """A run-record file holds every run of the search, with the reports and completeness reading the
     search finds; exporting again changes nothing; a shorter run with the same fingerprint is extended,
     a run from elsewhere kept; a run under another torch is kept but not replayed."""
@@ -543,6 +543,10 @@ def test_run_records_hold_what_the_search_reported(explored, tmp_path, capsys):
     saved["config"]["card"] = "card"
     (src / "search.json").write_text(json.dumps(saved))
     assert not Path("card").exists() and set(load_sources([str(src)])) == set(index)
+    # its data path was relative (configs/search-tiny.yaml), saved absolute: reused from another directory too
+    assert Path(saved["config"]["train"]["data"]["path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert set(load_sources([str(src)])) == set(index)
 
 
 @pytest.mark.slow

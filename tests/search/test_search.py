@@ -113,6 +113,26 @@ def test_bad_search_config_names_the_key(override, key):
     assert "\n" not in str(exc.value)
 
 
+def test_saved_search_config_names_local_paths_absolute(tmp_path):
+    """A search saves its local paths absolute, so it resumes and is reused from any directory; cache:,
+    $VAR and URI paths stay as written, and every other key is unchanged."""
+    from layercard.search.run import anchored
+
+    cfg = {"card": "card", "train": {"model": {"path": "m", "config": None}, "data": {"path": "d/t.jsonl"},
+                                     "eval_data": None, "base_eval_cache": "cache:e.json", "steps": 6},
+           "explore": {"paper_table": "/abs/p.json", "task": "x"}, "storage_path": "s3://bucket/t",
+           "records": "~/r.jsonl", "reuse": ["a", "../b", "$RUNS/c"], "ks": [2]}
+    got = anchored(cfg, tmp_path)
+    assert got["card"] == str(tmp_path / "card") and got["train"]["model"]["path"] == str(tmp_path / "m")
+    assert got["train"]["data"]["path"] == str(tmp_path / "d" / "t.jsonl")
+    assert got["train"]["base_eval_cache"] == "cache:e.json" and got["explore"]["paper_table"] == "/abs/p.json"
+    assert got["storage_path"] == "s3://bucket/t" and got["records"] == str(Path("~/r.jsonl").expanduser())
+    assert got["reuse"] == [str(tmp_path / "a"), str(tmp_path.parent / "b"), "$RUNS/c"]
+    assert got["train"]["eval_data"] is None and got["ks"] == [2] and got["train"]["steps"] == 6
+    assert cfg["card"] == "card"                                      # the argument is left as it was
+    assert anchored(got, tmp_path / "elsewhere") == got               # absolute paths stay
+
+
 def test_per_layer_mode_turns_asha_off():
     assert search_cfg("x").use_asha
     assert not search_cfg("x", "mode=per-layer").use_asha
