@@ -35,6 +35,8 @@ _TUNE_KEYS = frozenset({"trial_id", "done", "experiment_tag", "should_checkpoint
                         "timesteps_total", "timesteps_since_restore"})
 # Not part of what the worker computes: where its fault marker lives, a cached base eval (the same numbers).
 _NOT_FINGERPRINTED = ("fault_marker", "initial_eval", "silent_through")
+# Where the model's files lie (the cache root differs between machines): the weights' hash names the model.
+_MODEL_LOCATION = ("path", "gguf_file", "cache_dir")
 REUSED_FROM = "reused_from"     # the metric a replayed report carries: the search it came from
 RECORD_SUFFIX = ".jsonl"        # a run-record file (export_runs)
 _RECORD_KEYS = ("fingerprint", "source", "key", "complete", "reports")
@@ -73,8 +75,12 @@ def data_digest(data: dict) -> dict:
 def fingerprint(base: dict, weights_hash: str, data: dict[str, str | None], trial: dict) -> str:
     """Everything a trial's reported numbers depend on: the worker config (``base``, a
     :class:`~layercard.train.worker.WorkerConfig` dict, with the trial's layers, LoRA config and seed), the
-    model weights' hash and the datasets' digests (:func:`data_digest`)."""
+    model weights' hash and the datasets' digests (:func:`data_digest`). Not where the model's files lie:
+    a run made from ``/root/.cache/layercard/models/M`` replays for a search that loads the same weights
+    (the same hash) from anywhere else."""
     cfg = {k: v for k, v in base.items() if k not in _NOT_FINGERPRINTED}
+    if isinstance(cfg.get("model"), dict):
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in _MODEL_LOCATION}
     cfg.update(lora=trial["lora"], layers=trial["layers"], seed=trial["seed"])
     return _digest({"worker": cfg, "weights_hash": weights_hash, "data": data})
 

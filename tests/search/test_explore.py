@@ -431,13 +431,20 @@ def test_explore_writes_its_rows_and_the_usual_outputs(explored, card_dir):
 def test_fingerprint_names_what_the_numbers_depend_on():
     from layercard.search.reuse import fingerprint
 
+    model = {"path": "/root/.cache/layercard/models/m", "gguf_file": None, "config": None, "device": "cpu",
+             "dtype": "float32", "cache_dir": "~/.cache/layercard/models"}
     base = {"lr": 0.005, "steps": 6, "rung_steps": [2, 4], "fault_marker": "/a", "initial_eval": None,
-            "silent_through": 0, "lora": None, "layers": None, "seed": 0}
+            "silent_through": 0, "lora": None, "layers": None, "seed": 0, "model": model}
     data = {"train": "t", "eval": "e", "rung_eval": None}
     trial = {"lora": {"r": 4}, "layers": [1, 2], "seed": 0}
     fp = fingerprint(base, "w", data, trial)
-    same = [({**base, "fault_marker": "/b", "initial_eval": {"x": 1}, "silent_through": 2}, "w", data, trial)]
+    # where the weights lie is not what the numbers depend on (their hash, "w", is)
+    moved = {**model, "path": "/data/cache/models/m", "cache_dir": "/data/cache/models"}
+    same = [({**base, "fault_marker": "/b", "initial_eval": {"x": 1}, "silent_through": 2}, "w", data, trial),
+            ({**base, "model": moved}, "w", data, trial)]
     other = [({**base, "lr": 0.004}, "w", data, trial), ({**base, "rung_steps": None}, "w", data, trial),
+             ({**base, "model": {**model, "dtype": "bfloat16"}}, "w", data, trial),
+             ({**base, "model": {**model, "device": "cuda"}}, "w", data, trial),
              (base, "v", data, trial), (base, "w", {**data, "rung_eval": "r"}, trial),
              (base, "w", data, {**trial, "seed": 1}), (base, "w", data, {**trial, "layers": [1, 3]}),
              (base, "w", data, {**trial, "lora": {"r": 8}})]
