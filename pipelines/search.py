@@ -22,7 +22,8 @@ OUT gets ``results.parquet`` (one row per candidate), ``trials.parquet`` (one pe
 (``measured_eval_loss``, ``measured_quality``, ``measured_gain``, ``measured_step_seconds`` per layer, where that layer
 was trained alone) and ``frontier.parquet``; the input card is left as it was. Tune keeps its
 state under ``OUT/tune`` (``storage_path``); an interrupted search resumes with ``--resume OUT``
-(``Tuner.restore``): completed trials are kept, unfinished ones run again.
+(``Tuner.restore``): completed trials are kept; unfinished ones, and ones that failed (a worker lost to
+the machine, say), run again from the start.
 """
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def run_phase(s: Setup, p: ExplorePlan, name: str, trials: dict, asha: bool) -> 
                                rung_eval=rung_rows)
     if tune.Tuner.can_restore(experiment):      # an interrupted run of this phase saved its state
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+                                   restart_errored=True)
     else:
         t = s.cfg.train_config
         # its rung records outlive an interruption: the restored phase prunes as an uninterrupted one would

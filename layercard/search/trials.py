@@ -251,9 +251,9 @@ def _tuner(s: Setup, restore: bool):
     base_eval = trial_base_eval(s)
     trainable = tune_trainable(s, base_eval)
     if restore:
-        # Completed trials are kept; those the interruption left unfinished start again.
+        # Completed trials are kept; those the interruption left unfinished, and those that failed, start again.
         return tune.Tuner.restore(s.experiment, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+                                  resume_errored=False, restart_errored=True)
     cfg, t = s.cfg, s.cfg.train_config
     scheduler = FIFOScheduler()
     if cfg.use_asha:

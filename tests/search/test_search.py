@@ -396,6 +396,28 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(full_searc
     assert first["trial_id"] in rungs[4] and set(rungs[2]) == set(trials["trial_id"])
 
 
+@pytest.mark.slow
+def test_resume_trains_again_the_trials_that_failed(ray_local, card_dir, tmp_path):
+    """A trial whose worker died (the machine, not the recipe) is failed in the search's results; --resume
+    trains it again from the start, and the results are those of a search where nothing failed."""
+    from layercard.search.run import resume_search, run_search
+
+    out = tmp_path / "s"
+    # every trial's worker dies once at step 2 (a marker per trial) and the search allows no restart
+    cfg = search_cfg(card_dir, "budget=null", "ks=[1]", "targets=[]", "strategies=[bottom,all]",
+                     "asha.enabled=false", "train.fail_at_step=2", "train.max_failures=0")
+    first = run_search(cfg, out)
+    failed = pd.read_parquet(out / "trials.parquet")
+    assert first["failed"] == first["candidates"] >= 2 and first["trained"] == 0
+    assert (failed["status"] == "failed").all() and failed["quality"].isna().all()
+    second = resume_search(out)
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert second["failed"] == 0 and second["trained"] == second["candidates"] == first["candidates"]
+    assert sorted(trials["trial"]) == sorted(failed["trial"]) and (trials["status"] == "trained").all()
+    assert (trials["steps_done"] == cfg.train_config.steps).all() and trials["quality"].notna().all()
+    assert (trials["attempts"] == 2).all()
+
+
 def test_resume_of_a_truncated_search_record_is_one_line(tmp_path, capsys):
     from layercard.search.run import SEARCH_FILE
     from pipelines import search
