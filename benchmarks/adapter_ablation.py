@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.provenance import commit, machine  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -204,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             board["pooled"][name] = pred.within_k({k: np.array([fn(ls) for ls in lsets])},
                                                   {k: np.array([gf[ls] for ls in lsets])}, 2000)
     board["meta"] = {"command": "python benchmarks/adapter_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                              text=True).stdout.strip() or None,
-                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+                     "commit": commit(), "machine": machine(),
                      "minutes_this_invocation": round((time.time() - started) / 60, 1),
                      "evals_cached": len(quality.q)}
     a.out.mkdir(parents=True, exist_ok=True)

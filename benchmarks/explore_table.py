@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.provenance import commit, machine  # noqa: E402
 
 TASK_NAMES = ("sentiment", "headline")
 SMOKE = {   # the tiny random Qwen3 (4 layers): wiring only, minutes
@@ -199,9 +197,7 @@ def run_task(task: str, k: int, seeds: list[int], args, work: Path, results: Pat
     searches = [work / task / name, *([] if args.no_ablation else [work / task / f"{name}-ablation"])]
     atomic_write_text(results / f"explore_{task}_meta.json", json.dumps({
         "command": "python benchmarks/explore_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip() or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "commit": commit(), "machine": machine(),
         "searches": {str(d): search_minutes(d) for d in searches}}, indent=2) + "\n")
     print(json.dumps(merged, indent=1))
     print(f"== {task}: {path} ({(time.time() - started) / 60:.1f} min)", flush=True)

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -332,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         "board records the command and commit that computed it)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from benchmarks.provenance import commit, machine
     from layercard.atomic import atomic_write_text
 
     records: dict[str, list[Path]] = {}
@@ -354,9 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (d / "search.json").is_file() or not (d / "trials.parquet").is_file():
             print(f"error: --searches {d} is not a finished search (no search.json and trials.parquet)", file=sys.stderr)
             return 2
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit or None, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.system()}"}
+            "commit": commit(), "machine": machine()}
     boards = [{**task_board(t, a.cards / t, rows, a.perms, a.searches, records.get(t, [])), "computed": meta}
               for t in tasks]
     if a.update:

@@ -158,14 +158,15 @@ def main() -> None:
           f"{floor['gram_flops'] / floor['plain_flops']:.2f}, XᵀG {floor['cross_flops'] / floor['plain_flops']:.2f} "
           f"of the plain GEMM FLOPs); time {floor['time_floor_ratio']:.2f}× (plain + the statistics GEMMs alone, "
           f"{floor['statistics_gemm_s']:.2f}s); measured {med['single: pass 1 statistics'] / plain:.2f}×")
-    import subprocess
     import sys
 
     from layercard.atomic import atomic_write_json
 
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.provenance import commit
+
     out = ROOT / "benchmarks/results/profile_overhead.json"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    atomic_write_json(out, {"command": "python benchmarks/profile_overhead.py " + " ".join(sys.argv[1:]), "commit": commit,
+    atomic_write_json(out, {"command": "python benchmarks/profile_overhead.py " + " ".join(sys.argv[1:]), "commit": commit(),
                             "args": vars(args), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
                             "torch": torch.__version__, "n_tokens": held["stats"].n_tokens,
                             "flop_floor": floor, "rows": table}, indent=2)

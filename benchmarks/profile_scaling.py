@@ -116,8 +116,10 @@ def main() -> int:
     if demo:
         print(f"demo (SmolLM2, 128 records, 16 probe, 2 actors): Ray {demo['ray_profile_s']:.1f} s, one process "
               f"{demo['single_profile_s']:.1f} s ({demo['ray_profile_s'] / demo['single_profile_s']:.2f}×)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    doc = {"command": "python benchmarks/profile_scaling.py " + " ".join(sys.argv[1:]), "commit": commit,
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.provenance import commit
+
+    doc = {"command": "python benchmarks/profile_scaling.py " + " ".join(sys.argv[1:]), "commit": commit(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.machine()},
            "widths": rows, "demo": demo}
     from layercard.atomic import atomic_write_text

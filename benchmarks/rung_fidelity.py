@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.provenance import commit, machine  # noqa: E402
 
 
 def known_sets(out: Path, saved: dict, k: int, seed: int, paper_table: Path, task: str) -> dict[tuple, dict]:
@@ -209,9 +207,7 @@ def main(argv=None) -> int:
         atomic_write_text(results / f"rung_fidelity_{task}.json", json.dumps(doc, indent=2) + "\n")
         atomic_write_text(results / f"rung_fidelity_{task}_meta.json", json.dumps({
             "command": "python benchmarks/rung_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip() or None,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+            "commit": commit(), "machine": machine(),
             # wall clock of this invocation only; the compressed runs' own training time counts every invocation
             "minutes_this_invocation": round((time.time() - started) / 60, 1),
             "compressed_trial_minutes": {str(st): round(sec / 60, 1) for st, (_, sec) in sorted(runs.items())}},

@@ -3,13 +3,12 @@ source and recipe, and its rows; the table merges the records of every comparabl
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 from benchmarks.paper.events import search_minutes
 from benchmarks.paper.rows import LEGACY_SCORE, paper_rows, score_of, set_key
 from benchmarks.paper.tables import uneven_sharing
+from benchmarks.provenance import machine
 from layercard.data.task_recipes import TASKS
 
 
@@ -59,9 +58,6 @@ def finished_searches(task_dir: Path) -> list[Path]:
             print(f"note: {d} has not finished (no results.parquet); the table leaves it out", flush=True)
     return done
 
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
 # where files were on the machine that profiled: the weights and data hashes already say what they held;
