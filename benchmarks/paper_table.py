@@ -190,8 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     work = Path(args.work)
     if not args.rebuild:
-        for task in args.tasks:
-            run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
+        from layercard.search.results import SearchInterrupted
+
+        try:
+            for task in args.tasks:
+                run_search(task, ensure_card(task, work, args.profile_overrides), work, args)
+        except SearchInterrupted as err:      # its runs are in the record file: the same command continues
+            print(f"paper_table: {err}; continue with the same command", file=sys.stderr)
+            return 3
     from layercard.atomic import atomic_write_text
     from layercard.card.layer_card import LayerCard
 
