@@ -404,7 +404,7 @@ def test_resume_trains_again_the_trials_that_failed(ray_local, card_dir, tmp_pat
 
     out = tmp_path / "s"
     # every trial's worker dies once at step 2 (a marker per trial) and the search allows no restart
-    cfg = search_cfg(card_dir, "budget=null", "ks=[1]", "targets=[]", "strategies=[bottom,all]",
+    cfg = search_cfg(card_dir, "budget=null", "ks=[1]", "targets=[]", "strategies=[all]", "train.steps=4",
                      "asha.enabled=false", "train.fail_at_step=2", "train.max_failures=0")
     first = run_search(cfg, out)
     failed = pd.read_parquet(out / "trials.parquet")
