@@ -205,7 +205,7 @@ def recipe_budget(task: str) -> float:
 
 
 def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches: list[Path] = (),
-               records: list[Path] = ()) -> dict:
+               records: list[Path] = (), kept_pooled: dict | None = None) -> dict:
     from layercard.card.layer_card import LayerCard
     from layercard.select.selection import arrays_from_card
 
@@ -227,16 +227,37 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches
                               for name, fn in PREDICTORS.items()}
     pooled = search_sets(list(searches), task, rows, list(records))
     board["pooled"] = None
+    measured_from = None
+    if pooled is None and kept_pooled:     # the measured sets an earlier board pooled, scored again on this card
+        pooled = kept_pooled["k"], kept_pooled["seed"], {tuple(ls): float(g) for ls, g in
+                                                         zip(kept_pooled["sets"], kept_pooled["gain_fraction"])}
+        measured_from = kept_pooled.get("measured_from") or kept_pooled["computed"]
     if pooled is not None:
         k, seed, gf = pooled
         layer_sets = sorted(gf)
         measured_k = {k: np.array([gf[ls] for ls in layer_sets])}
         board["pooled"] = {"k": k, "seed": seed, "n_sets": len(layer_sets), "sets": [list(ls) for ls in layer_sets],
                            "gain_fraction": measured_k[k].tolist(), "predictors": {}}
+        if measured_from:
+            board["pooled"]["measured_from"] = measured_from
         for name, fn in PREDICTORS.items():
             r = within_k({k: np.array([fn(card, A, ls) for ls in layer_sets])}, measured_k, perms)
             board["pooled"]["predictors"][name] = {"rho": r["mean"], "p_value": r["p_value"]}
     return board
+
+
+def kept_pooled_sets(path: Path, task: str) -> dict | None:
+    """The pooled measured sets (k, seed, sets, gain fractions) of ``task``'s board in ``path`` (an earlier
+    predictors.json), with the command that measured them; None when it has none. ``--update`` of a task
+    given no searches or record files scores these again, so a board keeps its pooled sets after the
+    searches that trained them are gone."""
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    for b in kept["tasks"]:
+        if b["task"] == task and b.get("pooled"):
+            return {**b["pooled"], "computed": b.get("computed") or kept["meta"]}
+    return None
 
 
 def with_kept_boards(boards: list[dict], path: Path) -> list[dict]:
@@ -295,8 +316,12 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
         pooled = b.get("pooled")
         if pooled:
             lines += [f"Every set trained to the end at k = {pooled['k']} on seed {pooled['seed']} ({pooled['n_sets']} "
-                      "sets: the table's, the searches' and the run records'):", "", "| predictor | ρ | p |",
-                      "|---|---|---|"]
+                      "sets: the table's, the searches' and the run records'):", ""]
+            if pooled.get("measured_from"):
+                m = pooled["measured_from"]
+                lines += [f"The sets and their gain fractions as pooled by `{m['command']}` at commit {m['commit']}; "
+                          "the scores are this card's.", ""]
+            lines += ["| predictor | ρ | p |", "|---|---|---|"]
             pp = pooled["predictors"]
             for name in sorted(pp, key=lambda n: -np.nan_to_num(pp[n]["rho"], nan=-9)):
                 lines.append(f"| {name} | **{pp[name]['rho']:+.2f}** | {pp[name]['p_value']:.3f} |")
@@ -355,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     meta = {"command": "python benchmarks/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": commit(), "machine": machine()}
-    boards = [{**task_board(t, a.cards / t, rows, a.perms, a.searches, records.get(t, [])), "computed": meta}
+    kept = {t: kept_pooled_sets(a.out / "predictors.json", t) if a.update else None for t in tasks}
+    boards = [{**task_board(t, a.cards / t, rows, a.perms, a.searches, records.get(t, []), kept[t]), "computed": meta}
               for t in tasks]
     if a.update:
         boards = with_kept_boards(boards, a.out / "predictors.json")

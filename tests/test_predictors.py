@@ -173,3 +173,25 @@ def test_update_recomputes_one_task_and_keeps_the_others(pred, tmp_path, capsys)
     assert pred.with_kept_boards([new], out / "none.json") == [new]
     md = pred.markdown(pred.with_kept_boards([new], out / "predictors.json"), new["computed"])
     assert md.count("Kept from `old cmd` at commit abc.") == 1 and "## a " in md and "## other " in md
+
+
+def test_update_keeps_a_boards_pooled_sets_to_score_again(pred, tmp_path):
+    """--update of a task without searches or record files re-scores the sets its earlier board pooled (the
+    measured gains and who measured them are kept; the scores come from the card at hand)."""
+    import json
+
+    pooled = {"k": 5, "seed": 0, "n_sets": 2, "sets": [[0, 1, 2, 3, 4], [1, 3, 5, 7, 9]],
+              "gain_fraction": [0.8, 0.9], "predictors": {"coverage Q": {"rho": 1.0, "p_value": 0.5}}}
+    meta = {"command": "old cmd", "commit": "abc", "machine": "m"}
+    path = tmp_path / "predictors.json"
+    assert pred.kept_pooled_sets(path, "a") is None
+    path.write_text(json.dumps({"meta": meta, "leave_one_task_out": [], "tasks": [
+        {"task": "a", "pooled": pooled}, {"task": "b", "pooled": None}]}))
+    got = pred.kept_pooled_sets(path, "a")
+    assert got == {**pooled, "computed": meta}
+    assert pred.kept_pooled_sets(path, "b") is None and pred.kept_pooled_sets(path, "c") is None
+    board = {"task": "a", "step_budget": 0.03, "sets_per_k": {}, "sets": {}, "per_layer": None,
+             "pooled": {**pooled, "measured_from": meta}}
+    md = pred.markdown([board], {"command": "new cmd", "commit": "def", "machine": "m"})
+    assert "as pooled by `old cmd` at commit abc; the scores are this card's" in md
+    assert "| coverage Q | **+1.00** | 0.500 |" in md
