@@ -7,7 +7,10 @@ k = 3, 5, 8, seed-mean gain fraction) and a card of the same model and data (``-
 * within-k Spearman ρ between the predictor and the measured gain fraction at each k, their mean,
   and a permutation p-value of that mean (measured values shuffled within each k, one-sided);
 * where ``benchmarks/results/per_layer_<task>.json`` exists (every layer trained alone), the
-  Spearman ρ of the predictor's singleton score with the single-layer gain;
+  Spearman ρ of the predictor's singleton score with the single-layer gain, and two more predictors
+  that read those gains: the ``measured`` set model (:mod:`layercard.select.gain_models`: the coverage
+  model over the measured single-layer gains) and the best member's single-layer gain. They cost a
+  trial per layer, so they are the yardstick of what a per-layer search buys, not a free score;
 * with ``--searches`` (finished ``layercard search`` runs, e.g. explore and its ablation), the sets of one
   k trained to the end on the searches' first seed, pooled with the table's rows of that k and seed
   (training is deterministic per seed, so a set in both is one run, checked to agree): Spearman ρ over
@@ -77,6 +80,19 @@ PREDICTORS = {
     "shallowness (−mean layer)": _shallow,
 }
 FREE = [name for name in PREDICTORS if not name.endswith("Q") and "Q (" not in name]
+
+
+def _max_measured(card, A, layers) -> float:
+    t = card.layers.set_index("layer")
+    return float(t.loc[list(layers), "measured_gain"].max())
+
+
+# predictors that read what a per-layer search measured (every layer trained alone): on a task's board only
+# where benchmarks/results/per_layer_<task>.json exists, and with no per-layer column (it would be the data)
+MEASURED = {
+    "measured Q (coverage of single-layer gains)": _model("measured"),
+    "max single-layer gain (measured)": _max_measured,
+}
 
 
 def spearman(x, y) -> float:
@@ -212,16 +228,22 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches
     card = LayerCard.load(card_dir, with_stats=False)
     rho_budget = recipe_budget(task)
     A = {m: arrays_from_card(card, model=m, step_budget=rho_budget) for m in ("newton", "adam", "coverage")}
+    predictors = dict(PREDICTORS)
+    per_layer = RESULTS / f"per_layer_{task}.json"
+    d = json.loads(per_layer.read_text()) if per_layer.exists() else None
+    if d is not None:       # the per-layer search's gains, as its card version holds them
+        gain_of = dict(zip(d["layers"], d["measured_gain"]))
+        card.layers["measured_gain"] = [gain_of.get(l, np.nan) for l in card.layers["layer"]]
+        A["measured"] = arrays_from_card(card, model="measured", step_budget=rho_budget)
+        predictors.update(MEASURED)
     sets = measured_sets(rows, task)
     measured = {k: np.array([g for _, g in v]) for k, v in sets.items()}
     board = {"task": task, "card_id": card.card_id, "step_budget": rho_budget,
              "sets_per_k": {str(k): len(v) for k, v in sets.items()}, "sets": {}, "per_layer": None}
-    for name, fn in PREDICTORS.items():
+    for name, fn in predictors.items():
         scores = {k: np.array([fn(card, A, layers) for layers, _ in v]) for k, v in sets.items()}
         board["sets"][name] = within_k(scores, measured, perms)
-    per_layer = RESULTS / f"per_layer_{task}.json"
-    if per_layer.exists():
-        d = json.loads(per_layer.read_text())
+    if d is not None:
         gains = np.asarray(d["measured_gain"], dtype=np.float64)
         board["per_layer"] = {name: spearman([fn(card, A, (l,)) for l in d["layers"]], gains)
                               for name, fn in PREDICTORS.items()}
@@ -240,7 +262,7 @@ def task_board(task: str, card_dir: Path, rows: list[dict], perms: int, searches
                            "gain_fraction": measured_k[k].tolist(), "predictors": {}}
         if measured_from:
             board["pooled"]["measured_from"] = measured_from
-        for name, fn in PREDICTORS.items():
+        for name, fn in predictors.items():
             r = within_k({k: np.array([fn(card, A, ls) for ls in layer_sets])}, measured_k, perms)
             board["pooled"]["predictors"][name] = {"rho": r["mean"], "p_value": r["p_value"]}
     return board
@@ -297,7 +319,9 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
              "Within-k Spearman ρ between a predictor and the measured gain fraction (seed means) of the "
              "fixed-k sets (card and the seven baselines at k = 3, 5, 8), their mean, and the one-sided "
              "permutation p-value of the mean; per layer: ρ with the single-layer gain where every layer "
-             "was trained alone. No constant is fitted on any task (ρ = Σ lr_t comes from each task's recipe).", ""]
+             "was trained alone. No constant is fitted on any task (ρ = Σ lr_t comes from each task's recipe). "
+             "The two `measured` predictors read a per-layer search's single-layer gains (a trial per layer), "
+             "so they appear only where one exists.", ""]
     for b in boards:
         lines += [f"## {b['task']} (step budget ρ = {b['step_budget']:.4g}; sets per k: "
                   f"{', '.join(f'{k}: {n}' for k, n in b['sets_per_k'].items())})", ""]
@@ -308,7 +332,7 @@ def markdown(boards: list[dict], meta: dict, loto: list[dict] | None = None) -> 
         order = sorted(b["sets"], key=lambda n: -np.nan_to_num(b["sets"][n]["mean"], nan=-9))
         for name in order:
             s = b["sets"][name]
-            pl = b["per_layer"][name] if b["per_layer"] else None
+            pl = (b["per_layer"] or {}).get(name)
             cells = [f"{s['per_k'][str(k)]:+.2f}" if str(k) in s["per_k"] else "–" for k in KS]   # – : not measured
             lines.append(f"| {name} | {' | '.join(cells)} | **{s['mean']:+.2f}** | {s['p_value']:.3f} | "
                          f"{'' if pl is None else f'{pl:+.2f}'} |")

@@ -19,6 +19,10 @@ predictor leaderboard (``benchmarks/predictors.py``) ranks best on the measured 
 * ``coverage`` — Q(S) = Σ_j G_j · max_{ℓ∈S} |ρ_jℓ|, G_j the trust-region gain of layer j alone and
   ρ the correlation of the sign-step directions: a chosen layer covers the improvement of every layer
   whose direction it shares. Monotone submodular, so greedy keeps its (1 − 1/e) guarantee.
+* ``measured`` — the coverage model with G_j replaced by the gain layer j reached when trained alone
+  (``measured_gain``, which a ``layercard search … mode=per-layer`` writes into its card version; a
+  layer that lost alone counts 0). It spends one trial per layer to learn what the card can only
+  predict, and keeps the card's redundancy term.
 """
 from __future__ import annotations
 
@@ -30,19 +34,22 @@ from layercard.profile.adam_step import step_budget, trust_region_gain
 from layercard.errors import LayercardError
 
 __all__ = ["AdamGain", "CoverageGain", "MODELS", "FORMULAS", "DEFAULT_MODEL", "adam_terms", "gain_model_from_card",
-           "default_step_budget"]
+           "default_step_budget", "measured_gains"]
 
-MODELS = ("newton", "adam", "coverage")
+MODELS = ("newton", "adam", "coverage", "measured")
 FORMULAS = {
     "adam": "Q(S) = max_{0≤t≤ρ} t·Σ_S s_ℓ − ½t²·Σ_{S×S} H_ℓm; s = adam_b/N, H = k_adam/N, ρ = Σ lr_t "
             "(layercard.select.gain_models)",
     "coverage": "Q(S) = Σ_j G_j·max_{ℓ∈S} |ρ_jℓ|; G_j = max_{0≤t≤ρ} t·s_j − ½t²·H_jj, ρ of the sign-step Gram "
                 "(layercard.select.gain_models)",
+    "measured": "Q(S) = Σ_j max(m_j, 0)·max_{ℓ∈S} |ρ_jℓ|; m_j the measured gain of layer j trained alone "
+                "(a per-layer search), ρ of the sign-step Gram (layercard.select.gain_models)",
 }
 DEFAULT_MODEL = "coverage"
 """Chosen on headline alone (benchmarks/results/predictors.md: within-k ρ +0.72 against +0.09 for
 newton and −0.11 for adam; per layer +0.85), then frozen; the other tasks are its held-out check."""
 ADAM_HINT = "`layercard profile` with coupling.adam=true (the default)"
+MEASURED_HINT = "`layercard search … mode=per-layer` writes a card version with them (OUT/card)"
 _CHUNK = 4096    # sets scored at once by the coverage model (its temporary is L × chunk × |S|)
 
 
@@ -104,6 +111,18 @@ def adam_terms(card) -> tuple[np.ndarray, np.ndarray]:
     return s, 0.5 * (H + H.T)
 
 
+def measured_gains(card) -> np.ndarray:
+    """Each layer's measured gain trained alone (the card's ``measured_gain``), losses counted as 0; a
+    one-line error naming the layers that lack one."""
+    if "measured_gain" not in card.layers.columns:
+        raise LayercardError(f"card has no measured single-layer gains (column measured_gain); {MEASURED_HINT}")
+    m = card.layers["measured_gain"].to_numpy(np.float64)
+    missing = [int(l) for l, v in zip(card.layers["layer"], m) if not np.isfinite(v)]
+    if missing:
+        raise LayercardError(f"card lacks a measured gain for layer(s) {missing}; {MEASURED_HINT}")
+    return np.clip(m, 0.0, None)
+
+
 def _similarity(H: np.ndarray) -> np.ndarray:
     d = np.sqrt(np.clip(np.diag(H), 0.0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -125,4 +144,6 @@ def gain_model_from_card(card, name: str, rho: float | None = None):
     s, H = adam_terms(card)
     if name == "adam":
         return AdamGain(s, H, rho)
+    if name == "measured":
+        return CoverageGain(measured_gains(card), _similarity(H), name="measured")
     return CoverageGain(trust_region_gain(s, np.diag(H), rho), _similarity(H))

@@ -253,3 +253,35 @@ def test_card_without_sign_step_columns_falls_back_or_names_the_missing_columns(
         gain_model_from_card(card, "nope", 0.1)
     with pytest.raises(LayercardError, match="step budget"):
         gain_model_from_card(card, "adam", 0.0)
+
+
+def test_measured_model_is_coverage_of_the_single_layer_gains_against_brute_force():
+    """``--model measured``: Σ_j max(m_j, 0)·max_{ℓ∈S} |ρ_jℓ| with m the card's measured_gain (a per-layer
+    search's), ρ from the sign-step Gram; every set of a 6-layer card against the sum written out."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from layercard.select.gain_models import gain_model_from_card
+
+    rng = np.random.default_rng(4)
+    L = 6
+    U = rng.normal(size=(L, 4)) + 0.6 * rng.normal(size=(1, 4))
+    H = U @ U.T
+    m = rng.normal(0.1, 0.1, size=L)
+    m[2] = -0.05                                    # a layer that lost alone counts 0
+    layers = pd.DataFrame({"layer": np.arange(L), "adam_b": rng.uniform(1, 2, L), "measured_gain": m})
+    card = SimpleNamespace(layers=layers, coupling_adam=H * 7.0, meta={"coupling_tokens": 7})
+    gm = gain_model_from_card(card, "measured", 0.1)
+    assert gm.name == "measured"
+    sim = np.abs(H) / np.sqrt(np.outer(np.diag(H), np.diag(H)))
+    for size in range(1, L + 1):
+        for S in itertools.combinations(range(L), size):
+            want = sum(max(m[j], 0.0) * max(sim[j, l] for l in S) for j in range(L))
+            assert gm(np.array([S]))[0] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    with pytest.raises(LayercardError, match=r"lacks a measured gain for layer\(s\) \[1, 4\]"):
+        layers.loc[[1, 4], "measured_gain"] = np.nan
+        gain_model_from_card(card, "measured", 0.1)
+    with pytest.raises(LayercardError, match="no measured single-layer gains .*mode=per-layer"):
+        gain_model_from_card(SimpleNamespace(layers=layers.drop(columns="measured_gain"), coupling_adam=H,
+                                             meta={"coupling_tokens": 7}), "measured", 0.1)

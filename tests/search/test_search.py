@@ -243,6 +243,24 @@ def test_per_layer_outputs_from_measurements(card_dir, tmp_path):
     text = summary_markdown(s, rows, corr, new_dir)
     assert "Spearman" in text and f"{corr['spearman']['res2']:.3f}" in text
 
+    # the card version selects with the measured gains (--model measured): the best pair by brute force
+    import itertools
+
+    from layercard.select.gain_models import adam_terms
+    from pipelines.select import main as select_main
+
+    _, H = adam_terms(new)
+    sim = np.abs(H) / np.sqrt(np.outer(np.diag(H), np.diag(H)))
+    q = {S: sum(gains[j] * max(sim[j, l] for l in S) for j in range(len(ids)))
+         for S in itertools.combinations(range(len(ids)), 2)}
+    assert select_main([str(new_dir), "--out", str(tmp_path / "sel"), "--k", "2", "--model", "measured"]) == 0
+    sel = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert sel["layers"] == [ids[i] for i in max(q, key=q.get)] and sel["quality_model"] == "measured"
+    assert sel["predicted_gain"] == pytest.approx(max(q.values()))
+    with pytest.raises(LayercardError, match="no measured single-layer gains"):    # the profiled card has none
+        select_main([str(card_dir), "--out", str(tmp_path / "no"), "--k", "2", "--model", "measured"])
+    assert not (tmp_path / "no").exists()
+
 
 # --------------------------------------------------------------------------- (a) a real search
 def _max_concurrent(events: list[dict]) -> int:
