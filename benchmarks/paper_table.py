@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             prepare_task(task)
     started = time.time()
+    from benchmarks.provenance import commit
+
+    code = commit()         # the code this run trains with (read before training: edits during it do not count)
+    command = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     work = Path(args.work)
     if not args.rebuild:
         from layercard.search.results import SearchInterrupted
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         names[task] = [r["search"] for r in records]
         untimed[task] = [r["search"] for r in records if r["minutes"] is None]
         archive_searches(task, live, archive)
-    meta = {"machine": machine(), "runtime_min": (time.time() - started) / 60, "tasks": tasks,
+    meta = {"command": command, "commit": code, "machine": machine(), "runtime_min": (time.time() - started) / 60,
+            "tasks": tasks,
             "trained": [] if args.rebuild else args.tasks, "ks": args.ks, "seeds": args.seeds,
             "targets": args.targets, "quick": args.quick, "rebuild": args.rebuild,
             "search_minutes": minutes, "searches": names, "untimed_searches": untimed,

@@ -339,6 +339,8 @@ def test_the_table_outlives_the_work_directory_through_its_archived_search_recor
     meta = json.loads((results / "paper_table_meta.json").read_text())
     assert meta["searches"] == {"sentiment": ["search", "search-more"]}
     assert meta["untimed_searches"] == {"sentiment": ["search-more"]}    # it has no trial events
+    assert meta["command"] == "python benchmarks/paper_table.py " + " ".join(argv) and meta["commit"]
+    assert f"This run: `{meta['command']}` at commit {meta['commit']}" in (results / "paper_table.md").read_text()
     assert "(1 of them untimed)" in (results / "paper_table.md").read_text()
 
     # ... and one of another card is refused, leaving the archive as it was

@@ -105,6 +105,9 @@ def _fmt(mean, sd, spec=".3f") -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     when = "rebuilt from the finished searches" if meta.get("rebuild") else f"{meta['runtime_min']:.0f} min this run"
     lines = [f"# Paper table ({meta['machine']}, {when})", ""]
+    if meta.get("command"):
+        lines += [f"This run: `{meta['command']}` at commit {meta.get('commit')}; the rows merge every finished "
+                  "search of each task (their records: `benchmarks/results/searches/`).", ""]
     for task in sorted({r["task"] for r in rows}):
         g = [r for r in grouped(rows) if r["task"] == task]
         qname = g[0]["quality_name"].replace("_", " ")
