@@ -2,9 +2,10 @@
 
 A finished ``mode=per-layer`` search (every layer trained alone, same recipe) writes a new card version
 with a ``measured_gain`` column (base − eval quality). This ranks each predictor the card holds against
-it — the card's own singleton prediction Q({ℓ}) = r_ℓ b_ℓ²/2K_ℓℓ, its two factors (the one-step gain
-b²/2K and the reliability r), and the plain columns (grad_norm, gain_adj, res2, …) — and says which term
-agrees with training and which misleads::
+it — every set model's singleton score Q({ℓ}) (``coverage``, ``adam`` at the search recipe's step budget,
+``newton`` = r_ℓ b_ℓ²/2K_ℓℓ with its two factors, the one-step gain b²/2K and the reliability r), and
+the plain columns (grad_norm, gain_adj, res2, …) — and says which term agrees with training and which
+misleads::
 
     layercard search --config configs/search-smollm2.yaml --out runs/per-layer/headline \\
         card=runs/paper-label/headline/card mode=per-layer "seeds=[0]" <the task's train overrides>
@@ -28,16 +29,26 @@ sys.path.insert(0, str(ROOT))
 COLUMNS = ("grad_norm", "gain_adj", "gain_adj_rank_r", "res2", "res_frac", "energy", "kappa", "block_influence")
 
 
-def layer_predictors(card) -> dict[str, np.ndarray]:
-    """name → one value per card layer (card order): what each could say about a layer trained alone."""
+NEWTON = "newton Q({ℓ}) = r·b²/2K"
+
+
+def layer_predictors(card, step_budget: float | None = None) -> dict[str, np.ndarray]:
+    """name → one value per card layer (card order): what each could say about a layer trained alone.
+    Every set model's singleton score Q({ℓ}) (``adam`` and ``coverage`` where the card has the sign-step
+    columns, with ``step_budget`` ρ = Σ lr_t of the recipe the layers were trained with), its factors for
+    ``newton``, the card's columns and depth."""
     from layercard.select import selection as sel
 
-    A = sel.arrays_from_card(card)
+    A = sel.arrays_from_card(card, model="newton")
     d = np.diag(A.K).astype(np.float64)
     b = card.layers["b"].to_numpy(np.float64)
     one_step = np.where(d > 0, b**2 / (2.0 * np.where(d > 0, d, 1.0)), 0.0)
-    out = {"card Q({ℓ}) = r·b²/2K": sel.singleton_quality(A), "b²/2K (no reliability)": one_step,
+    out = {NEWTON: sel.singleton_quality(A), "b²/2K (no reliability)": one_step,
            "reliability r": sel.card_reliability(card)}
+    if getattr(card, "coupling_adam", None) is not None:
+        for model in ("adam", "coverage"):
+            out[f"{model} Q({{ℓ}})"] = sel.singleton_quality(sel.arrays_from_card(card, model=model,
+                                                                                    step_budget=step_budget))
     out.update({c: card.layers[c].to_numpy(np.float64) for c in COLUMNS if c in card.layers})
     out["depth"] = np.asarray(card.layer_ids, dtype=np.float64)
     return out
@@ -73,12 +84,13 @@ def markdown(name: str, ids, measured, predictors, rho, k: int, meta: dict) -> s
              "|---|---|---|"]
     for p, r in sorted(rho.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -2)):
         lines.append(f"| {p} | {'n/a' if r is None else f'{r:+.2f}'} | {top_overlap(predictors[p], measured, k)} |")
-    lines += ["", "| layer | measured gain | card Q({ℓ}) | b²/2K | r | grad_norm |", "|---|---|---|---|---|---|"]
-    pick = lambda key, i: predictors[key][i]  # noqa: E731
+    lines += ["", "| layer | measured gain | coverage Q({ℓ}) | newton Q({ℓ}) | b²/2K | r | grad_norm |",
+              "|---|---|---|---|---|---|---|"]
+    pick = lambda key, i: predictors.get(key, np.full(len(ids), np.nan))[i]  # noqa: E731
     for i, l in enumerate(ids):
-        lines.append(f"| {l} | {measured[i]:.4f} | {pick('card Q({ℓ}) = r·b²/2K', i):.3g} | "
+        lines.append(f"| {l} | {measured[i]:.4f} | {pick('coverage Q({ℓ})', i):.3g} | {pick(NEWTON, i):.3g} | "
                      f"{pick('b²/2K (no reliability)', i):.3g} | {pick('reliability r', i):.3f} | "
-                     f"{predictors.get('grad_norm', np.full(len(ids), np.nan))[i]:.3g} |")
+                     f"{pick('grad_norm', i):.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +104,7 @@ def plot(name: str, ids, measured, predictors, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.asarray(ids)
     ax.bar(x, scaled(measured), color="tab:gray", alpha=0.5, label="measured gain (trained alone)")
-    for key, style in (("card Q({ℓ}) = r·b²/2K", "-o"), ("b²/2K (no reliability)", "--"), ("grad_norm", ":s")):
+    for key, style in (("coverage Q({ℓ})", "-o"), (NEWTON, "-^"), ("grad_norm", ":s")):
         if key in predictors:
             ax.plot(x, scaled(predictors[key]), style, markersize=4, label=key)
     ax.set_xlabel("layer")
@@ -105,7 +117,19 @@ def plot(name: str, ids, measured, predictors, path: Path) -> None:
     plt.close(fig)
 
 
+def recipe_budget(search_dir: Path) -> float | None:
+    """ρ = Σ lr_t of the recipe a search trained with (its ``search.json``); None when it has none."""
+    from layercard.profile.adam_step import step_budget
+
+    path = search_dir / "search.json"
+    if not path.is_file():
+        return None
+    t = json.loads(path.read_text())["config"]["train"]
+    return step_budget(t["lr"], t["steps"], t["warmup_steps"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from layercard.atomic import atomic_write_text
     from layercard.card.layer_card import LayerCard
     from layercard.errors import LayercardError
 
@@ -127,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if np.isfinite(measured).sum() < 3:
         raise SystemExit(f"error: {card_dir} measures {int(np.isfinite(measured).sum())} layers; need ≥ 3")
     try:
-        predictors = layer_predictors(card)
+        predictors = layer_predictors(card, recipe_budget(Path(args.search)))
     except LayercardError as e:
         raise SystemExit(f"error: {e}") from None
     rho = agreement(predictors, measured)
@@ -142,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     text = markdown(args.name, ids, measured, predictors, rho, args.top, meta)
-    (results / f"per_layer_{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (results / f"per_layer_{args.name}.md").write_text(text)
+    atomic_write_text(results / f"per_layer_{args.name}.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(results / f"per_layer_{args.name}.md", text)
     plot(args.name, ids, measured, predictors, results / f"per_layer_{args.name}.png")
     print(text)
     return 0

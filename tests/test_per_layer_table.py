@@ -55,10 +55,32 @@ def test_predictors_are_the_card_terms(plt_mod):
     # Q({ℓ}) is the card's set quality of the singleton, which is r · b²/2K
     A = sel.arrays_from_card(card)
     want = [sel.set_quality(A, [l]) for l in card.layer_ids]
-    np.testing.assert_allclose(p["card Q({ℓ}) = r·b²/2K"], want, rtol=1e-9)
-    np.testing.assert_allclose(p["card Q({ℓ}) = r·b²/2K"], r * one_step, rtol=1e-9)
+    np.testing.assert_allclose(p[plt_mod.NEWTON], want, rtol=1e-9)
+    np.testing.assert_allclose(p[plt_mod.NEWTON], r * one_step, rtol=1e-9)
+    assert "coverage Q({ℓ})" not in p                   # no sign-step columns on this card
     np.testing.assert_array_equal(p["depth"], np.arange(7))
     np.testing.assert_array_equal(p["grad_norm"], card.layers["grad_norm"].to_numpy())
+
+
+def test_sign_step_models_singletons_where_the_card_has_their_columns(plt_mod):
+    """adam and coverage Q({ℓ}) at the recipe's step budget, written out: the trust-region gain of layer ℓ's
+    sign step alone, and Σ_j G_j·|ρ_jℓ| over every layer j."""
+    from layercard.profile.adam_step import trust_region_gain
+
+    card = _card()
+    rng = np.random.default_rng(5)
+    U = rng.normal(size=(7, 4)) + 0.5 * rng.normal(size=(1, 4))
+    H = U @ U.T
+    card.layers["adam_b"] = rng.uniform(1.0, 3.0, 7) * 9.0
+    card.coupling_adam = H * 9.0
+    card.meta["coupling_tokens"] = 9
+    p = plt_mod.layer_predictors(card, step_budget=0.05)
+    s = card.layers["adam_b"].to_numpy() / 9.0
+    G = trust_region_gain(s, np.diag(H), 0.05)
+    np.testing.assert_allclose(p["adam Q({ℓ})"], G, rtol=1e-9)
+    sim = np.abs(H) / np.sqrt(np.outer(np.diag(H), np.diag(H)))
+    np.testing.assert_allclose(p["coverage Q({ℓ})"], [sum(G[j] * sim[j, l] for j in range(7)) for l in range(7)],
+                               rtol=1e-9)
 
 
 def test_agreement_matches_closed_form_spearman_and_skips_unmeasured(plt_mod):
@@ -117,7 +139,7 @@ def test_script_writes_table_json_and_plot(plt_mod, tmp_path):
         assert doc["spearman"][k] == (None if want is None else pytest.approx(want, abs=1e-12))
     assert doc["card_id"] == "abc123" and doc["top"] == 3
     md = (res / "per_layer_t.md").read_text()
-    assert "| card Q({ℓ}) = r·b²/2K |" in md and md.count("\n| ") >= 7 + len(preds)
+    assert f"| {plt_mod.NEWTON} |" in md and md.count("\n| ") >= 7 + len(preds)
     assert Image.open(res / "per_layer_t.png").size[0] > 500
 
 
